@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  `make study` (the main job)  and  `make test`.
+# Each creates or reuses .venv, installs the project and makes FashionMNIST available.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STORAGE ?= sqlite:///results/studies.db
+TRIALS ?= 30
+FASHION_DEB_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: study test install data lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch/torchvision are pinned in pyproject.toml; pip takes them from local wheels if present
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# FashionMNIST: Debian's dataset-fashion-mnist when installable, else torchvision's download.
+data: $(STAMP)
+	@if [ ! -d $(FASHION_DEB_DIR) ] && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "dataset-fashion-mnist not installable here; trying torchvision's download"; \
+	fi
+	$(BIN)/study data fashion-mnist --download
+
+# The main job: a real Boolean width study on the SQLite default, then its report.
+study: install data
+	$(BIN)/study run boolean-shallow --trials $(TRIALS) --storage $(STORAGE) --report
+
+# The whole test suite (lint first). CI runs exactly this through .ci/run.
+test: install data
+	$(BIN)/ruff check study search_spaces tests
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check study search_spaces tests
+	$(BIN)/ruff format --check study search_spaces tests
+
+bench: install data
+	$(BIN)/study bench trainer

@@ -1,0 +1,143 @@
+"""Certification: retrain the smallest feasible configuration and the next smaller one.
+
+The search found a width that learned f on r seeds. The evidence behind a stated w_1/w_2 is
+a retraining of that configuration and of the next smaller one (one neuron fewer; for deep
+nets, one fewer in each layer in turn) on fresh seeds, with the same other hyperparameters,
+without the early-stop rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from study import device as dev
+from study.config import BooleanCandidate, BooleanSettings
+from study.data import boolean_function
+from study.errors import StudyError
+from study.objectives import CandidateOutcome, train_candidate
+from study.runner import SETTINGS_ATTR, best_feasible
+from study.storage import load_study, open_storage
+
+FRESH_SEED_OFFSET = 1_000_000
+"""Certification seeds start here: disjoint from every seed a search trial uses."""
+
+
+@dataclass(frozen=True)
+class Certification:
+    study_name: str
+    settings: BooleanSettings
+    outcomes: list[CandidateOutcome]
+    table: pd.DataFrame
+
+
+def smaller_neighbours(candidate: BooleanCandidate) -> list[BooleanCandidate]:
+    """The configurations with one neuron fewer in one layer (layers of width 1 are kept)."""
+    neighbours = []
+    for i, width in enumerate(candidate.hidden_layer_profile):
+        if width > 1:
+            profile = list(candidate.hidden_layer_profile)
+            profile[i] -= 1
+            neighbours.append(
+                BooleanCandidate(
+                    tuple(profile), candidate.learning_rate, candidate.batch_size, candidate.epochs
+                )
+            )
+    return neighbours
+
+
+def candidate_from_trial(trial) -> BooleanCandidate:
+    params = trial.params
+    return BooleanCandidate(
+        tuple(trial.user_attrs["hidden_layer_profile"]),
+        float(params["learning_rate"]),
+        int(params["batch_size"]),
+        int(params["epochs"]),
+    )
+
+
+def certify(
+    study_name: str,
+    storage: str,
+    seeds: int = 10,
+    device: str = "auto",
+    log=print,
+) -> Certification:
+    """Retrain the best feasible configuration and its smaller neighbours on fresh seeds."""
+    if seeds < 1:
+        raise StudyError(f"seeds: must be at least 1, got {seeds}")
+    study = load_study(study_name, open_storage(storage, heartbeat=False))
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        raise StudyError(f"study {study_name!r} has no stored settings: not a Boolean study")
+    settings = BooleanSettings.from_dict(stored)
+    best = best_feasible(study)
+    if best is None:
+        raise StudyError(f"study {study_name!r} has no feasible trial yet; run more trials first")
+    device_ = dev.resolve_device(device)
+    fn = boolean_function(
+        settings.input_bits, settings.function_seed, settings.output_bits, device_
+    )
+    best_candidate = candidate_from_trial(best)
+    fresh = [FRESH_SEED_OFFSET + i for i in range(seeds)]
+    required = max(1, round(settings.required_share * seeds + 0.4999))
+    rows, outcomes = [], []
+    for role, candidate in [("found", best_candidate)] + [
+        ("one fewer", c) for c in smaller_neighbours(best_candidate)
+    ]:
+        log(f"training {candidate.describe()} on {seeds} fresh seeds ...")
+        outcome = train_candidate(
+            candidate, fn, settings, fresh, prune=False, required_successes=required
+        )
+        outcomes.append(outcome)
+        rows.append(
+            {
+                "role": role,
+                "hidden_layer_profile": "-".join(map(str, candidate.hidden_layer_profile)),
+                "neurons": candidate.neurons,
+                "parameters": candidate.parameters(fn.input_bits, fn.output_bits),
+                "learning_rate": candidate.learning_rate,
+                "batch_size": candidate.batch_size,
+                "epochs": candidate.epochs,
+                "seeds": seeds,
+                "success_share": outcome.success_share,
+                "median_best_loss": outcome.median_best_loss,
+                "max_best_loss": max(r.best_loss for r in outcome.runs),
+                "learns_f": outcome.learns,
+                "seconds": round(outcome.seconds, 1),
+            }
+        )
+    table = pd.DataFrame(rows)
+    return Certification(study_name, settings, outcomes, table)
+
+
+def write_certification(cert: Certification, out_dir: Path) -> Path:
+    """Write certification.csv and certification.md under `out_dir`; return the .md path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cert.table.to_csv(out_dir / "certification.csv", index=False)
+    shown = cert.table[
+        [
+            "role",
+            "hidden_layer_profile",
+            "neurons",
+            "parameters",
+            "success_share",
+            "median_best_loss",
+            "max_best_loss",
+            "learns_f",
+        ]
+    ]
+    s = cert.settings
+    text = (
+        f"# Certification of `{cert.study_name}`\n\n"
+        f"Retrained on {cert.table['seeds'].iloc[0]} fresh initialisation seeds "
+        f"(seeds {FRESH_SEED_OFFSET}+), same learning rate, batch size and epoch budget as the "
+        "trial, no early-stop rule. A configuration learns f when at least "
+        f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
+        "with every bit right.\n\n" + shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+    )
+    path = out_dir / "certification.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,232 @@
+"""The `study` command: the single list of subcommands. Thin: parse, call, print.
+
+User errors (`StudyError`) print one line `study: error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from study.errors import StudyError
+from study.storage import DEFAULT_STORAGE
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _study_choices() -> list[str]:
+    from search_spaces import SPACES
+
+    return list(SPACES)
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help=f"Optuna storage URL (default {DEFAULT_STORAGE}; PostgreSQL for many machines)",
+    )
+
+
+def _command_line() -> str:
+    return "study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from study.report import write_report
+    from study.runner import best_feasible, run_study
+
+    overrides = {
+        "input_bits": args.input_bits,
+        "output_bits": args.output_bits,
+        "function_seed": args.function_seed,
+        "target_loss": args.target_loss,
+        "max_epochs": args.max_epochs,
+        "seeds": args.seeds,
+        "required_share": args.required_share,
+        "min_width": args.min_width,
+        "max_width": args.max_width,
+        "min_learning_rate": args.min_learning_rate,
+        "max_learning_rate": args.max_learning_rate,
+        "batch_sizes": args.batch_sizes,
+        "prune": False if args.no_prune else None,
+    }
+    study = run_study(
+        args.name,
+        trials=args.trials,
+        storage=args.storage,
+        study_name=args.study_name,
+        sampler_seed=args.sampler_seed,
+        device=args.device,
+        settings=overrides,
+        progress=not args.quiet,
+    )
+    best = best_feasible(study)
+    if best is None:
+        print(f"{study.study_name}: no configuration learned f yet")
+    else:
+        a = best.user_attrs
+        print(
+            f"{study.study_name}: smallest feasible: {a['neurons']} hidden neurons "
+            f"{a['hidden_layer_profile']} ({a['parameters']} parameters), trial {best.number}"
+        )
+    if args.report:
+        out = write_report(study.study_name, args.storage, args.report_dir, _command_line())
+        print(f"report: {out}/summary.md")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from study.report import write_report
+
+    out = write_report(args.name, args.storage, args.out, _command_line())
+    print(f"report: {out}/summary.md")
+
+
+def cmd_certify(args: argparse.Namespace) -> None:
+    from study.certify import certify, write_certification
+
+    cert = certify(args.name, args.storage, seeds=args.seeds, device=args.device)
+    out = Path(args.out) if args.out else Path("results") / args.name
+    path = write_certification(cert, out)
+    print(cert.table.drop(columns=["seconds"]).to_string(index=False))
+    print(f"certification: {path}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from study.bench import bench_trainer
+
+    bench_trainer(args.data_dir, args.device, repeats=args.repeats)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from study.data import load_image_dataset, prepare_raw_files
+
+    root = prepare_raw_files(args.dataset, args.data_dir, download=args.download)
+    dataset = load_image_dataset(args.dataset, root)
+    print(
+        f"{args.dataset}: {len(dataset.train_images)} train + "
+        f"{len(dataset.validation_images)} validation + {len(dataset.test_images)} test "
+        f"images ready in {root}"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one `--help` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="study", description="Optuna studies over PyTorch trainings.")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    p = sub.add_parser("run", help="create or resume a study and run it to N trials in total")
+    p.add_argument(
+        "name",
+        choices=_study_choices(),
+        metavar="NAME",
+        help=f"the study: {', '.join(_study_choices())}",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        required=True,
+        help="total number of trials the study should have (resumes count)",
+    )
+    _add_storage(p)
+    p.add_argument("--study-name", help="name in the storage (default: NAME)")
+    p.add_argument("--function-seed", type=int, help="seed of the random Boolean function")
+    p.add_argument("--input-bits", type=int, help="n: inputs of f (8)")
+    p.add_argument("--output-bits", type=int, help="m: outputs of f (8)")
+    p.add_argument("--target-loss", type=float, help="full-table loss to reach (0.001)")
+    p.add_argument("--max-epochs", type=_positive_int, help="epoch cap per trial (2000)")
+    p.add_argument("--seeds", type=_positive_int, help="initialisation seeds per trial (3)")
+    p.add_argument("--required-share", type=float, help="share of seeds that must learn f (1)")
+    p.add_argument("--min-width", type=int, help="smallest hidden width in the space")
+    p.add_argument("--max-width", type=int, help="largest hidden width in the space")
+    p.add_argument("--min-learning-rate", type=float, help="lower end of Adam's rate (2e-3)")
+    p.add_argument("--max-learning-rate", type=float, help="upper end of Adam's rate (5e-2)")
+    p.add_argument("--batch-sizes", type=_int_list, help="comma-separated choices (8,16,32,64)")
+    p.add_argument("--no-prune", action="store_true", help="train every seed to its budget")
+    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", action="store_true", help="write results/NAME/ afterwards")
+    p.add_argument("--report-dir", help="where --report writes (default results/NAME)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write trials.csv, summary.md and figures of a study")
+    p.add_argument("name", help="study name in the storage")
+    _add_storage(p)
+    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("certify", help="retrain the smallest feasible width on fresh seeds")
+    p.add_argument("name", help="study name in the storage")
+    _add_storage(p)
+    p.add_argument("--seeds", type=_positive_int, default=10, help="fresh seeds per config")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    p.add_argument("what", choices=["trainer"], help="trainer: tutorial pipeline vs trainer")
+    p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")
+    p.add_argument("dataset", choices=["fashion-mnist", "mnist"])
+    p.add_argument(
+        "--data-dir",
+        help="directory with the IDX files (default $STUDY_DATA_DIR or ~/.cache/study/data)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fall back to torchvision's download when the files are missing",
+    )
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except StudyError as error:
+        print(f"study: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("study: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

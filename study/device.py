@@ -1,0 +1,140 @@
+"""The one place that knows about device kinds: choosing a device, autocast, syncs, memory.
+
+Everything else asks this module; no other module names a device kind or calls `.cuda()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from study.errors import ConfigError
+
+_CUDA = "cuda"
+_MPS = "mps"
+_CPU = "cpu"
+
+
+def cuda_available() -> bool:
+    """True when at least one CUDA device is visible to this process."""
+    return torch.cuda.is_available()
+
+
+def mps_available() -> bool:
+    """True on Apple silicon with a working MPS backend."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn "auto", "cpu", "cuda", "cuda:N" or "mps" into a usable `torch.device`.
+
+    "auto" picks CUDA, then MPS, then the CPU. Asking for a device that is not there is a
+    user error (one clear line), not a crash deep inside the first matrix product.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        if cuda_available():
+            return torch.device(_CUDA, torch.cuda.current_device())
+        if mps_available():
+            return torch.device(_MPS)
+        return torch.device(_CPU)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == _CUDA:
+        if not cuda_available():
+            raise ConfigError(f"device: {name!r} requested but no CUDA device is visible")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {name!r} requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible"
+            )
+        return torch.device(_CUDA, index)
+    if device.type == _MPS and not mps_available():
+        raise ConfigError(f"device: {name!r} requested but MPS is not available")
+    if device.type not in (_CPU, _CUDA, _MPS):
+        raise ConfigError(f"device: unsupported device type {device.type!r}")
+    return device
+
+
+def is_cuda(device: torch.device) -> bool:
+    """True for a CUDA device."""
+    return device.type == _CUDA
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; a no-op context everywhere else (one code path)."""
+    if enabled and device.type == _CUDA:
+        return torch.autocast(device_type=_CUDA, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (host sync); needed before reading a wall clock on CUDA."""
+    if device.type == _CUDA:
+        torch.cuda.synchronize(device)
+    elif device.type == _MPS:
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory measurement (CUDA only; elsewhere nothing to reset)."""
+    if device.type == _CUDA:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak allocated device memory since the last reset, or None where not measurable."""
+    if device.type == _CUDA:
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Return cached blocks to the driver, e.g. after an out-of-memory error."""
+    if device.type == _CUDA:
+        torch.cuda.empty_cache()
+
+
+def describe(device: torch.device) -> str:
+    """A short human-readable name, stored with every trial ("cpu", "cuda:0 (NVIDIA H200)")."""
+    if device.type == _CUDA:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"{_CUDA}:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded random generator living where the tensors it permutes live."""
+    generator = torch.Generator(device=device if device.type == _CUDA else _CPU)
+    generator.manual_seed(seed)
+    return generator
+
+
+def visible_cuda_devices() -> list[str]:
+    """The CUDA device ids a worker may pin itself to (honours CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    if not cuda_available():
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (e.g. model initialisation) under a fixed seed without touching global RNG."""
+    devices = list(range(torch.cuda.device_count())) if cuda_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,246 @@
+"""Objectives: bind a search space, its data and the shared trainer into an Optuna objective.
+
+Boolean studies minimise hidden neurons subject to the constraint "learns f" (Optuna 5's
+`Trial.set_constraint`; feasible when the value is <= 0). Each trial trains r seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import optuna
+import torch
+
+from study import device as dev
+from study.config import BooleanCandidate, BooleanSettings
+from study.data import BooleanFunction, boolean_function
+from study.models import DeepNeuralNet
+from study.trainer import EpochMetrics, TrainResult, train
+
+
+class TargetUnreachable:
+    """Stop rule: the target loss cannot be reached within the remaining epoch budget.
+
+    After a warm-up (a tenth of the budget, at least 10 epochs), the best full-table loss is
+    extrapolated in log space at the rate it fell over the last quarter of the epochs run so
+    far. If even `slack` times that rate would not bring it to the target before the budget
+    ends, the run stops. Loss curves of these nets fall roughly geometrically once they fall
+    at all, so a run that is this far behind is not going to make it; runs near the target
+    with a steady rate are kept. Certification retrains without this rule.
+    """
+
+    def __init__(self, target_loss: float, max_epochs: int, slack: float = 3.0) -> None:
+        self.target = target_loss
+        self.max_epochs = max_epochs
+        self.slack = slack
+        self.warmup = max(10, max_epochs // 10)
+        self.best: list[float] = []
+
+    def __call__(self, metrics: EpochMetrics) -> bool:
+        loss = metrics.eval_loss
+        self.best.append(min(loss, self.best[-1]) if self.best else loss)
+        epoch = len(self.best)
+        if epoch < self.warmup or epoch >= self.max_epochs:
+            return False
+        needed = math.log10(self.best[-1] / self.target)  # decades still to go
+        if needed <= 0:
+            return False
+        window = max(5, epoch // 4)
+        rate = (math.log10(self.best[-1 - window]) - math.log10(self.best[-1])) / window
+        return rate * (self.max_epochs - epoch) * self.slack < needed
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One initialisation seed of a candidate: its training result and verdict."""
+
+    seed: int
+    result: TrainResult
+    learned: bool
+    """Reached the target loss with every bit right."""
+
+    @property
+    def best_loss(self) -> float:
+        return self.result.best_eval_loss
+
+    @property
+    def bit_accuracy(self) -> float:
+        return self.result.best_eval_accuracy
+
+
+@dataclass(frozen=True)
+class CandidateOutcome:
+    """A candidate trained on several seeds (possibly abandoned once hopeless)."""
+
+    candidate: BooleanCandidate
+    runs: list[SeedRun]
+    seeds_planned: int
+    required_successes: int
+    target_loss: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def successes(self) -> int:
+        return sum(r.learned for r in self.runs)
+
+    @property
+    def success_share(self) -> float:
+        """Share of the planned seeds that learned f (untrained seeds count as failures)."""
+        return self.successes / self.seeds_planned
+
+    @property
+    def learns(self) -> bool:
+        """The verdict: at least the required share of seeds learned f."""
+        return self.successes >= self.required_successes
+
+    @property
+    def abandoned(self) -> bool:
+        """Training stopped early: a seed was cut off, or the share became unreachable."""
+        return len(self.runs) < self.seeds_planned or any(
+            r.result.stopped_by_callback for r in self.runs
+        )
+
+    @property
+    def constraint(self) -> float:
+        """<= 0 iff f is learned; else how many decades the deciding seed missed the target by.
+
+        The deciding seed is the k-th best, k = required successes (among the seeds trained).
+        """
+        scores = sorted(
+            r.best_loss if r.learned else max(r.best_loss, self.target_loss * 1.01)
+            for r in self.runs
+        )
+        k = min(self.required_successes, len(scores))
+        if self.learns:
+            return math.log10(scores[k - 1] / self.target_loss)
+        return max(math.log10(scores[k - 1] / self.target_loss), 1e-3)
+
+    @property
+    def median_best_loss(self) -> float:
+        return statistics.median(r.best_loss for r in self.runs)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.result.seconds for r in self.runs)
+
+    def user_attrs(self, input_bits: int, output_bits: int) -> dict[str, Any]:
+        """What a trial stores: neurons, parameters, per-seed losses, share, time, device."""
+        runs = self.runs
+        return {
+            "hidden_layer_profile": list(self.candidate.hidden_layer_profile),
+            "neurons": self.candidate.neurons,
+            "parameters": self.candidate.parameters(input_bits, output_bits),
+            "seeds": [r.seed for r in runs],
+            "best_full_table_loss": [r.best_loss for r in runs],
+            "best_running_loss": [r.result.best_train_loss for r in runs],
+            "bit_accuracy": [r.bit_accuracy for r in runs],
+            "learned": [r.learned for r in runs],
+            "epochs_run": [r.result.epochs_run for r in runs],
+            "success_share": self.success_share,
+            "successes": self.successes,
+            "seeds_planned": self.seeds_planned,
+            "median_best_loss": self.median_best_loss,
+            "learns_f": self.learns,
+            "seconds": self.seconds,
+            "device": runs[0].result.device if runs else "",
+        }
+
+
+def build_boolean_net(
+    candidate: BooleanCandidate, fn: BooleanFunction, seed: int
+) -> DeepNeuralNet:
+    """The ReLU network of a candidate with initial weights drawn from `seed` (logits out)."""
+    with dev.seeded(seed):
+        return DeepNeuralNet(fn.input_bits, candidate.hidden_layer_profile, fn.output_bits)
+
+
+def train_candidate(
+    candidate: BooleanCandidate,
+    fn: BooleanFunction,
+    settings: BooleanSettings,
+    seeds: Sequence[int],
+    prune: bool | None = None,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    required_successes: int | None = None,
+) -> CandidateOutcome:
+    """Train one candidate on each seed in turn; stop once the required share is out of reach.
+
+    `on_epoch(seed_index, metrics)` sees every epoch (e.g. to report to Optuna). With `prune`
+    (default: the settings'), each seed also stops once `TargetUnreachable` says so.
+    """
+    prune = settings.prune if prune is None else prune
+    required = settings.required_successes if required_successes is None else required_successes
+    task = fn.task()
+    runs: list[SeedRun] = []
+    for index, seed in enumerate(seeds):
+        rule = TargetUnreachable(settings.target_loss, candidate.epochs) if prune else None
+
+        def callback(metrics: EpochMetrics, index: int = index, rule=rule) -> bool:
+            if on_epoch is not None:
+                on_epoch(index, metrics)
+            return bool(rule and rule(metrics))
+
+        model = build_boolean_net(candidate, fn, seed)
+        result = train(model, task, candidate.train_config(settings, seed), callback)
+        runs.append(SeedRun(seed, result, result.reached_target))
+        successes = sum(r.learned for r in runs)
+        if prune and successes + (len(seeds) - len(runs)) < required:
+            break  # the required share can no longer be reached: save the remaining seeds
+    return CandidateOutcome(candidate, runs, len(seeds), required, settings.target_loss)
+
+
+class BooleanObjective:
+    """Optuna objective of a Boolean width study: returns neurons, sets the constraint."""
+
+    def __init__(
+        self, space: ModuleType, settings: BooleanSettings, device: str | torch.device = "auto"
+    ) -> None:
+        self.space = space
+        self.settings = settings
+        self.device = dev.resolve_device(device)
+        if self.device.type == "cpu":
+            # a few thousand parameters: intra-op threads only add overhead (measured ~15%),
+            # and one thread per process lets parallel workers use one core each
+            torch.set_num_threads(1)
+        # the truth table is built once per process and lives on the device
+        self.fn = boolean_function(
+            settings.input_bits, settings.function_seed, settings.output_bits, self.device
+        )
+
+    def seeds_for(self, trial_number: int) -> list[int]:
+        """Initialisation seeds of a trial: distinct across trials, reproducible on retry."""
+        return [trial_number * self.settings.seeds + i for i in range(self.settings.seeds)]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        candidate = self.space.suggest(trial, self.settings)
+
+        # the first seed's curve becomes the trial's intermediate values; at most ~200 points,
+        # since every report is a write to the storage
+        every = max(1, candidate.epochs // 200)
+
+        def report(seed_index: int, metrics: EpochMetrics) -> None:
+            if seed_index == 0 and metrics.epoch % every == 0:
+                trial.report(metrics.eval_loss, metrics.epoch)
+
+        outcome = train_candidate(
+            candidate, self.fn, self.settings, self.seeds_for(trial.number), on_epoch=report
+        )
+        record_outcome(trial, outcome, self.fn)
+        if outcome.abandoned and not outcome.learns:
+            raise optuna.TrialPruned(
+                f"cannot learn f within the budget ({outcome.successes}/"
+                f"{outcome.required_successes} seeds)"
+            )
+        return float(candidate.neurons)
+
+
+def record_outcome(trial: optuna.Trial, outcome: CandidateOutcome, fn: BooleanFunction) -> None:
+    """Store a candidate's outcome on its trial: user attributes and the constraint."""
+    for key, value in outcome.user_attrs(fn.input_bits, fn.output_bits).items():
+        trial.set_user_attr(key, value)
+    trial.set_constraint("learns_f", outcome.constraint)

@@ -1,0 +1,350 @@
+"""The shared, GPU-aware training loop: one function for every study.
+
+`train(model, task, config, on_epoch)` trains on device-resident tensors (batches are index
+slices of one tensor, no DataLoader) and returns a `TrainResult`. It knows nothing of Optuna:
+an adapter turns `on_epoch` into `trial.report` / `should_prune`. The loop runs on the device
+the task's tensors live on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from study import device as dev
+from study.data import Task
+from study.errors import ConfigError, NonFiniteLossError
+from study.models import count_parameters
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run; validated on construction."""
+
+    optimizer: str = "adam"
+    """One of sgd (with momentum), adam, adamw, rmsprop."""
+    learning_rate: float = 1e-3
+    """Step size (peak value when a schedule is used)."""
+    batch_size: int = 64
+    """Samples per optimiser step; the last batch of an epoch may be smaller."""
+    epochs: int = 10
+    """Passes over the training data (an upper bound when `target_loss` is set)."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for adamw)."""
+    momentum: float = 0.9
+    """Momentum of sgd and rmsprop; unused by adam/adamw."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: per-step cosine decay from `learning_rate` to 0 over all epochs."""
+    seed: int = 0
+    """Seed of the shuffling order and of dropout; initial weights are seeded by the caller."""
+    target_loss: float | None = None
+    """Stop once the evaluation loss is at or below this value and, for bit targets, every bit
+    of the table is right (None: run all epochs)."""
+    mixed_precision: bool = True
+    """bf16 autocast on CUDA for image models; Boolean nets and the CPU always use fp32."""
+    eval_batch_size: int = 8192
+    """Samples per forward pass when evaluating (memory only; no effect on results)."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: {message}, got {getattr(self, name)!r}")
+
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        check(
+            _is_number(self.learning_rate) and 0 < self.learning_rate < 10,
+            "learning_rate",
+            "must be in (0, 10)",
+        )
+        check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(_is_int(self.epochs) and self.epochs >= 1, "epochs", "must be >= 1")
+        check(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            "must be >= 0",
+        )
+        check(
+            _is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)"
+        )
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        check(_is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        check(
+            self.target_loss is None or (_is_number(self.target_loss) and self.target_loss > 0),
+            "target_loss",
+            "must be a positive number or None",
+        )
+        check(isinstance(self.mixed_precision, bool), "mixed_precision", "must be true or false")
+        check(
+            _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+            "eval_batch_size",
+            "must be >= 1",
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping; unknown keys are an error naming the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown training setting; known: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return TrainConfig.from_dict({**asdict(self), **changes})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What the trainer knows after one epoch; passed to `on_epoch` and kept in the history."""
+
+    epoch: int
+    """1-based epoch number."""
+    train_loss: float
+    """The tutorial's number: mean of the mini-batch losses during the epoch (train mode)."""
+    eval_loss: float
+    """Loss over the whole evaluation set in eval mode (the full truth table for Boolean)."""
+    eval_accuracy: float
+    """Bit accuracy (Boolean) or class accuracy (images) on the evaluation set, 0..1."""
+    train_accuracy: float | None
+    """Running accuracy over the epoch's mini-batches (images only; None for Boolean)."""
+    seconds: float
+    """Wall-clock training time so far, evaluation included, in seconds."""
+    learning_rate: float
+    """Learning rate at the end of the epoch."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Everything one training run produced."""
+
+    history: list[EpochMetrics]
+    parameters: int
+    """Trainable parameter count of the model."""
+    device: str
+    """Where it ran, e.g. "cpu" or "cuda:0 (NVIDIA H200)"."""
+    seconds: float
+    """Wall-clock seconds of the whole run (all epochs, evaluation included)."""
+    reached_target: bool
+    """True when `target_loss` was set and reached (all bits right too, for bit targets)."""
+    stopped_by_callback: bool = False
+    """True when `on_epoch` asked to stop before the budget or the target was reached."""
+    peak_memory_bytes: int | None = None
+    """Peak device memory allocated during the run (CUDA only)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_eval_loss(self) -> float:
+        return min(m.eval_loss for m in self.history)
+
+    @property
+    def best_eval_accuracy(self) -> float:
+        return max(m.eval_accuracy for m in self.history)
+
+    @property
+    def best_train_loss(self) -> float:
+        """Least running (tutorial-style) loss over the epochs."""
+        return min(m.train_loss for m in self.history)
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.history[-1]
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.seconds / max(1, self.epochs_run)
+
+
+EpochCallback = Callable[[EpochMetrics], bool | None]
+"""Called after each epoch; returning True stops the run cleanly (the result is kept)."""
+
+
+def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser named in the config."""
+    lr, wd = config.learning_rate, config.weight_decay
+    # fused kernels: one launch per step for all parameters (CPU and CUDA), same arithmetic
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=lr, momentum=config.momentum, weight_decay=wd, fused=True
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=wd, fused=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=wd, fused=True)
+    return torch.optim.RMSprop(parameters, lr=lr, momentum=config.momentum, weight_decay=wd)
+
+
+def loss_function(kind: str) -> Callable[..., Tensor]:
+    """Mean BCE on logits for bit targets; cross-entropy for class targets."""
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits
+    return F.cross_entropy
+
+
+def _correct(kind: str, logits: Tensor, targets: Tensor) -> Tensor:
+    """Number of correct bits (binary) or samples (multiclass), as a device tensor (no sync)."""
+    if kind == "binary":
+        return ((logits > 0) == (targets > 0.5)).sum()
+    return (logits.argmax(1) == targets).sum()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    batch_size: int = 8192,
+    mixed_precision: bool = False,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) over the task's evaluation set, in eval mode."""
+    model.eval()
+    loss_fn = loss_function(task.kind)
+    device = task.device
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    total_correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = len(task.eval_inputs)
+    for start in range(0, n, batch_size):
+        x = task.prepare(task.eval_inputs[start : start + batch_size])
+        y = task.eval_targets[start : start + batch_size]
+        with dev.autocast(device, mixed_precision):
+            logits = model(x)
+        logits = logits.float()
+        total_loss += loss_fn(logits, y, reduction="sum")
+        total_correct += _correct(task.kind, logits, y)
+    per_sample = task.eval_targets[0].numel()
+    # .item(): host sync, once per evaluation
+    return (total_loss / n / per_sample).item(), total_correct.item() / (n * per_sample)
+
+
+def target_met(kind: str, metrics: EpochMetrics, target_loss: float | None) -> bool:
+    """The success criterion: loss at or below target (and 100% bit accuracy for bit targets).
+
+    A mean BCE of 0.001 over 2048 bits still admits one wrong bit (ln 2 / 2048 < 0.001), hence
+    the accuracy condition.
+    """
+    if target_loss is None or metrics.eval_loss > target_loss:
+        return False
+    return kind != "binary" or metrics.eval_accuracy == 1.0
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if config.lr_schedule == "constant":
+        return None
+    total = config.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train `model` on `task` as `config` says; return the per-epoch history and totals.
+
+    `on_epoch` is called after every epoch with its metrics; it may return True to stop the
+    run cleanly, or raise (an Optuna adapter raises `TrialPruned`). A NaN/inf loss raises
+    `NonFiniteLossError`.
+    """
+    device = task.device
+    model.to(device)
+    mixed = config.mixed_precision and task.kind == "multiclass"  # fp32 for Boolean nets
+    loss_fn = loss_function(task.kind)
+    optimizer = make_optimizer(model.parameters(), config)
+    n, batch = task.train_size, config.batch_size
+    steps_per_epoch = math.ceil(n / batch)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    shuffle = dev.generator_for(device, config.seed)
+    track_train_accuracy = task.kind == "multiclass"
+    history: list[EpochMetrics] = []
+    reached = stopped = False
+    dev.reset_peak_memory(device)
+    dev.synchronize(device)
+    started = time.perf_counter()
+    # dropout draws from the global RNG: fork it so the run is reproducible and side-effect free
+    with dev.seeded(config.seed):
+        for epoch in range(1, config.epochs + 1):
+            # --- train: one pass in a seeded random order, batches are index slices
+            model.train()
+            order = torch.randperm(n, generator=shuffle, device=shuffle.device).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            for start in range(0, n, batch):
+                idx = order[start : start + batch]
+                x = task.prepare(task.train_inputs[idx])
+                y = task.train_targets[idx]
+                with dev.autocast(device, mixed):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += loss.detach()
+                if track_train_accuracy:
+                    correct += _correct(task.kind, logits.detach(), y)
+            # --- evaluate on the whole evaluation set (the full truth table for Boolean)
+            eval_loss, eval_accuracy = evaluate(model, task, config.eval_batch_size, mixed)
+            train_loss = (loss_sum / steps_per_epoch).item()  # host sync, once per epoch
+            if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
+                raise NonFiniteLossError(
+                    epoch, train_loss if not math.isfinite(train_loss) else eval_loss
+                )
+            dev.synchronize(device)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=train_loss,
+                eval_loss=eval_loss,
+                eval_accuracy=eval_accuracy,
+                train_accuracy=correct.item() / n if track_train_accuracy else None,
+                seconds=time.perf_counter() - started,
+                learning_rate=optimizer.param_groups[0]["lr"],
+            )
+            history.append(metrics)
+            # --- stop early once the target is met (the study's success criterion)
+            if target_met(task.kind, metrics, config.target_loss):
+                reached = True
+                break
+            if on_epoch is not None and on_epoch(metrics):
+                stopped = True
+                break
+    dev.synchronize(device)
+    return TrainResult(
+        history=history,
+        parameters=count_parameters(model),
+        device=dev.describe(device),
+        seconds=time.perf_counter() - started,
+        reached_target=reached,
+        stopped_by_callback=stopped,
+        peak_memory_bytes=dev.peak_memory_bytes(device),
+    )

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny IDX datasets written by the tests, an isolated data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from study.data import IDX_FILES, write_idx
+
+
+def make_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable 28x28 uint8 images: class c lights a 6x6 block at a class-specific place."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    labels = labels[torch.randperm(count, generator=g)]
+    images = torch.randint(0, 60, (count, 28, 28), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        row, col = 2 + 8 * (c // 4), 2 + 6 * (c % 4)
+        images[i, row : row + 6, col : col + 6] = 220
+    return images, labels.to(torch.uint8)
+
+
+def write_fake_dataset(
+    directory: Path, train: int = 300, test: int = 100, gz: bool = False, seed: int = 0
+) -> Path:
+    """Write the four IDX files of a tiny dataset into `directory` (plain or .gz)."""
+    train_x, train_y = make_images(train, seed)
+    test_x, test_y = make_images(test, seed + 1)
+    suffix = ".gz" if gz else ""
+    for name, array in zip(IDX_FILES, (train_x, train_y, test_x, test_y), strict=True):
+        write_idx(directory / f"{name}{suffix}", array)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Never touch the user's ~/.cache: each test gets its own default data directory."""
+    path = tmp_path_factory.mktemp("data-default")
+    monkeypatch.setenv("STUDY_DATA_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def fake_mnist_dir(tmp_path) -> Path:
+    """A directory holding a tiny MNIST-format dataset as .gz IDX files."""
+    return write_fake_dataset(tmp_path / "mnist-files", gz=True)
