@@ -147,3 +147,124 @@ def bench_trainer(
     )
     log(f"  speed-up: {t_med / p_med:.1f}x")
     return {"tutorial_seconds": t_med, "trainer_seconds": p_med, "ratio": t_med / p_med}
+
+
+# ----------------------------------------------------------------------------------------------
+# Boolean: the tutorial's loop vs the sequential trainer vs the population trainer
+
+
+def _tutorial_boolean_trial(fn, width: int, lr: float, batch: int, epochs: int, seed: int):
+    """One trial exactly as the tutorial runs it: DataLoader, Sigmoid + BCELoss, Adam, and
+    its `train` (training_loop, then testing_loop over the same data, every epoch)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    device = fn.inputs.device
+    with dev.seeded(seed):
+        net = DeepNeuralNet(fn.input_bits, [width], fn.output_bits, nn.Sigmoid()).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(fn.inputs.cpu(), fn.targets.cpu())
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator)
+    loss_fn = nn.BCELoss()
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    least = None
+    for _ in range(epochs):
+        net.train()
+        mean_loss = tutorial_training_loop(loader, net, loss_fn, optimiser, device)
+        correct = count = 0
+        with torch.no_grad():  # the tutorial's Boolean testing_loop
+            for X, y in loader:
+                X, y = X.to(device), y.to(device)
+                correct += torch.count_nonzero(torch.round(net(X)) == y).item()
+                count += y.numel()
+        least = mean_loss if least is None or mean_loss < least else least
+    return least, correct / count
+
+
+def bench_boolean(
+    trials: int = 32,
+    epochs: int = 250,
+    batch: int = 4,
+    learning_rate: float = 5e-3,
+    device_name: str = "auto",
+    log=print,
+) -> dict[str, float]:
+    """Train the same configurations three ways in one run; print trials/second and ratios.
+
+    Widths are log-spaced from 16 to 256, one seed each, no early stop (every run does all
+    `epochs`, as the tutorial does). All three run on one thread on the CPU.
+    """
+    from study.config import BooleanCandidate, BooleanSettings
+    from study.data import boolean_function
+    from study.objectives import build_boolean_net
+    from study.population import Member, train_population
+
+    device = dev.resolve_device(device_name)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    fn = boolean_function(8, 0, device=device)
+    widths = [round(16 * 16 ** (i / max(1, trials - 1))) for i in range(trials)]
+    candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
+    settings = BooleanSettings(target_loss=1e-3)
+
+    # warm-up, not timed: one short run through each path
+    warm = BooleanCandidate((16,), learning_rate, batch, 2)
+    _tutorial_boolean_trial(fn, 16, learning_rate, batch, 2, 0)
+    train(build_boolean_net(warm, fn, 0), fn.task(), warm.train_config(settings, 0))
+    train_population([Member(warm, 0)], fn, None)
+
+    timings: dict[str, float] = {}
+    final_losses: dict[str, list[float]] = {}
+    dev.synchronize(device)
+    start = time.perf_counter()
+    final_losses["tutorial"] = [
+        _tutorial_boolean_trial(fn, w, learning_rate, batch, epochs, seed)[0]
+        for seed, w in enumerate(widths)
+    ]
+    dev.synchronize(device)
+    timings["tutorial"] = time.perf_counter() - start
+    log(f"(a) tutorial loop: {timings['tutorial']:.1f} s for {trials} trials")
+
+    start = time.perf_counter()
+    sequential = []
+    for seed, c in enumerate(candidates):
+        config = c.train_config(settings, seed).replace(target_loss=None)
+        sequential.append(train(build_boolean_net(c, fn, seed), fn.task(), config))
+    dev.synchronize(device)
+    timings["sequential"] = time.perf_counter() - start
+    final_losses["sequential"] = [r.final.train_loss for r in sequential]
+    log(f"(b) sequential trainer: {timings['sequential']:.1f} s for {trials} trials")
+
+    start = time.perf_counter()
+    population = train_population([Member(c, seed) for seed, c in enumerate(candidates)], fn, None)
+    dev.synchronize(device)
+    timings["population"] = time.perf_counter() - start
+    final_losses["population"] = [r.final.train_loss for r in population]
+    log(f"(c) population trainer: {timings['population']:.1f} s for {trials} trials")
+    torch.set_num_threads(threads)
+
+    rate = {k: trials / v for k, v in timings.items()}
+    log(f"device: {dev.describe(device)} (1 thread on CPU); torch {torch.__version__}")
+    log(
+        f"{trials} trials, widths 16..256, {epochs} epochs, batch {batch}, Adam lr {learning_rate}"
+    )
+    for key, label in [
+        ("tutorial", "(a) tutorial loop"),
+        ("sequential", "(b) sequential"),
+        ("population", "(c) population"),
+    ]:
+        log(
+            f"  {label:<20} {rate[key]:8.3f} trials/s   median final running loss "
+            f"{statistics.median(final_losses[key]):.3g}"
+        )
+    log(
+        f"  (b)/(a) {rate['sequential'] / rate['tutorial']:.1f}x   "
+        f"(c)/(a) {rate['population'] / rate['tutorial']:.1f}x   "
+        f"(c)/(b) {rate['population'] / rate['sequential']:.1f}x"
+    )
+    return {
+        "tutorial_trials_per_second": rate["tutorial"],
+        "sequential_trials_per_second": rate["sequential"],
+        "population_trials_per_second": rate["population"],
+        "population_vs_tutorial": rate["population"] / rate["tutorial"],
+    }

@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         device=args.device,
         settings=overrides,
         progress=not args.quiet,
+        population=args.population,
     )
     best = best_feasible(study)
     if best is None:
@@ -113,9 +114,12 @@ def cmd_certify(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from study.bench import bench_trainer
+    from study.bench import bench_boolean, bench_trainer
 
-    bench_trainer(args.data_dir, args.device, repeats=args.repeats)
+    if args.what == "trainer":
+        bench_trainer(args.data_dir, args.device, repeats=args.repeats)
+    else:
+        bench_boolean(trials=args.trials, epochs=args.epochs, device_name=args.device)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -172,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, help="comma-separated choices (8,16,32,64)")
     p.add_argument("--no-prune", action="store_true", help="train every seed to its budget")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
+    p.add_argument(
+        "--population",
+        type=_positive_int,
+        metavar="K",
+        help="ask K trials at once and train them (with their seeds) as one population",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="write results/NAME/ afterwards")
@@ -193,10 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    p.add_argument("what", choices=["trainer"], help="trainer: tutorial pipeline vs trainer")
+    p.add_argument(
+        "what",
+        choices=["trainer", "boolean"],
+        help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); boolean: tutorial "
+        "loop vs sequential vs population trainer",
+    )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="trainer: timed epochs")
+    p.add_argument("--trials", type=_positive_int, default=32, help="boolean: configurations")
+    p.add_argument("--epochs", type=_positive_int, default=250, help="boolean: epochs each")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")

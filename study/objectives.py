@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -244,3 +246,98 @@ def record_outcome(trial: optuna.Trial, outcome: CandidateOutcome, fn: BooleanFu
     for key, value in outcome.user_attrs(fn.input_bits, fn.output_bits).items():
         trial.set_user_attr(key, value)
     trial.set_constraint("learns_f", outcome.constraint)
+
+
+class PopulationBatch:
+    """Ask K trials at once, train all their seeds as one population, tell every result.
+
+    Optuna's heartbeat covers `study.optimize` only; here each asked trial's heartbeat is
+    recorded by hand (at ask and then every few seconds), so that a crash leaves trials that
+    the next run finds stale, fails, and re-enqueues with the same parameters.
+    """
+
+    def __init__(
+        self, space: ModuleType, settings: BooleanSettings, device: str | torch.device = "auto"
+    ) -> None:
+        self.objective = BooleanObjective(space, settings, device)
+        self.space, self.settings, self.fn = space, settings, self.objective.fn
+
+    def run(self, study: optuna.Study, size: int) -> list[optuna.trial.FrozenTrial]:
+        """One population of `size` trials: ask, train together, tell. Returns the told trials."""
+        from study.population import Member, train_population
+
+        settings, storage = self.settings, study._storage
+        heartbeat = getattr(storage, "record_heartbeat", None)
+        interval = storage.get_heartbeat_interval() if heartbeat is not None else None
+        if interval is None:
+            heartbeat = None
+        with warnings.catch_warnings():
+            # ask/tell with a heartbeat storage: the heartbeat is recorded below, by hand
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trials = [study.ask() for _ in range(size)]
+        beat_at = time.monotonic()
+        if heartbeat is not None:
+            for trial in trials:
+                heartbeat(trial._trial_id)
+        candidates = [self.space.suggest(trial, settings) for trial in trials]
+        members, owner = [], []
+        for j, (trial, candidate) in enumerate(zip(trials, candidates, strict=True)):
+            for seed in self.objective.seeds_for(trial.number):
+                members.append(Member(candidate, seed))
+                owner.append(j)
+        first_member = {j: owner.index(j) for j in range(len(trials))}
+        rules = [
+            TargetUnreachable(settings.target_loss, m.candidate.epochs) if settings.prune else None
+            for m in members
+        ]
+        every = [max(1, c.epochs // 200) for c in candidates]
+        successes = [0] * len(trials)
+        failures = [0] * len(trials)
+
+        def on_epoch(i: int, metrics: EpochMetrics) -> bool:
+            nonlocal beat_at
+            j = owner[i]
+            if i == first_member[j] and metrics.epoch % every[j] == 0:
+                trials[j].report(metrics.eval_loss, metrics.epoch)
+            if heartbeat is not None and time.monotonic() - beat_at > interval / 2:
+                beat_at = time.monotonic()
+                for trial in trials:
+                    heartbeat(trial._trial_id)
+            rule = rules[i]
+            return bool(rule and rule(metrics))
+
+        def after_epoch(finished: dict[int, bool]) -> set[int]:
+            hopeless: set[int] = set()
+            for i, reached in finished.items():
+                j = owner[i]
+                if reached:
+                    successes[j] += 1
+                else:
+                    failures[j] += 1
+                if settings.prune and settings.seeds - failures[j] < settings.required_successes:
+                    hopeless |= {m for m, o in enumerate(owner) if o == j}
+            return hopeless
+
+        results = train_population(members, self.fn, settings.target_loss, on_epoch, after_epoch)
+        told = []
+        for j, (trial, candidate) in enumerate(zip(trials, candidates, strict=True)):
+            runs = [
+                SeedRun(members[i].seed, results[i], results[i].reached_target)
+                for i in range(len(members))
+                if owner[i] == j
+            ]
+            outcome = CandidateOutcome(
+                candidate,
+                runs,
+                settings.seeds,
+                settings.required_successes,
+                settings.target_loss,
+                {"population_size": len(members)},
+            )
+            record_outcome(trial, outcome, self.fn)
+            trial.set_user_attr("population_size", len(members))
+            if outcome.abandoned and not outcome.learns:
+                told.append(study.tell(trial, state=optuna.trial.TrialState.PRUNED))
+            else:
+                told.append(study.tell(trial, float(candidate.neurons)))
+        return told

@@ -15,14 +15,15 @@ from optuna.trial import TrialState
 
 from search_spaces import get_space
 from study.config import BooleanSettings
-from study.errors import ConfigError
-from study.objectives import BooleanObjective
+from study.errors import ConfigError, NonFiniteLossError
+from study.objectives import BooleanObjective, PopulationBatch
 from study.storage import DEFAULT_STORAGE, open_storage
 
 # heartbeat, retry and grouped TPE are marked experimental; they are used on purpose
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+"""Trials that count towards a study's total: failed ones (a crash, a NaN) carry no answer."""
 SETTINGS_ATTR = "settings"
 KIND_ATTR = "kind"
 
@@ -82,17 +83,24 @@ def run_study(
     device: str = "auto",
     settings: Mapping[str, Any] | None = None,
     progress: bool = True,
+    population: int | None = None,
 ) -> optuna.Study:
     """Create or resume study `study_name` (default: `name`) and run it to `trials` in total.
 
-    Trials already finished count towards `trials`; running it again with the same number
-    does nothing new. Fixed settings must match the stored ones.
+    Complete and pruned trials count towards `trials`; running it again with the same number
+    does nothing new. Fixed settings must match the stored ones. With `population` K, K
+    trials are asked at once and trained together (`study.population`).
     """
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials: must be a positive integer, got {trials!r}")
+    if population is not None and population < 1:
+        raise ConfigError(f"population: must be a positive integer, got {population!r}")
     space = get_space(name)
     fixed = boolean_settings(name, settings)
-    objective = BooleanObjective(space, fixed, device=device)
+    if population:
+        batch = PopulationBatch(space, fixed, device=device)
+    else:
+        objective = BooleanObjective(space, fixed, device=device)
     rdb = open_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -117,15 +125,22 @@ def run_study(
             )
 
     try:
-        study.optimize(
-            objective,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(trials, states=FINISHED),
-                on_trial_end,
-            ],
-            n_trials=remaining,
-            catch=(),
-        )
+        if population:
+            # a crashed population leaves RUNNING trials: fail them, re-enqueue their params
+            optuna.storages.fail_stale_trials(study)
+            while (remaining := trials - finished_trials(study)) > 0:
+                for trial in batch.run(study, min(population, remaining)):
+                    on_trial_end(study, trial)
+        else:
+            study.optimize(
+                objective,
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(trials, states=FINISHED),
+                    on_trial_end,
+                ],
+                n_trials=remaining,
+                catch=(NonFiniteLossError,),
+            )
     finally:
         if bar is not None:
             bar.close()

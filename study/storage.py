@@ -20,8 +20,9 @@ from study.errors import StorageError
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 DEFAULT_STORAGE = "sqlite:///results/studies.db"
-HEARTBEAT_SECONDS = 30
-"""Interval of the trial heartbeat; a RUNNING trial silent for 2x this long is stale."""
+HEARTBEAT_SECONDS = int(os.environ.get("STUDY_HEARTBEAT_SECONDS", "30"))
+"""Interval of the trial heartbeat; a RUNNING trial silent for 2x this long is stale.
+($STUDY_HEARTBEAT_SECONDS overrides it, e.g. for crash tests.)"""
 MAX_RETRIES = 3
 """How often a trial whose worker died is re-queued before it is left failed."""
 

@@ -1,0 +1,237 @@
+"""The population trainer: equivalence with the sequential trainer, masking, wiring, crashes."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+
+from study import device as dev
+from study.config import BooleanCandidate, BooleanSettings
+from study.data import boolean_function
+from study.objectives import build_boolean_net
+from study.population import Member, _Group, plan_groups, train_population
+from study.runner import run_study
+from study.trainer import train
+
+from .test_boolean_study import TINY
+
+SETTINGS = BooleanSettings()
+
+
+def curves(result):
+    return [m.eval_loss for m in result.history], [m.train_loss for m in result.history]
+
+
+@pytest.mark.parametrize("device_name", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_member_follows_the_sequential_trainer(device_name):
+    if device_name == "cuda" and not dev.cuda_available():
+        pytest.skip("no CUDA device")
+    fn = boolean_function(8, 0, device=dev.resolve_device(device_name))
+    narrow = BooleanCandidate((12,), 1e-2, 8, 12)
+    wide = BooleanCandidate((40,), 3e-3, 8, 9)
+    sequential = [
+        train(build_boolean_net(c, fn, seed), fn.task(), c.train_config(SETTINGS, seed))
+        for c, seed in [(narrow, 5), (wide, 6)]
+    ]
+    population = train_population([Member(narrow, 5), Member(wide, 6)], fn, 1e-3)
+    for seq, pop in zip(sequential, population, strict=True):
+        assert pop.epochs_run == seq.epochs_run
+        seq_eval, seq_train = curves(seq)
+        pop_eval, pop_train = curves(pop)
+        # same initial weights and batch order: same curves up to float rounding (CPU; on
+        # CUDA the sequential path shuffles with a device generator, so only the start agrees)
+        tolerance = 1e-5 if device_name == "cpu" else None
+        if tolerance:
+            assert pop_eval == pytest.approx(seq_eval, rel=tolerance)
+            assert pop_train == pytest.approx(seq_train, rel=tolerance)
+        assert pop.parameters == seq.parameters
+
+
+def test_padded_member_equals_the_narrow_network_alone():
+    fn = boolean_function(8, 1)
+    narrow = BooleanCandidate((7, 5), 1e-2, 16, 10)
+    wide = BooleanCandidate((30, 20), 5e-3, 16, 10)
+    alone = train_population([Member(narrow, 3)], fn, None, compact=False)[0]
+    padded = train_population([Member(narrow, 3), Member(wide, 4)], fn, None, compact=False)
+    assert plan_groups([Member(narrow, 3), Member(wide, 4)], fn) == [[0, 1]]  # one group
+    assert curves(padded[0])[0] == pytest.approx(curves(alone)[0], rel=1e-6, abs=1e-9)
+
+
+def test_padded_units_have_no_effect_on_outputs_or_gradients():
+    fn = boolean_function(4, 2)
+    members = [
+        Member(BooleanCandidate((3,), 1e-2, 4, 5), 0),
+        Member(BooleanCandidate((9,), 1e-2, 4, 5), 1),
+    ]
+    group = _Group(members, [0, 1], fn)
+    net = build_boolean_net(members[0].candidate, fn, 0)
+    out = group.forward(fn.inputs)
+    assert torch.allclose(out[0], net(fn.inputs), atol=1e-6)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, fn.targets.expand_as(out))
+    layers = group.layers()
+    grads = torch.autograd.grad(loss, [t for pair in layers for t in pair])
+    (w1, b1), (w2, _) = layers
+    g_w1, g_b1, g_w2, _ = grads
+    # member 0 has 3 real hidden units; units 3..8 are padding
+    assert torch.count_nonzero(w1[0, :, 3:]) == 0 and torch.count_nonzero(b1[0, :, 3:]) == 0
+    assert torch.count_nonzero(w2[0, 3:, :]) == 0
+    assert torch.count_nonzero(g_w1[0, :, 3:]) == 0 and torch.count_nonzero(g_b1[0, :, 3:]) == 0
+    assert torch.count_nonzero(g_w2[0, 3:, :]) == 0
+    assert torch.count_nonzero(g_w1[0, :, :3]) > 0
+
+
+def test_members_stop_at_the_target_and_stopped_members_are_frozen():
+    fn = boolean_function(3, 5, 3)
+    fast = BooleanCandidate((16,), 5e-2, 8, 3000)
+    slow = BooleanCandidate((16,), 2e-3, 8, 50)
+    results = train_population([Member(fast, 0), Member(slow, 1)], fn, 1e-3)
+    assert results[0].reached_target and results[0].final.eval_loss <= 1e-3
+    assert results[0].final.eval_accuracy == 1.0
+    assert not results[1].reached_target and results[1].epochs_run == 50
+    seq = train(build_boolean_net(fast, fn, 0), fn.task(), fast.train_config(SETTINGS, 0))
+    assert results[0].epochs_run == seq.epochs_run
+
+
+def test_on_epoch_and_after_epoch_stop_members():
+    fn = boolean_function(3, 5, 3)
+    c = BooleanCandidate((8,), 1e-2, 8, 100)
+    members = [Member(c, s) for s in range(4)]
+
+    def on_epoch(i, metrics):
+        return i == 0 and metrics.epoch == 3
+
+    def after_epoch(finished):
+        return {1} if 0 in finished else set()
+
+    results = train_population(members, fn, None, on_epoch, after_epoch)
+    assert results[0].epochs_run == 3 and results[0].stopped_by_callback
+    assert results[1].epochs_run == 3 and results[1].stopped_by_callback
+    assert results[2].epochs_run == results[3].epochs_run == 100
+
+
+def test_population_study_stores_trials_like_the_sequential_one(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'pop.db'}"
+    study = run_study(
+        "boolean-shallow",
+        trials=6,
+        storage=storage,
+        sampler_seed=0,
+        device="cpu",
+        settings=TINY,
+        progress=False,
+        population=3,
+    )
+    assert len(study.trials) == 6
+    keys = {
+        "neurons",
+        "parameters",
+        "best_full_table_loss",
+        "best_running_loss",
+        "bit_accuracy",
+        "success_share",
+        "seconds",
+        "device",
+        "learns_f",
+    }
+    for trial in study.trials:
+        assert trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        assert keys <= set(trial.user_attrs)
+        assert trial.user_attrs["population_size"] >= 2
+        assert (trial.constraints["learns_f"] <= 0) == trial.user_attrs["learns_f"]
+        assert trial.intermediate_values  # the first seed's curve
+    resumed = run_study(
+        "boolean-shallow",
+        trials=8,
+        storage=storage,
+        device="cpu",
+        settings=TINY,
+        progress=False,
+        population=3,
+    )
+    assert len(resumed.trials) == 8
+
+
+def test_killed_population_leaves_no_trial_running(tmp_path):
+    db = tmp_path / "crash.db"
+    storage = f"sqlite:///{db}"
+    env = {**os.environ, "STUDY_HEARTBEAT_SECONDS": "1"}
+    # a 5-bit function at a low learning rate without pruning: each population trains for a
+    # few seconds, long enough to be killed mid-training
+    args = [
+        sys.executable,
+        "-m",
+        "study.cli",
+        "run",
+        "boolean-shallow",
+        "--trials",
+        "4",
+        "--population",
+        "4",
+        "--storage",
+        storage,
+        "--no-prune",
+        "--quiet",
+        "--input-bits",
+        "5",
+        "--output-bits",
+        "2",
+        "--max-width",
+        "16",
+        "--max-epochs",
+        "2000",
+        "--seeds",
+        "2",
+        "--batch-sizes",
+        "8",
+        "--device",
+        "cpu",
+        "--min-learning-rate",
+        "0.002",
+        "--max-learning-rate",
+        "0.0021",
+    ]
+    worker = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    running = 0
+    while time.monotonic() < deadline and running < 4:
+        time.sleep(0.2)
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                running = con.execute(
+                    "select count(*) from trials where state='RUNNING'"
+                ).fetchone()[0]
+    assert running == 4, "the population never started"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed = {
+        t.number: t.params
+        for t in optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    }
+    time.sleep(3)  # longer than the grace period (2 heartbeats)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert sorted(t.number for t in failed) == sorted(killed)
+    finished = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(finished) == 4
+    # every killed trial's parameters were re-enqueued and trained
+    retried = {
+        optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in finished
+    }
+    assert retried == set(killed)
+    for t in finished:
+        original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        assert t.params == killed[original]
