@@ -90,7 +90,11 @@ class BooleanSettings:
     @property
     def required_successes(self) -> int:
         """Seeds out of `seeds` that must learn f."""
-        return max(1, math.ceil(self.required_share * self.seeds - 1e-9))
+        return self.required_of(self.seeds)
+
+    def required_of(self, seeds: int) -> int:
+        """Seeds out of `seeds` that must learn f at the required share (at least one)."""
+        return max(1, math.ceil(self.required_share * seeds - 1e-9))
 
     @property
     def min_epochs(self) -> int:

@@ -21,6 +21,7 @@ import torch
 from study import device as dev
 from study.config import BooleanCandidate, BooleanSettings
 from study.data import BooleanFunction, boolean_function
+from study.errors import NonFiniteLossError
 from study.models import DeepNeuralNet
 from study.trainer import EpochMetrics, TrainResult, train
 
@@ -229,9 +230,13 @@ class BooleanObjective:
             if seed_index == 0 and metrics.epoch % every == 0:
                 trial.report(metrics.eval_loss, metrics.epoch)
 
-        outcome = train_candidate(
-            candidate, self.fn, self.settings, self.seeds_for(trial.number), on_epoch=report
-        )
+        try:
+            outcome = train_candidate(
+                candidate, self.fn, self.settings, self.seeds_for(trial.number), on_epoch=report
+            )
+        except NonFiniteLossError as error:
+            trial.set_user_attr("fail_reason", str(error))
+            raise  # the study's `catch` fails this trial and goes on
         record_outcome(trial, outcome, self.fn)
         if outcome.abandoned and not outcome.learns:
             raise optuna.TrialPruned(
@@ -326,16 +331,22 @@ class PopulationBatch:
                 for i in range(len(members))
                 if owner[i] == j
             ]
+            trial.set_user_attr("population_size", len(members))
+            diverged = [
+                r.result.extra["non_finite"] for r in runs if "non_finite" in r.result.extra
+            ]
+            if diverged:  # as in the sequential path: the trial fails with its reason
+                trial.set_user_attr("fail_reason", diverged[0])
+                told.append(study.tell(trial, state=optuna.trial.TrialState.FAIL))
+                continue
             outcome = CandidateOutcome(
                 candidate,
                 runs,
                 settings.seeds,
                 settings.required_successes,
                 settings.target_loss,
-                {"population_size": len(members)},
             )
             record_outcome(trial, outcome, self.fn)
-            trial.set_user_attr("population_size", len(members))
             if outcome.abandoned and not outcome.learns:
                 told.append(study.tell(trial, state=optuna.trial.TrialState.PRUNED))
             else:

@@ -13,8 +13,10 @@ and Adam with a zero gradient leaves them at zero: no effect on outputs or gradi
 
 Same contract as `study.trainer.train`: per-member per-epoch `EpochMetrics`, early stop at the
 target (loss and all bits), an `on_epoch` hook that can stop a member, and a `TrainResult` per
-member. Adam is written out (torch's formula) so that each member has its own step size and
-members that stop are frozen while the others go on.
+member. A member whose loss turns NaN/inf is stopped alone; its result carries
+`extra["non_finite"]` (the sequential trainer raises `NonFiniteLossError` instead).
+Adam runs as torch's fused kernel at unit rate, scaled per member afterwards, so that each
+member has its own step size and members that stop are frozen while the others go on.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ class _Group:
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         # active members step together, so one step count serves the whole group
-        self.step = 0
+        self.step_count = torch.zeros((), device=device)
+        self.scratch = torch.zeros_like(self.flat)
         self.lr = torch.tensor([m.candidate.learning_rate for m in members], device=device)
         self.generators = [torch.Generator().manual_seed(m.seed) for m in members]
         self.active = torch.ones(len(members), dtype=torch.bool, device=device)
@@ -182,20 +185,27 @@ class _Group:
     def adam_step(self, grad: Tensor) -> None:
         """torch.optim.Adam's update with a learning rate per member; stopped members frozen.
 
-        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), rearranged so that the
-        bias corrections are host scalars: p -= c * m / (sqrt(v) + eps * sqrt(1 - b2^t))
-        with c = lr * sqrt(1 - b2^t) / (1 - b1^t).
+        torch's fused Adam kernel (one pass) computes the unit-rate step -m_hat/(sqrt(v_hat)+eps)
+        into a zeroed scratch buffer; each member's row is then scaled by its own rate.
         """
-        beta1, beta2 = ADAM_BETAS
-        self.step += 1
-        bias1 = 1 - beta1**self.step
-        bias2_sqrt = math.sqrt(1 - beta2**self.step)
-        m, v = self.exp_avg, self.exp_avg_sq
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = v.sqrt().add_(ADAM_EPS * bias2_sqrt)
-        coefficient = (self.active_lr * (bias2_sqrt / bias1))[:, None]
-        self.flat.addcdiv_(m * coefficient, denom, value=-1.0)
+        self.step_count += 1
+        self.scratch.zero_()
+        torch._fused_adam_(
+            [self.scratch],
+            [grad],
+            [self.exp_avg],
+            [self.exp_avg_sq],
+            [],
+            [self.step_count],
+            lr=1.0,
+            beta1=ADAM_BETAS[0],
+            beta2=ADAM_BETAS[1],
+            weight_decay=0.0,
+            eps=ADAM_EPS,
+            amsgrad=False,
+            maximize=False,
+        )
+        self.flat.addcmul_(self.scratch, self.active_lr[:, None])
 
     def keep(self, rows: list[int]) -> None:
         """Drop every member but `rows` (positions in this group) from all tensors."""
@@ -206,6 +216,7 @@ class _Group:
 
         self.flat = take(self.flat).requires_grad_()
         self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
+        self.scratch = torch.zeros_like(self.exp_avg)
         self.lr = take(self.lr)
         self.set_active(take(self.active))
         self.generators = [self.generators[r] for r in rows]
@@ -267,16 +278,16 @@ def _train_group(
     dev.synchronize(device)
     started = time.perf_counter()
 
-    def finish(i: int, reached: bool, stopped: bool) -> None:
+    def finish(i: int, reached: bool, stopped: bool, **extra) -> None:
         member = by_index[i]
         results[i] = TrainResult(
             history=history[i],
             parameters=member.candidate.parameters(fn.input_bits, fn.output_bits),
             device=describe,
-            seconds=history[i][-1].seconds if history[i] else 0.0,
+            seconds=history[i][-1].seconds if history[i] else time.perf_counter() - started,
             reached_target=reached,
             stopped_by_callback=stopped,
-            extra={"population_size": len(members)},
+            extra={"population_size": len(members), **extra},
         )
 
     for epoch in range(1, max(epochs.values()) + 1):
@@ -317,7 +328,11 @@ def _train_group(
             if not active[row]:
                 continue
             if not (math.isfinite(train_losses[row]) and math.isfinite(eval_losses[row])):
-                raise NonFiniteLossError(epoch, train_losses[row])
+                # this member alone diverged (members share no arithmetic): stop it, say why
+                error = NonFiniteLossError(epoch, train_losses[row])
+                finish(i, False, False, non_finite=str(error))
+                finished[i] = False
+                continue
             metrics = EpochMetrics(
                 epoch,
                 train_losses[row],

@@ -33,6 +33,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "state": t.state.name,
             "value": t.value if t.state.name == "COMPLETE" else None,
             "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
             "duration_seconds": t.duration.total_seconds() if t.duration else None,
         }
         row.update({f"param_{k}": v for k, v in t.params.items()})
@@ -174,10 +175,17 @@ def boolean_summary(
         f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
     ]
-    if len(frame) and "seconds" in frame:
+    if len(frame) and "device" in frame:
+        span = frame["datetime_complete"].max() - frame["datetime_start"].min()
+        population = (
+            f"; trained in populations of up to {int(frame['population_size'].max())} networks"
+            if "population_size" in frame and frame["population_size"].notna().any()
+            else ""
+        )
+        devices = ", ".join(sorted(set(frame["device"].dropna().astype(str))))
         lines.append(
-            f"- training time: {frame['seconds'].astype(float).sum() / 60:.1f} min in total "
-            f"on {', '.join(sorted(set(frame['device'].dropna().astype(str))))}"
+            f"- wall time {span.total_seconds() / 60:.0f} min from the first trial's start to "
+            f"the last one's end, on {devices}{population}"
         )
     feasible = frame[(frame["state"] == "COMPLETE") & frame.get("learns_f", False).astype(bool)]
     if len(feasible):

@@ -128,19 +128,24 @@ def run_study(
         if population:
             # a crashed population leaves RUNNING trials: fail them, re-enqueue their params
             optuna.storages.fail_stale_trials(study)
-            while (remaining := trials - finished_trials(study)) > 0:
+        # failed trials (a NaN loss, a crash) do not count: go on until the total is reached,
+        # but stop when a whole round finished nothing (every trial failing is not progress)
+        while (remaining := trials - finished_trials(study)) > 0:
+            if population:
                 for trial in batch.run(study, min(population, remaining)):
                     on_trial_end(study, trial)
-        else:
-            study.optimize(
-                objective,
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(trials, states=FINISHED),
-                    on_trial_end,
-                ],
-                n_trials=remaining,
-                catch=(NonFiniteLossError,),
-            )
+            else:
+                study.optimize(
+                    objective,
+                    callbacks=[
+                        optuna.study.MaxTrialsCallback(trials, states=FINISHED),
+                        on_trial_end,
+                    ],
+                    n_trials=remaining,
+                    catch=(NonFiniteLossError,),
+                )
+            if trials - finished_trials(study) == remaining:
+                break
     finally:
         if bar is not None:
             bar.close()

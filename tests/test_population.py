@@ -203,9 +203,14 @@ def test_killed_population_leaves_no_trial_running(tmp_path):
         time.sleep(0.2)
         if db.exists():
             with sqlite3.connect(db) as con:
-                running = con.execute(
-                    "select count(*) from trials where state='RUNNING'"
-                ).fetchone()[0]
+                try:
+                    # running and sampled: the population is training
+                    running = con.execute(
+                        "select count(distinct t.trial_id) from trials t join trial_params p "
+                        "on p.trial_id = t.trial_id where t.state = 'RUNNING'"
+                    ).fetchone()[0]
+                except sqlite3.OperationalError:  # tables not created yet
+                    running = 0
     assert running == 4, "the population never started"
     worker.send_signal(signal.SIGKILL)
     worker.wait()
@@ -235,3 +240,52 @@ def test_killed_population_leaves_no_trial_running(tmp_path):
     for t in finished:
         original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         assert t.params == killed[original]
+
+
+def nan_for_seed(bad_seed):
+    """A build_boolean_net whose network for `bad_seed` starts with NaN weights."""
+    from study import objectives
+
+    original = objectives.build_boolean_net
+
+    def build(candidate, fn, seed):
+        net = original(candidate, fn, seed)
+        if seed == bad_seed:
+            with torch.no_grad():
+                next(net.parameters()).fill_(float("nan"))
+        return net
+
+    return build
+
+
+def test_a_diverging_member_stops_alone(monkeypatch):
+    monkeypatch.setattr("study.objectives.build_boolean_net", nan_for_seed(1))
+    fn = boolean_function(3, 5, 3)
+    c = BooleanCandidate((8,), 1e-2, 8, 20)
+    results = train_population([Member(c, 0), Member(c, 1), Member(c, 2)], fn, None)
+    assert "non_finite" in results[1].extra and results[1].epochs_run == 0
+    assert results[0].epochs_run == results[2].epochs_run == 20
+    assert all(torch.isfinite(torch.tensor(curves(r)[0])).all() for r in (results[0], results[2]))
+
+
+@pytest.mark.parametrize("population", [None, 2])
+def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, population):
+    # seeds of trial t are 2t and 2t+1 (2 seeds per trial): trial 1 diverges
+    monkeypatch.setattr("study.objectives.build_boolean_net", nan_for_seed(2))
+    study = run_study(
+        "boolean-shallow",
+        trials=3,
+        storage=f"sqlite:///{tmp_path / 'nan.db'}",
+        sampler_seed=0,
+        device="cpu",
+        settings=TINY,
+        progress=False,
+        population=population,
+    )
+    states = {t.number: t.state for t in study.trials}
+    assert states[1] == optuna.trial.TrialState.FAIL
+    failed = study.trials[1]
+    reason = failed.user_attrs.get("fail_reason") or failed.system_attrs.get("fail_reason", "")
+    assert "non-finite" in reason
+    finished = [s for s in states.values() if s != optuna.trial.TrialState.FAIL]
+    assert len(finished) == 3  # the study went on to its total
