@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STORAGE ?= sqlite:///results/studies.db
-TRIALS ?= 30
+TRIALS ?= 64
+POPULATION ?= 32
 FASHION_DEB_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: study test install data lint bench
@@ -29,7 +30,7 @@ data: $(STAMP)
 
 # The main job: a real Boolean width study on the SQLite default, then its report.
 study: install data
-	$(BIN)/study run boolean-shallow --trials $(TRIALS) --storage $(STORAGE) --report
+	$(BIN)/study run boolean-shallow --trials $(TRIALS) --population $(POPULATION) --storage $(STORAGE) --report
 
 # The whole test suite (lint first). CI runs exactly this through .ci/run.
 test: install data

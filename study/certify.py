@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import torch
 
@@ -34,6 +35,27 @@ class Certification:
     outcomes: list[CandidateOutcome]
     table: pd.DataFrame
 
+    def certified(self) -> pd.Series | None:
+        """The row with the fewest neurons that learned f on the fresh seeds (None if none)."""
+        passed = self.table[self.table["learns_f"]]
+        if passed.empty:
+            return None
+        return passed.sort_values(["neurons", "median_best_loss"]).iloc[0]
+
+    def verdict(self) -> str:
+        """One sentence: the certified answer, or that none of the retrained ones passed."""
+        row = self.certified()
+        if row is None:
+            return (
+                "None of the retrained configurations learned f on the required share of "
+                "fresh seeds: the stated width needs more neurons or a larger budget."
+            )
+        return (
+            f"Certified: {row['neurons']} hidden neurons ({row['hidden_layer_profile']}, "
+            f"{row['parameters']} parameters) learned f on {row['success_share']:.0%} of "
+            f"{row['seeds']} fresh seeds."
+        )
+
 
 def smaller_neighbours(candidate: BooleanCandidate) -> list[BooleanCandidate]:
     """The configurations with one neuron fewer in one layer (layers of width 1 are kept)."""
@@ -48,6 +70,24 @@ def smaller_neighbours(candidate: BooleanCandidate) -> list[BooleanCandidate]:
                 )
             )
     return neighbours
+
+
+def runner_up_trials(study, best, count: int) -> list:
+    """The next `count` smallest feasible trials after `best`, one per hidden profile."""
+    feasible = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get("learns_f") and t.number != best.number
+    ]
+    feasible.sort(key=lambda t: (t.user_attrs["neurons"], t.user_attrs["median_best_loss"]))
+    seen = {tuple(best.user_attrs["hidden_layer_profile"])}
+    chosen = []
+    for t in feasible:
+        profile = tuple(t.user_attrs["hidden_layer_profile"])
+        if profile not in seen and len(chosen) < count:
+            seen.add(profile)
+            chosen.append(t)
+    return chosen
 
 
 def candidate_from_trial(trial) -> BooleanCandidate:
@@ -65,15 +105,22 @@ def certify(
     storage: str,
     seeds: int = 10,
     device: str = "auto",
+    top: int = 1,
     log=print,
 ) -> Certification:
     """Retrain the best feasible configuration and its smaller neighbours on fresh seeds.
 
-    All configurations and seeds train together as one population (`study.population`),
-    each to its full epoch budget or the target, without the early-stop rule.
+    With `top` > 1 the next smallest feasible configurations (distinct profiles) are
+    retrained too: near the boundary, a configuration that passed on r seeds in the search
+    may fail on fresh ones (the search keeps its luckiest trials), and the smallest that
+    passes certification is the answer to state. All configurations and seeds train together
+    as one population (`study.population`), each to its full epoch budget or the target,
+    without the early-stop rule.
     """
     if seeds < 1:
         raise StudyError(f"seeds: must be at least 1, got {seeds}")
+    if top < 1:
+        raise StudyError(f"top: must be at least 1, got {top}")
     study = load_study(study_name, open_storage(storage, heartbeat=False))
     if dev.resolve_device(device).type == "cpu":
         torch.set_num_threads(1)  # tiny matrices: threads only add overhead
@@ -94,6 +141,10 @@ def certify(
     roles = [("found", best_candidate)] + [
         ("one fewer", c) for c in smaller_neighbours(best_candidate)
     ]
+    trial_numbers = {"found": best.number}
+    for rank, trial in enumerate(runner_up_trials(study, best, top - 1), start=2):
+        roles.append((f"found #{rank}", candidate_from_trial(trial)))
+        trial_numbers[f"found #{rank}"] = trial.number
     for _, candidate in roles:
         log(f"training {candidate.describe()} on {seeds} fresh seeds")
     # every configuration x seed is one member of a single population (no early-stop rule)
@@ -108,6 +159,7 @@ def certify(
         rows.append(
             {
                 "role": role,
+                "trial": None if role == "one fewer" else trial_numbers.get(role),
                 "hidden_layer_profile": "-".join(map(str, candidate.hidden_layer_profile)),
                 "neurons": candidate.neurons,
                 "parameters": candidate.parameters(fn.input_bits, fn.output_bits),
@@ -123,16 +175,18 @@ def certify(
             }
         )
     table = pd.DataFrame(rows)
+    table["trial"] = table["trial"].astype("Int64")  # neighbours have no trial of their own
     return Certification(study_name, settings, outcomes, table)
 
 
-def write_certification(cert: Certification, out_dir: Path) -> Path:
+def write_certification(cert: Certification, out_dir: Path, command: str | None = None) -> Path:
     """Write certification.csv and certification.md under `out_dir`; return the .md path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cert.table.to_csv(out_dir / "certification.csv", index=False)
     shown = cert.table[
         [
             "role",
+            "trial",
             "hidden_layer_profile",
             "neurons",
             "parameters",
@@ -149,7 +203,10 @@ def write_certification(cert: Certification, out_dir: Path) -> Path:
         f"(seeds {FRESH_SEED_OFFSET}+), same learning rate, batch size and epoch budget as the "
         "trial, no early-stop rule. A configuration learns f when at least "
         f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
-        "with every bit right.\n\n" + shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+        "with every bit right.\n\n"
+        + shown.to_markdown(index=False, floatfmt=".3g")
+        + f"\n\n{cert.verdict()}\n"
+        + (f"\nProduced by: `{command}`\n" if command else "")
     )
     path = out_dir / "certification.md"
     path.write_text(text)

@@ -106,10 +106,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_certify(args: argparse.Namespace) -> None:
     from study.certify import certify, write_certification
 
-    cert = certify(args.name, args.storage, seeds=args.seeds, device=args.device)
+    cert = certify(args.name, args.storage, seeds=args.seeds, device=args.device, top=args.top)
     out = Path(args.out) if args.out else Path("results") / args.name
-    path = write_certification(cert, out)
+    path = write_certification(cert, out, _command_line())
     print(cert.table.drop(columns=["seconds"]).to_string(index=False))
+    print(cert.verdict())
     print(f"certification: {path}")
 
 
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="study name in the storage")
     _add_storage(p)
     p.add_argument("--seeds", type=_positive_int, default=10, help="fresh seeds per config")
+    p.add_argument(
+        "--top",
+        type=_positive_int,
+        default=1,
+        help="also retrain the next smallest feasible configurations (TOP in all)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default results/NAME)")
     p.set_defaults(func=cmd_certify)

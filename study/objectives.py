@@ -154,6 +154,12 @@ class CandidateOutcome:
         }
 
 
+def report_every(epochs: int) -> int:
+    """Report every k-th epoch of the first seed as the trial's intermediate values: at most
+    ~200 points a trial, since every report is a write to the storage."""
+    return max(1, epochs // 200)
+
+
 def build_boolean_net(
     candidate: BooleanCandidate, fn: BooleanFunction, seed: int
 ) -> DeepNeuralNet:
@@ -216,15 +222,13 @@ class BooleanObjective:
         )
 
     def seeds_for(self, trial_number: int) -> list[int]:
-        """Initialisation seeds of a trial: distinct across trials, reproducible on retry."""
+        """Initialisation seeds of a trial: distinct across trials, stored with the trial."""
         return [trial_number * self.settings.seeds + i for i in range(self.settings.seeds)]
 
     def __call__(self, trial: optuna.Trial) -> float:
         candidate = self.space.suggest(trial, self.settings)
 
-        # the first seed's curve becomes the trial's intermediate values; at most ~200 points,
-        # since every report is a write to the storage
-        every = max(1, candidate.epochs // 200)
+        every = report_every(candidate.epochs)
 
         def report(seed_index: int, metrics: EpochMetrics) -> None:
             if seed_index == 0 and metrics.epoch % every == 0:
@@ -295,7 +299,7 @@ class PopulationBatch:
             TargetUnreachable(settings.target_loss, m.candidate.epochs) if settings.prune else None
             for m in members
         ]
-        every = [max(1, c.epochs // 200) for c in candidates]
+        every = [report_every(c.epochs) for c in candidates]
         successes = [0] * len(trials)
         failures = [0] * len(trials)
 

@@ -313,6 +313,8 @@ def test_certify_retrains_the_best_and_the_next_smaller_width(tmp_path):
         "3",
         "--device",
         "cpu",
+        "--top",
+        "3",
         "--out",
         str(tmp_path / "cert"),
     )
@@ -329,3 +331,19 @@ def test_certify_retrains_the_best_and_the_next_smaller_width(tmp_path):
         assert 0 <= share <= 1 and row["seeds"] == "3"
         assert (row["learns_f"] == "True") == (share >= 1.0)
     assert "success_share" in done.stdout
+    # --top 3: up to two runners-up, distinct feasible profiles no smaller than the best
+    feasible = {
+        tuple(t.user_attrs["hidden_layer_profile"])
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["learns_f"]
+    }
+    runners = [r for r in rows if r["role"].startswith("found #")]
+    assert len(runners) == min(2, len(feasible) - 1)
+    assert all(int(r["neurons"]) >= width for r in runners)
+    assert len({r["hidden_layer_profile"] for r in runners}) == len(runners)
+    passed = [r for r in rows if r["learns_f"] == "True"]
+    if passed:
+        fewest = min(int(r["neurons"]) for r in passed)
+        assert f"Certified: {fewest} hidden neurons" in done.stdout
+    else:
+        assert "None of the retrained configurations" in done.stdout
