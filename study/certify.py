@@ -21,6 +21,7 @@ from study.data import boolean_function
 from study.errors import StudyError
 from study.objectives import CandidateOutcome, SeedRun
 from study.population import Member, train_population
+from study.report import markdown_table
 from study.runner import SETTINGS_ATTR, best_feasible
 from study.storage import load_study, open_storage
 
@@ -204,7 +205,7 @@ def write_certification(cert: Certification, out_dir: Path, command: str | None 
         "trial, no early-stop rule. A configuration learns f when at least "
         f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
         "with every bit right.\n\n"
-        + shown.to_markdown(index=False, floatfmt=".3g")
+        + markdown_table(shown)
         + f"\n\n{cert.verdict()}\n"
         + (f"\nProduced by: `{command}`\n" if command else "")
     )

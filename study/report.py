@@ -128,8 +128,27 @@ def boolean_figures(frame: pd.DataFrame, settings: dict[str, Any], out: Path) ->
     return paths
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A markdown table that keeps integer columns integer (pandas' `to_markdown` upcasts whole
+    rows to float) and drops columns that are empty throughout."""
+    from tabulate import tabulate
+
+    frame = frame.dropna(axis=1, how="all")
+    columns = {}
+    for name in frame.columns:
+        values = frame[name]
+        if values.dtype.kind == "f" and values.notna().all() and (values % 1 == 0).all():
+            values = values.astype("int64")
+        columns[name] = [None if pd.isna(v) else v for v in values.tolist()]
+    return tabulate(columns, headers="keys", tablefmt="pipe", floatfmt=".3g", missingval="")
+
+
 def boolean_summary(
-    study: optuna.Study, frame: pd.DataFrame, settings: dict[str, Any], command: str | None
+    study: optuna.Study,
+    frame: pd.DataFrame,
+    settings: dict[str, Any],
+    command: str | None,
+    certification: str | None = None,
 ) -> str:
     counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
     best = best_feasible(study)
@@ -158,8 +177,9 @@ def boolean_summary(
             f"budget {best.params['epochs']} epochs; success share {a['success_share']:.0%}, "
             f"median best loss {a['median_best_loss']:.3g}.",
             "",
-            "This is an upper bound found by the search under the budget below; "
-            "`study certify` retrains it and the next smaller configuration on fresh seeds.",
+            "This is an upper bound found by the search under the budget below, on "
+            f"{s['seeds']} seeds; `study certify` retrains it, the next smaller configuration "
+            "and the runners-up on fresh seeds (see Certification).",
         ]
     lines += [
         "",
@@ -198,9 +218,11 @@ def boolean_summary(
             "",
             "## Smallest feasible trials",
             "",
-            shown.to_markdown(index=False, floatfmt=".3g"),
+            markdown_table(shown),
             "",
         ]
+    if certification is not None:
+        lines += ["", "## Certification", "", certification.strip(), ""]
     lines += ["", "## Figures", ""]
     for name, title in [
         ("neurons_vs_loss.png", "Hidden neurons vs best loss"),
@@ -227,5 +249,11 @@ def write_report(
     frame.to_csv(out / "trials.csv", index=False)
     settings = study.user_attrs.get(SETTINGS_ATTR, {})
     boolean_figures(frame, settings, out)
-    (out / "summary.md").write_text(boolean_summary(study, frame, settings, command))
+    # a certification written earlier into the same directory becomes part of the summary
+    cert_path = out / "certification.md"
+    certification = None
+    if cert_path.is_file():
+        certification = cert_path.read_text().split("\n", 1)[1]  # without its own title
+    summary = boolean_summary(study, frame, settings, command, certification)
+    (out / "summary.md").write_text(summary)
     return out
