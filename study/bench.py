@@ -267,4 +267,5 @@ def bench_boolean(
         "sequential_trials_per_second": rate["sequential"],
         "population_trials_per_second": rate["population"],
         "population_vs_tutorial": rate["population"] / rate["tutorial"],
+        **{f"{k}_median_final_loss": statistics.median(v) for k, v in final_losses.items()},
     }

@@ -59,11 +59,10 @@ EpochHook = Callable[[dict[int, bool]], set[int]]
 further member indices to stop now."""
 
 
-STEP_OVERHEAD_PARAMETERS = 60_000
-"""Fixed cost of one group step (kernel launches, autograd) in units of per-parameter work;
-measured on a 2-core CPU (about 360 us vs 6 ns per member parameter). Used to decide when
-padding narrow members into a wider group is cheaper than a group of their own."""
-
+STEP_OVERHEAD_PARAMETERS = 45_000
+"""Fixed cost of one group step (kernel launches) in units of per-parameter work; measured
+on a 2-core CPU (about 230 us per step, plus about 5 ns per member parameter). Used to decide
+when padding narrow members into a wider group is cheaper than a group of their own."""
 
 MAX_GROUP_SEARCH = 256
 """Longest run of members the grouping considers as one group (bounds the planning time)."""
@@ -138,7 +137,7 @@ class _Group:
                 offset += size + fan_out_max
         # padded units keep zero weights and bias: relu(0) = 0 and relu'(0) = 0, so they output
         # 0, receive exactly zero gradient, and Adam leaves them at zero
-        self.flat = flat.to(device).requires_grad_()
+        self.flat = flat.to(device)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         # active members step together, so one step count serves the whole group
@@ -182,6 +181,47 @@ class _Group:
         self.active_lr = torch.where(active, self.lr, 0.0)
 
     @torch.no_grad()
+    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimiser step of every member on its own batch; returns each member's loss."""
+        per_member, grads = self.loss_and_gradients(x, y)
+        self.adam_step(torch.cat([t.reshape(len(self), -1) for t in grads], dim=1))
+        return per_member
+
+    @torch.no_grad()
+    def loss_and_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Each member's mean BCE on its batch and its gradients, in the flat buffer's order
+        (weight (K, fan_in, fan_out), bias (K, fan_out) of each layer, input side first).
+
+        The backward pass is written out (a ReLU MLP with mean BCE on logits), which halves
+        the per-step dispatch overhead of autograd for these tiny tensors; tests compare it
+        with autograd and with the autograd-based sequential trainer.
+        """
+        layers = self._layers
+        inputs, pre_activations = [x], []
+        h = x
+        for w, b in layers[:-1]:
+            z = torch.baddbmm(b, h, w)
+            pre_activations.append(z)
+            h = z.clamp_min(0)
+            inputs.append(h)
+        w_out, b_out = layers[-1]
+        logits = torch.baddbmm(b_out, h, w_out)
+        per_member = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(
+            dim=(1, 2)
+        )
+        # d(mean BCE)/d(logits) = (sigmoid(logits) - y) / (rows * outputs), per member
+        g = torch.sigmoid(logits).sub_(y).mul_(1.0 / (y.shape[1] * y.shape[2]))
+        grads: list[Tensor] = []
+        for index in range(len(layers) - 1, -1, -1):
+            grads.append(g.sum(dim=1))  # bias
+            grads.append(torch.bmm(inputs[index].transpose(1, 2), g))  # weight
+            if index > 0:  # back through the weights and the ReLU (relu'(0) = 0)
+                g = torch.bmm(g, layers[index][0].transpose(1, 2))
+                g = torch.ops.aten.threshold_backward(g, pre_activations[index - 1], 0)
+        grads.reverse()  # the flat buffer's order: weight, bias of each layer, input side first
+        return per_member, grads
+
+    @torch.no_grad()
     def adam_step(self, grad: Tensor) -> None:
         """torch.optim.Adam's update with a learning rate per member; stopped members frozen.
 
@@ -212,9 +252,9 @@ class _Group:
         index = torch.tensor(rows, device=self.lr.device)
 
         def take(t: Tensor) -> Tensor:
-            return t.detach().index_select(0, index)
+            return t.index_select(0, index)
 
-        self.flat = take(self.flat).requires_grad_()
+        self.flat = take(self.flat)
         self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
         self.scratch = torch.zeros_like(self.exp_avg)
         self.lr = take(self.lr)
@@ -295,20 +335,10 @@ def _train_group(
         orders = torch.stack([torch.randperm(n, generator=g) for g in group.generators]).to(device)
         # one gather per epoch: each member's rows in its own order, then plain slices
         x_epoch, y_epoch = x_all[orders], y_all[orders]
-        layers = group.layers()
-        step_losses = []
-        for start in range(0, n, batch):
-            logits = group.forward(x_epoch[:, start : start + batch], layers)
-            per_member = F.binary_cross_entropy_with_logits(
-                logits, y_epoch[:, start : start + batch], reduction="none"
-            ).mean(dim=(1, 2))
-            # members are independent: the gradient of the sum is each member's own gradient.
-            # Differentiate w.r.t. the layer views and concatenate once, rather than letting
-            # every slice scatter into a zeroed copy of the whole buffer.
-            views = [t for pair in layers for t in pair]
-            grads = torch.autograd.grad(per_member.sum(), views)
-            group.adam_step(torch.cat([g.reshape(len(group), -1) for g in grads], dim=1))
-            step_losses.append(per_member.detach())
+        step_losses = [
+            group.train_step(x_epoch[:, start : start + batch], y_epoch[:, start : start + batch])
+            for start in range(0, n, batch)
+        ]
         loss_sum = torch.stack(step_losses).sum(dim=0)
         # --- evaluate every member on the whole truth table
         with torch.no_grad():

@@ -66,24 +66,39 @@ def test_padded_member_equals_the_narrow_network_alone():
 def test_padded_units_have_no_effect_on_outputs_or_gradients():
     fn = boolean_function(4, 2)
     members = [
-        Member(BooleanCandidate((3,), 1e-2, 4, 5), 0),
-        Member(BooleanCandidate((9,), 1e-2, 4, 5), 1),
+        Member(BooleanCandidate((3, 2), 1e-2, 4, 5), 0),
+        Member(BooleanCandidate((9, 5), 1e-2, 4, 5), 1),
     ]
     group = _Group(members, [0, 1], fn)
+    x, y = fn.inputs[:6], fn.targets[:6]
+    loss, grads = group.loss_and_gradients(x.expand(2, 6, 4), y.expand(2, 6, 4))
+    (w1, b1), (w2, b2), (w3, _) = group.layers()
+    g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = grads
+    # member 0 has 3 and 2 real hidden units; the rest of its rows and columns is padding
+    for t in (w1[0, :, 3:], b1[0, :, 3:], w2[0, 3:, :], w2[0, :, 2:], b2[0, :, 2:], w3[0, 2:, :]):
+        assert torch.count_nonzero(t) == 0
+    for t in (
+        g_w1[0, :, 3:],
+        g_b1[0, 3:],
+        g_w2[0, 3:, :],
+        g_w2[0, :, 2:],
+        g_b2[0, 2:],
+        g_w3[0, 2:, :],
+    ):
+        assert torch.count_nonzero(t) == 0
+    # ...and the real part equals autograd on the narrow network alone
     net = build_boolean_net(members[0].candidate, fn, 0)
-    out = group.forward(fn.inputs)
-    assert torch.allclose(out[0], net(fn.inputs), atol=1e-6)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, fn.targets.expand_as(out))
-    layers = group.layers()
-    grads = torch.autograd.grad(loss, [t for pair in layers for t in pair])
-    (w1, b1), (w2, _) = layers
-    g_w1, g_b1, g_w2, _ = grads
-    # member 0 has 3 real hidden units; units 3..8 are padding
-    assert torch.count_nonzero(w1[0, :, 3:]) == 0 and torch.count_nonzero(b1[0, :, 3:]) == 0
-    assert torch.count_nonzero(w2[0, 3:, :]) == 0
-    assert torch.count_nonzero(g_w1[0, :, 3:]) == 0 and torch.count_nonzero(g_b1[0, :, 3:]) == 0
-    assert torch.count_nonzero(g_w2[0, 3:, :]) == 0
-    assert torch.count_nonzero(g_w1[0, :, :3]) > 0
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
+    reference.backward()
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert loss[0].item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(group.forward(x)[0], net(x), atol=1e-6)
+    for (g_w, g_b), linear in zip(
+        [(g_w1, g_b1), (g_w2, g_b2), (g_w3, g_b3)], linears, strict=True
+    ):
+        fan_out, fan_in = linear.weight.shape
+        assert torch.allclose(g_w[0, :fan_in, :fan_out], linear.weight.grad.T, atol=1e-7)
+        assert torch.allclose(g_b[0, :fan_out], linear.bias.grad, atol=1e-7)
 
 
 def test_members_stop_at_the_target_and_stopped_members_are_frozen():

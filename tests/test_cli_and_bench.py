@@ -1,0 +1,50 @@
+"""The `data` and `bench` commands at tiny sizes (benchmarks are timed only by their commands)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from study.bench import bench_boolean, bench_trainer
+
+from .conftest import write_fake_dataset
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_data_command_prepares_a_dataset_from_a_directory(tmp_path):
+    source = write_fake_dataset(tmp_path / "mnist", train=12_000, test=100, gz=True)
+    done = run("data", "mnist", "--data-dir", str(source))
+    assert done.returncode == 0, done.stderr
+    assert "2000 train + 10000 validation + 100 test images" in done.stdout
+
+
+def test_data_command_without_files_is_one_clear_line(tmp_path):
+    done = run("data", "mnist", "--data-dir", str(tmp_path / "nothing"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--data-dir" in lines[0]
+
+
+def test_bench_boolean_trains_the_same_configurations_three_ways():
+    logged = []
+    result = bench_boolean(trials=2, epochs=3, device_name="cpu", log=logged.append)
+    for key in ("tutorial", "sequential", "population"):
+        assert result[f"{key}_trials_per_second"] > 0
+    # the sequential and population trainers compute the same thing
+    assert result["population_median_final_loss"] == pytest.approx(
+        result["sequential_median_final_loss"], rel=1e-4
+    )
+    assert any("(c)/(a)" in line for line in logged)
+
+
+def test_bench_trainer_runs_both_pipelines(tmp_path):
+    source = write_fake_dataset(tmp_path / "fashion", train=11_000, test=200)
+    logged = []
+    result = bench_trainer(source, "cpu", repeats=1, log=logged.append)
+    assert result["tutorial_seconds"] > 0 and result["trainer_seconds"] > 0
+    assert any("speed-up" in line for line in logged)
