@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from study.errors import ConfigError
+from study.errors import ConfigError, reject_unknown_fields
 from study.trainer import TrainConfig
 
 
@@ -109,10 +109,7 @@ class BooleanSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BooleanSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown setting; known: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         values = dict(values)
         if "batch_sizes" in values:
             values["batch_sizes"] = tuple(values["batch_sizes"])

@@ -9,6 +9,16 @@ class ConfigError(StudyError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def reject_unknown_fields(cls: type, values, what: str = "setting") -> None:
+    """Raise a ConfigError naming the first key of `values` that is not a field of `cls`."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown {what}; known: {sorted(known)}")
+
+
 class DataError(StudyError):
     """A dataset is missing, truncated or corrupted; the message says how to get it."""
 

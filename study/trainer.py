@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from study import device as dev
 from study.data import Task
-from study.errors import ConfigError, NonFiniteLossError
+from study.errors import ConfigError, NonFiniteLossError, reject_unknown_fields
 from study.models import count_parameters
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -93,10 +93,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from a mapping; unknown keys are an error naming the key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown training setting; known: {sorted(known)}")
+        reject_unknown_fields(cls, values, "training setting")
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:
