@@ -280,14 +280,16 @@ class PopulationBatch:
         interval = storage.get_heartbeat_interval() if heartbeat is not None else None
         if interval is None:
             heartbeat = None
+        trials = []
         with warnings.catch_warnings():
-            # ask/tell with a heartbeat storage: the heartbeat is recorded below, by hand
+            # ask/tell with a heartbeat storage: the heartbeat is recorded here, by hand, right
+            # after each ask (a RUNNING trial without any heartbeat would never turn stale)
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trials = [study.ask() for _ in range(size)]
+            for _ in range(size):
+                trials.append(study.ask())
+                if heartbeat is not None:
+                    heartbeat(trials[-1]._trial_id)
         beat_at = time.monotonic()
-        if heartbeat is not None:
-            for trial in trials:
-                heartbeat(trial._trial_id)
         candidates = [self.space.suggest(trial, settings) for trial in trials]
         members, owner = [], []
         for j, (trial, candidate) in enumerate(zip(trials, candidates, strict=True)):

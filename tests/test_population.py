@@ -219,11 +219,14 @@ def test_killed_population_leaves_no_trial_running(tmp_path):
         if db.exists():
             with sqlite3.connect(db) as con:
                 try:
-                    # running and sampled: the population is training
-                    running = con.execute(
-                        "select count(distinct t.trial_id) from trials t join trial_params p "
-                        "on p.trial_id = t.trial_id where t.state = 'RUNNING'"
-                    ).fetchone()[0]
+                    # running with all four parameters sampled: the population is training
+                    running = (
+                        con.execute(
+                            "select count(*) from trials t join trial_params p "
+                            "on p.trial_id = t.trial_id where t.state = 'RUNNING'"
+                        ).fetchone()[0]
+                        // 4
+                    )
                 except sqlite3.OperationalError:  # tables not created yet
                     running = 0
     assert running == 4, "the population never started"
