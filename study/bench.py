@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,17 +54,6 @@ def tutorial_testing_loop(dataloader, net, device) -> float:
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(x, start_dim=0)
-
-
-@dataclass(frozen=True)
-class EpochTiming:
-    pipeline: str
-    seconds: list[float]
-    test_accuracy: float
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
 
 
 def _tutorial_epoch(root: Path, device: torch.device, seed: int) -> tuple[float, float]:

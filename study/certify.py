@@ -13,7 +13,6 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import torch
 
 from study import device as dev
 from study.config import BooleanCandidate, BooleanSettings
@@ -123,8 +122,8 @@ def certify(
     if top < 1:
         raise StudyError(f"top: must be at least 1, got {top}")
     study = load_study(study_name, open_storage(storage, heartbeat=False))
-    if dev.resolve_device(device).type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    device_ = dev.resolve_device(device)
+    dev.limit_threads_for_tiny_models(device_)
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise StudyError(f"study {study_name!r} has no stored settings: not a Boolean study")
@@ -132,7 +131,6 @@ def certify(
     best = best_feasible(study)
     if best is None:
         raise StudyError(f"study {study_name!r} has no feasible trial yet; run more trials first")
-    device_ = dev.resolve_device(device)
     fn = boolean_function(
         settings.input_bits, settings.function_seed, settings.output_bits, device_
     )

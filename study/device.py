@@ -6,7 +6,6 @@ Everything else asks this module; no other module names a device kind or calls `
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
@@ -67,11 +66,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def is_cuda(device: torch.device) -> bool:
-    """True for a CUDA device."""
-    return device.type == _CUDA
-
-
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when enabled; a no-op context everywhere else (one code path)."""
     if enabled and device.type == _CUDA:
@@ -100,10 +94,11 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def free_cached_memory(device: torch.device) -> None:
-    """Return cached blocks to the driver, e.g. after an out-of-memory error."""
-    if device.type == _CUDA:
-        torch.cuda.empty_cache()
+def limit_threads_for_tiny_models(device: torch.device) -> None:
+    """One intra-op thread on the CPU: nets of a few thousand parameters only pay threading
+    overhead for more, and it leaves the other cores to other workers."""
+    if device.type == _CPU:
+        torch.set_num_threads(1)
 
 
 def describe(device: torch.device) -> str:
@@ -119,16 +114,6 @@ def generator_for(device: torch.device, seed: int) -> torch.Generator:
     generator = torch.Generator(device=device if device.type == _CUDA else _CPU)
     generator.manual_seed(seed)
     return generator
-
-
-def visible_cuda_devices() -> list[str]:
-    """The CUDA device ids a worker may pin itself to (honours CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip()]
-    if not cuda_available():
-        return []
-    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 @contextlib.contextmanager

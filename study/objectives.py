@@ -11,7 +11,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -85,7 +85,6 @@ class CandidateOutcome:
     seeds_planned: int
     required_successes: int
     target_loss: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def successes(self) -> int:
@@ -212,10 +211,7 @@ class BooleanObjective:
         self.space = space
         self.settings = settings
         self.device = dev.resolve_device(device)
-        if self.device.type == "cpu":
-            # a few thousand parameters: intra-op threads only add overhead (measured ~15%),
-            # and one thread per process lets parallel workers use one core each
-            torch.set_num_threads(1)
+        dev.limit_threads_for_tiny_models(self.device)
         # the truth table is built once per process and lives on the device
         self.fn = boolean_function(
             settings.input_bits, settings.function_seed, settings.output_bits, self.device

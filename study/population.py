@@ -167,13 +167,21 @@ class _Group:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def forward(self, x: Tensor, layers: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """Logits of every member: x is (K, rows, n) or (rows, n), shared by all members."""
+        return self._forward(x)[0]
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Logits, each layer's input and each hidden pre-activation (for the backward pass)."""
         h = x if x.dim() == 3 else x.expand(len(self), *x.shape)
-        *hidden, (w_out, b_out) = layers if layers is not None else self.layers()
+        inputs, pre_activations = [h], []
+        *hidden, (w_out, b_out) = self._layers
         for w, b in hidden:
-            h = torch.relu(torch.baddbmm(b, h, w))
-        return torch.baddbmm(b_out, h, w_out)
+            z = torch.baddbmm(b, h, w)
+            pre_activations.append(z)
+            h = z.clamp_min(0)
+            inputs.append(h)
+        return torch.baddbmm(b_out, h, w_out), inputs, pre_activations
 
     def set_active(self, active: Tensor) -> None:
         """Freeze the members whose flag is False (their learning rate becomes 0)."""
@@ -197,15 +205,7 @@ class _Group:
         with autograd and with the autograd-based sequential trainer.
         """
         layers = self._layers
-        inputs, pre_activations = [x], []
-        h = x
-        for w, b in layers[:-1]:
-            z = torch.baddbmm(b, h, w)
-            pre_activations.append(z)
-            h = z.clamp_min(0)
-            inputs.append(h)
-        w_out, b_out = layers[-1]
-        logits = torch.baddbmm(b_out, h, w_out)
+        logits, inputs, pre_activations = self._forward(x)
         per_member = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(
             dim=(1, 2)
         )

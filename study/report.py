@@ -44,10 +44,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _loads(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
-
-
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -119,10 +119,7 @@ def run_study(
     def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if bar is not None:
             bar.update(1)
-            best = best_feasible(study)
-            bar.set_postfix_str(
-                f"best feasible: {best.user_attrs['neurons']} neurons" if best else "none yet"
-            )
+            bar.set_postfix_str(_best_width_text(study))
 
     try:
         if population:
@@ -158,8 +155,10 @@ def _progress_bar(study: optuna.Study, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=finished_trials(study), desc=study.study_name, unit="trial")
-    best = best_feasible(study)
-    bar.set_postfix_str(
-        f"best feasible: {best.user_attrs['neurons']} neurons" if best else "none yet"
-    )
+    bar.set_postfix_str(_best_width_text(study))
     return bar
+
+
+def _best_width_text(study: optuna.Study) -> str:
+    best = best_feasible(study)
+    return f"best feasible: {best.user_attrs['neurons']} neurons" if best else "none yet"

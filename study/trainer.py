@@ -317,7 +317,6 @@ def train(
                 raise NonFiniteLossError(
                     epoch, train_loss if not math.isfinite(train_loss) else eval_loss
                 )
-            dev.synchronize(device)
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_loss,
