@@ -347,3 +347,22 @@ def test_certify_retrains_the_best_and_the_next_smaller_width(tmp_path):
         assert f"Certified: {fewest} hidden neurons" in done.stdout
     else:
         assert "None of the retrained configurations" in done.stdout
+
+
+def test_cli_malformed_storage_url_is_one_clear_line():
+    done = cli("run", "boolean-shallow", "--trials", "1", "--storage", "not a url", *TINY_ARGS)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "malformed URL" in lines[0]
+
+
+def test_cli_storage_file_that_is_not_a_database_is_left_alone(tmp_path):
+    notes = tmp_path / "notes.db"
+    notes.write_text("these are my notes, not a database\n")
+    done = cli(
+        "run", "boolean-shallow", "--trials", "1", "--storage", f"sqlite:///{notes}", *TINY_ARGS
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "is not an SQLite database" in done.stderr
+    assert notes.read_text() == "these are my notes, not a database\n"
