@@ -1,7 +1,8 @@
 """One module per study: its question, its search space and its fixed settings.
 
-A space module exposes `NAME`, `KIND`, `base_settings()` and `suggest(trial, settings)`; the
-latter only calls `trial.suggest_*` and returns a config. Models are built elsewhere.
+A space module exposes `NAME`, `KIND` ("boolean" or "image"), `base_settings()` and
+`suggest(trial, settings)`; the latter only calls `trial.suggest_*` and returns a config.
+Models are built elsewhere. Image spaces also say `DIRECTION` ("maximize").
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from study.errors import ConfigError
 SPACES = {
     "boolean-shallow": "search_spaces.boolean_shallow",
     "boolean-deep": "search_spaces.boolean_deep",
+    "fashion-mlp": "search_spaces.fashion_mlp",
+    "fashion-cnn": "search_spaces.fashion_cnn",
 }
 
 

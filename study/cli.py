@@ -70,6 +70,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         "max_learning_rate": args.max_learning_rate,
         "batch_sizes": args.batch_sizes,
         "prune": False if args.no_prune else None,
+        "dataset": args.dataset,
+        "validation_size": args.validation_size,
+        "split_seed": args.split_seed,
+        "min_epochs": args.min_epochs,
     }
     study = run_study(
         args.name,
@@ -81,9 +85,19 @@ def cmd_run(args: argparse.Namespace) -> None:
         settings=overrides,
         progress=not args.quiet,
         population=args.population,
+        workers=args.workers,
+        data_dir=args.data_dir,
     )
     best = best_feasible(study)
-    if best is None:
+    if best is not None and "config" in best.user_attrs:
+        from study.config import ImageCandidate
+
+        described = ImageCandidate.from_dict(best.user_attrs["config"]).describe()
+        print(
+            f"{study.study_name}: best validation accuracy {best.value:.4f} "
+            f"(trial {best.number}, {best.user_attrs['parameters']} parameters): {described}"
+        )
+    elif best is None:
         print(f"{study.study_name}: no configuration learned f yet")
     else:
         a = best.user_attrs
@@ -101,6 +115,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     out = write_report(args.name, args.storage, args.out, _command_line())
     print(f"report: {out}/summary.md")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from study.export import export_model
+
+    done = export_model(
+        args.name, args.storage, args.out, args.device, args.data_dir, _command_line()
+    )
+    print(
+        f"{args.name}: test accuracy {done.test_accuracy:.4f} (validation in the search "
+        f"{done.validation_accuracy:.4f}), retrained in {done.seconds:.0f} s; "
+        f"saved to {done.directory}/"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from study.export import predict, prediction_line
+
+    directory = Path(args.dir) if args.dir else Path("results") / args.name
+    rows = predict(directory, args.index, args.image, args.data_dir, args.device)
+    for row in rows:
+        print(prediction_line(row))
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -167,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-bits", type=int, help="n: inputs of f (8)")
     p.add_argument("--output-bits", type=int, help="m: outputs of f (8)")
     p.add_argument("--target-loss", type=float, help="full-table loss to reach (0.001)")
-    p.add_argument("--max-epochs", type=_positive_int, help="epoch cap per trial (2000)")
+    p.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        help="epoch cap per trial (2000; fashion-mlp 30, fashion-cnn 15)",
+    )
     p.add_argument("--seeds", type=_positive_int, help="initialisation seeds per trial (3)")
     p.add_argument("--required-share", type=float, help="share of seeds that must learn f (1)")
     p.add_argument("--min-width", type=int, help="smallest hidden width in the space")
@@ -183,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="ask K trials at once and train them (with their seeds) as one population",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N processes on the same storage (one per GPU when several are visible)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=["fashion-mnist", "mnist"],
+        help="image studies: fashion-mnist (default) or mnist; stored as mnist-* by default",
+    )
+    p.add_argument("--data-dir", help="image studies: directory with the IDX files")
+    p.add_argument("--validation-size", type=_positive_int, help="image studies: 10000")
+    p.add_argument("--split-seed", type=int, help="image studies: train/validation split (0)")
+    p.add_argument("--min-epochs", type=_positive_int, help="image studies: fewest epochs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="write results/NAME/ afterwards")
@@ -194,6 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
     p.add_argument("--out", help="output directory (default results/NAME)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "export", help="retrain an image study's best configuration, test it once, save it"
+    )
+    p.add_argument("name", help="study name in the storage")
+    _add_storage(p)
+    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.add_argument("--data-dir", help="directory with the IDX files")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="classify test images or PNG/JPEG files")
+    p.add_argument("name", help="the exported study (reads results/NAME/)")
+    p.add_argument(
+        "--index", type=int, nargs="+", metavar="I", help="test-set image numbers (0..9999)"
+    )
+    p.add_argument("--image", nargs="+", metavar="FILE", help="PNG or JPEG files")
+    p.add_argument("--dir", help="export directory (default results/NAME)")
+    p.add_argument("--data-dir", help="directory with the IDX files (for --index)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("certify", help="retrain the smallest feasible width on fresh seeds")
     p.add_argument("name", help="study name in the storage")
@@ -246,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("study: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupted:
+        print(f"study: {interrupted or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,4 +1,4 @@
-"""Configuration as data: the fixed settings of a Boolean study and one sampled candidate.
+"""Configuration as data: the fixed settings of a study and one sampled candidate.
 
 A study's fixed settings are part of its identity: they are stored as study user attributes
 and a resumed study must be run with the same ones (a conflict is refused, never mixed).
@@ -158,4 +158,119 @@ class BooleanCandidate:
         profile = "-".join(str(w) for w in self.hidden_layer_profile)
         return (
             f"[{profile}] lr={self.learning_rate:.3g} batch={self.batch_size} epochs={self.epochs}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Image classification studies (FashionMNIST, MNIST)
+
+IMAGE_DATASETS = ("fashion-mnist", "mnist")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Fixed settings of an image study: the data, its split and the epoch range searched."""
+
+    dataset: str = "fashion-mnist"
+    """fashion-mnist or mnist."""
+    validation_size: int = 10_000
+    """Training images held out for validation (the search's objective)."""
+    split_seed: int = 0
+    """Seed of the train/validation split: part of the study's identity."""
+    min_epochs: int = 4
+    """Fewest epochs a trial may draw."""
+    max_epochs: int = 30
+    """Most epochs a trial may draw (the pruner stops weak trials earlier)."""
+    seed: int = 0
+    """Training seed (initial weights, shuffling, dropout); the same for every trial, so
+    that trials differ by their configuration only."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: {message} (got {getattr(self, name)!r})")
+
+        need(self.dataset in IMAGE_DATASETS, "dataset", f"must be one of {IMAGE_DATASETS}")
+        need(self.validation_size >= 1, "validation_size", "must be at least 1")
+        need(self.split_seed >= 0, "split_seed", "must be >= 0")
+        need(self.min_epochs >= 1, "min_epochs", "must be at least 1")
+        need(
+            self.max_epochs >= self.min_epochs,
+            "max_epochs",
+            f"must be >= min_epochs={self.min_epochs}",
+        )
+        need(self.seed >= 0, "seed", "must be >= 0")
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageSettings:
+        reject_unknown_fields(cls, values)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ImageSettings:
+        return ImageSettings.from_dict({**self.identity(), **changes})
+
+
+@dataclass(frozen=True)
+class ImageCandidate:
+    """One point of an image search space: an architecture (MLP or CNN) and its training.
+
+    `architecture` is plain JSON-able data, so that an exported model can be rebuilt from its
+    config file: {"type": "mlp", "hidden_layer_profile": [...], "dropout": p} or
+    {"type": "cnn", "blocks": [{"channels", "kernel_size", "batch_norm", "pool"}, ...],
+    "head_width": w, "dropout": p}.
+    """
+
+    architecture: dict[str, Any]
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        kind = self.architecture.get("type")
+        if kind not in ("mlp", "cnn"):
+            raise ConfigError(f"architecture: type must be mlp or cnn, got {kind!r}")
+
+    @property
+    def is_cnn(self) -> bool:
+        return self.architecture["type"] == "cnn"
+
+    def build(self, image_shape: tuple[int, int, int], num_classes: int):
+        """The network of this candidate (on the CPU; the trainer moves it)."""
+        from study.models import ConvBlock, ConvNet, ConvNetSpec, DeepNeuralNet
+
+        a = self.architecture
+        if not self.is_cnn:
+            width = math.prod(image_shape)
+            return DeepNeuralNet(
+                width, a["hidden_layer_profile"], num_classes, dropout=a.get("dropout", 0.0)
+            )
+        spec = ConvNetSpec(
+            blocks=tuple(ConvBlock(**block) for block in a["blocks"]),
+            head_width=a["head_width"],
+            dropout=a.get("dropout", 0.0),
+        )
+        return ConvNet(spec, image_shape, num_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageCandidate:
+        return cls(dict(values["architecture"]), TrainConfig.from_dict(values["train"]))
+
+    def describe(self) -> str:
+        a, t = self.architecture, self.train
+        if self.is_cnn:
+            blocks = "-".join(
+                f"{b['channels']}c{b['kernel_size']}{'bn' if b['batch_norm'] else ''}"
+                f"{'' if b['pool'] == 'none' else b['pool'][0] + 'p'}"
+                for b in a["blocks"]
+            )
+            arch = f"CNN [{blocks}] head {a['head_width']}"
+        else:
+            arch = "MLP [" + "-".join(str(w) for w in a["hidden_layer_profile"]) + "]"
+        return (
+            f"{arch} dropout {a.get('dropout', 0.0):.2f}; {t.optimizer} lr {t.learning_rate:.3g} "
+            f"({t.lr_schedule}) batch {t.batch_size} epochs {t.epochs} wd {t.weight_decay:.2g}"
         )

@@ -118,13 +118,16 @@ class Task:
         """A batch of stored inputs as float network input (on the device, no Python loop)."""
         if inputs.dtype != torch.uint8:
             return inputs
-        x = inputs.float()
-        if x.dim() == 3:  # (N, H, W) greyscale -> (N, 1, H, W)
-            x = x.unsqueeze(1)
-        mean = self.pixel_mean if self.pixel_mean is not None else 0.0
-        std = self.pixel_std if self.pixel_std is not None else 1.0
-        # x/255 then (x - mean)/std, fused into one multiply-add
-        return x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+        return normalize_images(inputs, self.pixel_mean or 0.0, self.pixel_std or 1.0)
+
+
+def normalize_images(images: Tensor, mean: float, std: float) -> Tensor:
+    """uint8 images (N, H, W) as float network input (N, 1, H, W): (x/255 - mean) / std."""
+    x = images.float()
+    if x.dim() == 3:  # (N, H, W) greyscale -> (N, 1, H, W)
+        x = x.unsqueeze(1)
+    # x/255 then (x - mean)/std, fused into one multiply-add
+    return x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +310,21 @@ class ImageDataset:
             "multiclass",
             self.train_images,
             self.train_labels,
+            self.validation_images,
+            self.validation_labels,
+            self.pixel_mean,
+            self.pixel_std,
+        )
+
+    def full_training_task(self) -> Task:
+        """Train on all training images (train + validation part) for a final model; the
+        per-epoch evaluation runs on the validation part, now training data (a fit monitor,
+        not a held-out score). The test set stays out of it."""
+        return Task(
+            f"{self.name}-full",
+            "multiclass",
+            torch.cat([self.train_images, self.validation_images]),
+            torch.cat([self.train_labels, self.validation_labels]),
             self.validation_images,
             self.validation_labels,
             self.pixel_mean,

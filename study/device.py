@@ -6,6 +6,7 @@ Everything else asks this module; no other module names a device kind or calls `
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 
 import torch
@@ -92,6 +93,13 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == _CUDA:
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+def release_memory(device: torch.device) -> None:
+    """Return cached device memory after a failed run (e.g. out of memory) so the next fits."""
+    gc.collect()
+    if device.type == _CUDA:
+        torch.cuda.empty_cache()
 
 
 def limit_threads_for_tiny_models(device: torch.device) -> None:

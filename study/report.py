@@ -231,6 +231,242 @@ def boolean_summary(
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------
+# Image studies (FashionMNIST, MNIST)
+
+
+def _histories(frame: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Per-trial learning curves (epoch, train/val loss and accuracy) from the stored history."""
+    curves = {}
+    if "history" not in frame:
+        return curves
+    for number, text in zip(frame["number"], frame["history"], strict=True):
+        if isinstance(text, str) and text:
+            curves[int(number)] = pd.DataFrame(json.loads(text))
+    return curves
+
+
+def image_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials with the columns the image figures use: optimiser, learning rate,
+    parameters, last validation and training accuracy, epochs run."""
+    done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
+    if done.empty:
+        return done
+    curves = _histories(done)
+    last = {n: c.iloc[-1] for n, c in curves.items() if len(c)}
+    done["val_accuracy"] = [last[n]["val_accuracy"] if n in last else np.nan for n in done.number]
+    done["train_accuracy"] = [
+        last[n]["train_accuracy"] if n in last else np.nan for n in done.number
+    ]
+    done["epochs_run"] = [len(curves.get(n, [])) for n in done.number]
+    done["learning_rate"] = done["learning_rate"].astype(float)
+    done["parameters"] = done["parameters"].astype(float)
+    return done
+
+
+def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[Path]:
+    """Learning rate vs validation accuracy, accuracy vs parameters, learning curves of the top
+    trials, training vs validation accuracy, parameter importances, timeline."""
+    done = image_frame(frame)
+    if done.empty:
+        return []
+    paths = []
+    complete = done["state"] == "COMPLETE"
+    floor = max(0.0, float(done["val_accuracy"].quantile(0.1)) - 0.02)
+
+    def by_state(ax, x, y_column="val_accuracy"):
+        for state, marker, color in [("COMPLETE", "o", None), ("PRUNED", "x", "tab:gray")]:
+            part = done[done["state"] == state]
+            if state == "COMPLETE":
+                for name, group in part.groupby("param_optimizer"):
+                    ax.scatter(group[x], group[y_column], marker=marker, s=34, label=name)
+            elif len(part):
+                ax.scatter(
+                    part[x], part[y_column], marker=marker, s=30, color=color, label="pruned"
+                )
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_state(ax, "learning_rate")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel("validation accuracy (last epoch)")
+    ax.set_title("Learning rate vs validation accuracy, by optimiser")
+    ax.legend(title="optimiser", loc="lower left")
+    paths.append(_save(fig, out / "lr_vs_accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_state(ax, "parameters")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("validation accuracy (last epoch)")
+    ax.set_title("Validation accuracy vs model size")
+    ax.legend(title="optimiser", loc="lower right")
+    paths.append(_save(fig, out / "accuracy_vs_parameters.png"))
+
+    curves = _histories(done)
+    top = done[complete].sort_values("value", ascending=False).head(5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for number in done.number:
+        if int(number) in curves and number not in set(top.number):
+            c = curves[int(number)]
+            left.plot(c["epoch"], c["val_accuracy"], color="0.8", linewidth=0.8)
+    for number in top.number:
+        c = curves[int(number)]
+        line = left.plot(c["epoch"], c["val_accuracy"], linewidth=1.8, label=f"trial {number}")
+        color = line[0].get_color()
+        right.plot(c["epoch"], c["train_accuracy"], "--", color=color, linewidth=1.2)
+        right.plot(c["epoch"], c["val_accuracy"], color=color, linewidth=1.8)
+    left.set_ylim(bottom=floor)
+    left.set_xlabel("epoch")
+    left.set_ylabel("accuracy")
+    left.set_title("Validation accuracy per epoch (grey: other trials)")
+    left.legend(title="top 5", loc="lower right")
+    right.set_xlabel("epoch")
+    right.set_title("Top 5: training (dashed) vs validation (solid)")
+    paths.append(_save(fig, out / "learning_curves.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    finished = done[complete]
+    scatter = ax.scatter(
+        finished["train_accuracy"],
+        finished["val_accuracy"],
+        c=np.log10(finished["parameters"]),
+        cmap="viridis",
+        s=36,
+        edgecolors="k",
+        linewidths=0.4,
+    )
+    low = float(min(finished["train_accuracy"].min(), finished["val_accuracy"].min())) - 0.01
+    high = float(max(finished["train_accuracy"].max(), finished["val_accuracy"].max())) + 0.01
+    ax.plot([low, high], [low, high], color="crimson", linestyle="--", label="validation = train")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("training accuracy (running, last epoch)")
+    ax.set_ylabel("validation accuracy (last epoch)")
+    ax.set_title("Do training gains carry over? (complete trials)")
+    fig.colorbar(scatter, ax=ax, label="log10 parameters")
+    ax.legend(loc="upper left")
+    paths.append(_save(fig, out / "train_vs_validation.png"))
+
+    if int(complete.sum()) >= 4:
+        from optuna.visualization.matplotlib import plot_param_importances
+
+        importances = plot_param_importances(study)
+        fig = importances.figure
+        fig.set_size_inches(7, 4.5)
+        importances.set_title("Parameter importances for validation accuracy (PED-ANOVA)")
+        importances.set_xlabel("importance (share of explained variance)")
+        paths.append(_save(fig, out / "param_importances.png"))
+
+    from optuna.visualization.matplotlib import plot_timeline
+
+    timeline = plot_timeline(study)
+    fig = timeline.figure
+    fig.set_size_inches(8, max(3.0, 0.18 * len(frame) + 1.5))
+    timeline.set_title("Timeline of trials (complete vs pruned)")
+    timeline.set_xlabel("wall-clock time")
+    timeline.set_ylabel("trial number")
+    paths.append(_save(fig, out / "timeline.png"))
+    return paths
+
+
+IMAGE_FIGURES = [
+    ("lr_vs_accuracy.png", "Learning rate vs validation accuracy"),
+    ("accuracy_vs_parameters.png", "Validation accuracy vs parameters"),
+    ("learning_curves.png", "Learning curves of the top trials"),
+    ("train_vs_validation.png", "Training vs validation accuracy"),
+    ("param_importances.png", "Parameter importances"),
+    ("timeline.png", "Timeline of complete and pruned trials"),
+]
+
+
+def image_summary(
+    study: optuna.Study,
+    frame: pd.DataFrame,
+    settings: dict[str, Any],
+    command: str | None,
+    export: dict[str, Any] | None = None,
+) -> str:
+    from study.config import ImageCandidate
+
+    counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
+    kind = study.user_attrs.get(KIND_ATTR, "")
+    model = "convolutional networks" if kind.endswith("cnn") else "multilayer perceptrons"
+    dataset = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[settings["dataset"]]
+    s = settings
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
+        f"Question: which training (optimiser, learning rate, schedule, batch size, epochs, "
+        f"weight decay) and which architecture give {model} the best accuracy on {dataset}? "
+        f"Objective: accuracy on {s['validation_size']} validation images held out of the "
+        f"training set (split seed {s['split_seed']}), after the last epoch; a median pruner "
+        "stops trials below the median of earlier ones. The test set is not used in the search.",
+        "",
+        "## Answer",
+        "",
+    ]
+    best = best_feasible(study)
+    if best is None:
+        lines.append("No complete trial yet.")
+    else:
+        a = best.user_attrs
+        described = ImageCandidate.from_dict(a["config"]).describe()
+        lines.append(
+            f"**Validation accuracy {best.value:.4f}**, trial {best.number} "
+            f"({a['parameters']:,} parameters, {a['seconds_per_epoch']:.1f} s per epoch on "
+            f"{a['device']}): {described}."
+        )
+        if export is not None:
+            lines += [
+                "",
+                f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
+                f"test images, evaluated once, after `study export` retrained this configuration "
+                f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
+                f"on {export['device']}); weights `model.pt`, config `config.json`, metrics "
+                "`metrics.json` in this directory.",
+            ]
+    lines += [
+        "",
+        "## Budget",
+        "",
+        f"- epochs {s['min_epochs']}..{s['max_epochs']} per trial, training seed {s['seed']}",
+        f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
+    ]
+    done = image_frame(frame)
+    if len(done):
+        span = frame["datetime_complete"].max() - frame["datetime_start"].min()
+        devices = ", ".join(sorted(set(done["device"].dropna().astype(str))))
+        lines.append(
+            f"- {int(done['epochs_run'].sum())} epochs trained in all; wall time "
+            f"{span.total_seconds() / 60:.0f} min from the first trial's start to the last "
+            f"one's end, on {devices}"
+        )
+        top = done[done["state"] == "COMPLETE"].sort_values("value", ascending=False).head(8)
+        shown = pd.DataFrame(
+            {
+                "trial": top["number"],
+                "val_accuracy": top["value"].round(4),
+                "train_accuracy": top["train_accuracy"].round(4),
+                "parameters": top["parameters"].astype(int),
+                "epochs": top["epochs_run"],
+                "s/epoch": top["seconds_per_epoch"].astype(float).round(1),
+                "configuration": [
+                    ImageCandidate.from_dict(json.loads(c)).describe() for c in top["config"]
+                ],
+            }
+        )
+        lines += ["", "## Best trials", "", markdown_table(shown), ""]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{title}]({name})" for name, title in IMAGE_FIGURES]
+    if command:
+        lines += ["", f"Produced by: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
     study_name: str,
     storage: str,
@@ -244,6 +480,12 @@ def write_report(
     frame = trials_frame(study)
     frame.to_csv(out / "trials.csv", index=False)
     settings = study.user_attrs.get(SETTINGS_ATTR, {})
+    if settings.get("dataset") is not None:  # an image study
+        image_figures(study, frame, out)
+        metrics = out / "metrics.json"  # written by `study export` into the same directory
+        export = json.loads(metrics.read_text()) if metrics.is_file() else None
+        (out / "summary.md").write_text(image_summary(study, frame, settings, command, export))
+        return out
     boolean_figures(frame, settings, out)
     # a certification written earlier into the same directory becomes part of the summary
     cert_path = out / "certification.md"

@@ -1,0 +1,237 @@
+"""Export the best model of an image study and classify images with it.
+
+`export_model` retrains the best trial's configuration on all training images, evaluates it
+once on the test set and writes `model.pt` (state_dict), `config.json` (everything needed to
+rebuild it) and `metrics.json` (the test accuracy) under `results/<study>/`. `predict` loads
+them and classifies test images by index or PNG/JPEG files, as the tutorial does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search_spaces import get_space
+from study import device as dev
+from study.config import ImageCandidate, ImageSettings
+from study.data import load_image_dataset, normalize_images
+from study.errors import ConfigError, DataError
+from study.objectives import history_rows, prepare_model
+from study.runner import KIND_ATTR, SETTINGS_ATTR, best_feasible
+from study.storage import load_study, open_storage
+from study.trainer import evaluate, train
+
+MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.json"
+
+
+@dataclass(frozen=True)
+class Export:
+    """Where an export went and what it measured."""
+
+    directory: Path
+    trial: int
+    validation_accuracy: float
+    test_accuracy: float
+    test_loss: float
+    seconds: float
+    description: str
+
+
+def _image_study(name: str, storage: str):
+    study = load_study(name, open_storage(storage, heartbeat=False))
+    space_name = study.user_attrs.get(KIND_ATTR)
+    if space_name is None or get_space(space_name).KIND != "image":
+        raise ConfigError(
+            f"study {name!r} is not an image study; export and predict are for fashion-mlp, "
+            "fashion-cnn and their MNIST runs (Boolean studies have `study certify`)"
+        )
+    return study, ImageSettings.from_dict(study.user_attrs[SETTINGS_ATTR])
+
+
+def export_model(
+    name: str,
+    storage: str,
+    out_dir: Path | str | None = None,
+    device: str = "auto",
+    data_dir: Path | str | None = None,
+    command: str | None = None,
+    log=print,
+) -> Export:
+    """Retrain the best configuration of study `name` on all training images, test it once."""
+    study, settings = _image_study(name, storage)
+    best = best_feasible(study)
+    if best is None:
+        raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
+    candidate = ImageCandidate.from_dict(best.user_attrs["config"])
+    target = dev.resolve_device(device)
+    dataset = load_image_dataset(
+        settings.dataset,
+        data_dir,
+        device=target,
+        validation_size=settings.validation_size,
+        split_seed=settings.split_seed,
+    )
+    log(
+        f"{name}: retraining trial {best.number} (validation accuracy {best.value:.4f}) on "
+        f"all {len(dataset.train_images) + len(dataset.validation_images)} training images: "
+        f"{candidate.describe()}"
+    )
+    with dev.seeded(settings.seed):
+        model = prepare_model(candidate, dataset.image_shape, dataset.num_classes, target)
+    started = time.perf_counter()
+    result = train(model, dataset.full_training_task(), candidate.train)
+    # the one and only look at the test set
+    test_loss, test_accuracy = evaluate(
+        model, dataset.final_task(), mixed_precision=candidate.train.mixed_precision
+    )
+    seconds = time.perf_counter() - started
+    out = Path(out_dir) if out_dir is not None else Path("results") / name
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / MODEL_FILE)
+    config = {
+        "study": name,
+        "trial": best.number,
+        "dataset": settings.dataset,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "num_classes": dataset.num_classes,
+        "pixel_mean": dataset.pixel_mean,
+        "pixel_std": dataset.pixel_std,
+        "settings": settings.identity(),
+        **candidate.to_dict(),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    metrics = {
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "validation_accuracy_in_search": best.value,
+        "test_images": len(dataset.test_images),
+        "parameters": result.parameters,
+        "epochs": result.epochs_run,
+        "seconds": round(seconds, 1),
+        "device": result.device,
+        "command": command,
+        "history": history_rows(result.history),
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return Export(
+        out, best.number, best.value, test_accuracy, test_loss, seconds, candidate.describe()
+    )
+
+
+def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The exported model (eval mode, on `device`) and its config."""
+    directory = Path(directory)
+    config_path, model_path = directory / CONFIG_FILE, directory / MODEL_FILE
+    if not config_path.is_file() or not model_path.is_file():
+        raise ConfigError(
+            f"{directory}: no exported model ({CONFIG_FILE} and {MODEL_FILE}); "
+            "run `study export NAME` first"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+        candidate = ImageCandidate.from_dict(config)
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except (ValueError, KeyError, RuntimeError, EOFError) as error:
+        raise ConfigError(f"{directory}: unreadable export ({error}); export again") from None
+    model = candidate.build(tuple(config["image_shape"]), config["num_classes"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{model_path}: does not match {CONFIG_FILE} ({first})") from None
+    target = dev.resolve_device(device)
+    return model.to(target).eval(), config
+
+
+def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
+    """A PNG/JPEG as a (H, W) uint8 tensor in the dataset's style: light object on dark.
+
+    Greyscale, padded to a square with its border colour, resized; a picture with a light
+    background (a photo, a drawing on paper) is inverted.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("L")
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({error})") from None
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).float().mean()
+    if border > 127:
+        image = ImageOps.invert(image)
+        border = 255 - border
+    side = max(image.size)
+    square = Image.new("L", (side, side), int(border))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    resized = square.resize((shape[1], shape[0]), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8))
+
+
+@torch.no_grad()
+def predict(
+    directory: Path | str,
+    indices: list[int] | None = None,
+    files: list[Path | str] | None = None,
+    data_dir: Path | str | None = None,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Classify test images by index and/or image files with an exported model.
+
+    Returns one dict per image: source, predicted, actual (None for files), probability.
+    """
+    model, config = load_exported(directory, device)
+    classes = config["class_names"]
+    images, actual, sources = [], [], []
+    if indices:
+        settings = config["settings"]
+        dataset = load_image_dataset(
+            settings["dataset"],
+            data_dir,
+            validation_size=settings["validation_size"],
+            split_seed=settings["split_seed"],
+        )
+        n = len(dataset.test_images)
+        for index in indices:
+            if not 0 <= index < n:
+                raise ConfigError(f"index: test images are numbered 0..{n - 1}, got {index}")
+            images.append(dataset.test_images[index].cpu())
+            actual.append(classes[int(dataset.test_labels[index])])
+            sources.append(f"test image {index}")
+    for path in files or []:
+        images.append(read_image_file(path, tuple(config["image_shape"][1:])))
+        actual.append(None)
+        sources.append(str(path))
+    if not images:
+        raise ConfigError("predict: give test image indices and/or image files")
+    target = next(model.parameters()).device
+    x = normalize_images(torch.stack(images).to(target), config["pixel_mean"], config["pixel_std"])
+    probabilities = model(x).float().softmax(1)
+    best = probabilities.argmax(1).tolist()
+    return [
+        {
+            "source": source,
+            "predicted": classes[k],
+            "actual": truth,
+            "probability": float(probabilities[i, k]),
+        }
+        for i, (source, k, truth) in enumerate(zip(sources, best, actual, strict=True))
+    ]
+
+
+def prediction_line(row: dict[str, Any]) -> str:
+    """The tutorial's line, with the source and the model's confidence."""
+    text = f'Predicted: "{row["predicted"]}"'
+    if row["actual"] is not None:
+        text += f', Actual: "{row["actual"]}"'
+    return f"{text}  ({row['source']}, p={row['probability']:.2f})"

@@ -1,0 +1,360 @@
+"""FashionMNIST/MNIST studies on tiny IDX files the tests write: spaces, pruning, OOM,
+workers, export and predict."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+
+from search_spaces import fashion_cnn, fashion_mlp
+from study import device as dev
+from study import trainer as trainer_module
+from study.config import ImageCandidate
+from study.data import load_image_dataset
+from study.errors import ConfigError
+from study.export import export_model, load_exported, predict, read_image_file
+from study.objectives import ImageObjective
+from study.runner import best_feasible, run_study, study_settings
+from study.trainer import evaluate, train
+from tests.conftest import make_images, write_fake_dataset
+
+FAST = {"validation_size": 100, "min_epochs": 1, "max_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    """400 training and 100 test images in FashionMNIST's IDX format."""
+    return write_fake_dataset(tmp_path_factory.mktemp("images"), train=400, test=100)
+
+
+def tiny_study(tmp_path, images_dir, name="fashion-mlp", trials=2, **kwargs):
+    settings = {**FAST, **kwargs.pop("settings", {})}
+    return run_study(
+        name,
+        trials=trials,
+        storage=f"sqlite:///{tmp_path / 'images.db'}",
+        sampler_seed=0,
+        device="cpu",
+        settings=settings,
+        progress=False,
+        data_dir=str(images_dir),
+        **kwargs,
+    )
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# every configuration of both spaces builds and trains
+
+
+def _corners(space):
+    """Fixed trials at the edges of a space: every layer/block count, the extreme widths,
+    channels, kernels, heads, both schedules and every optimiser."""
+    base = {
+        "lr_schedule": "cosine",
+        "batch_size": 512,
+        "epochs": 1,
+        "weight_decay": 1e-2,
+        "dropout": 0.5,
+    }
+    optimizers = [
+        ("sgd", "learning_rate_sgd", 0.3),
+        ("adam", "learning_rate_adam", 1e-4),
+        ("adamw", "learning_rate_adam", 1e-2),
+    ]
+    params = []
+    if space is fashion_mlp:
+        for layers in (1, 2, 3, 4):
+            for width in (fashion_mlp.MIN_WIDTH, fashion_mlp.MAX_WIDTH):
+                opt, lr_name, lr = optimizers[(layers + width) % 3]
+                widths = {f"width_{i}": width for i in range(layers)}
+                params.append({**base, "layers": layers, **widths, "optimizer": opt, lr_name: lr})
+    else:
+        for blocks in (1, 2, 3):
+            for channels, kernel, pool, bn, head in [
+                (16, 3, "max", True, 0),
+                (64, 5, "avg", False, 256),
+                (32, 5, "max", False, 64),
+            ]:
+                opt, lr_name, lr = optimizers[(blocks + channels) % 3]
+                per_block = {}
+                for i in range(blocks):
+                    per_block[f"channels_{i}"] = channels
+                    per_block[f"kernel_size_{i}"] = kernel
+                params.append(
+                    {
+                        **base,
+                        "blocks": blocks,
+                        **per_block,
+                        "pool": pool,
+                        "batch_norm": bn,
+                        "head_width": head,
+                        "optimizer": opt,
+                        lr_name: lr,
+                    }
+                )
+    return params
+
+
+@pytest.mark.parametrize("space", [fashion_mlp, fashion_cnn], ids=["mlp", "cnn"])
+def test_every_corner_of_the_space_builds_and_trains(space, images_dir):
+    settings = space.base_settings().replace(**FAST)
+    dataset = load_image_dataset("fashion-mnist", images_dir, validation_size=100)
+    for params in _corners(space):
+        candidate = space.suggest(optuna.trial.FixedTrial(params), settings)
+        model = candidate.build(dataset.image_shape, dataset.num_classes)
+        result = train(model, dataset.search_task(), candidate.train)
+        assert result.epochs_run == 1, params
+        assert 0.0 <= result.final.eval_accuracy <= 1.0
+        # the stored config rebuilds the same network
+        again = ImageCandidate.from_dict(json.loads(json.dumps(candidate.to_dict())))
+        assert again == candidate
+
+
+@pytest.mark.parametrize("name", ["fashion-mlp", "fashion-cnn"])
+def test_two_sampled_trials_of_each_space_complete(tmp_path, images_dir, name):
+    study = tiny_study(tmp_path, images_dir, name, trials=2)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        attrs = t.user_attrs
+        assert attrs["parameters"] > 0 and attrs["device"] == "cpu"
+        assert attrs["seconds_per_epoch"] > 0
+        assert "peak_memory_bytes" in attrs  # None on the CPU: not measurable there
+        assert (
+            len(attrs["history"])
+            == len(t.intermediate_values)
+            == attrs["config"]["train"]["epochs"]
+        )
+        assert t.value == pytest.approx(attrs["history"][-1]["val_accuracy"], abs=1e-5)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    # a new study starts from the space's baseline, clipped to the study's epoch range
+    space = fashion_mlp if name == "fashion-mlp" else fashion_cnn
+    expected = space.baseline(study_settings(name, FAST))
+    assert trials[0].user_attrs["baseline"] is True and trials[0].params == expected
+    assert expected["epochs"] == FAST["max_epochs"]
+
+
+def test_search_trains_on_the_split_and_validates_without_the_test_set(images_dir):
+    space = fashion_mlp
+    objective = ImageObjective(space, space.base_settings().replace(**FAST), "cpu", images_dir)
+    assert len(objective.task.train_inputs) == 300
+    assert objective.task.eval_inputs is objective.dataset.validation_images
+    assert len(objective.task.eval_inputs) == 100
+
+
+# ----------------------------------------------------------------------------------------------
+# pruning, out of memory
+
+
+GOOD = {
+    "layers": 1,
+    "width_0": 64,
+    "dropout": 0.0,
+    "optimizer": "adam",
+    "learning_rate_adam": 1e-2,
+    "lr_schedule": "constant",
+    "batch_size": 64,
+    "epochs": 4,
+    "weight_decay": 1e-6,
+}
+# one SGD step per epoch at a tiny rate: stays near chance while the good ones learn
+BAD = {**GOOD, "optimizer": "sgd", "learning_rate_sgd": 1e-3, "batch_size": 512}
+
+
+def test_a_weak_trial_is_pruned_in_a_rigged_study(tmp_path, images_dir):
+    storage = f"sqlite:///{tmp_path / 'images.db'}"
+    study = optuna.create_study(storage=storage, study_name="fashion-mlp", direction="maximize")
+    for _ in range(4):  # the median pruner waits for 4 finished trials
+        study.enqueue_trial(GOOD)
+    study.enqueue_trial(BAD)
+    study = tiny_study(tmp_path, images_dir, trials=5, settings={"max_epochs": 4})
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 4 + [optuna.trial.TrialState.PRUNED]
+    pruned = study.trials[-1]
+    assert len(pruned.intermediate_values) < 4  # stopped before its budget
+    assert pruned.user_attrs["history"]  # what it learned before it was stopped is kept
+
+
+def test_out_of_memory_fails_one_trial_and_the_study_goes_on(tmp_path, images_dir, monkeypatch):
+    real = trainer_module.make_optimizer
+    calls = {"optimizers": 0}
+
+    def make_optimizer(parameters, config):
+        optimizer = real(parameters, config)
+        calls["optimizers"] += 1
+        if calls["optimizers"] == 2:  # the second trial runs out of memory in its first step
+
+            def step(*args, **kwargs):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+            optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(trainer_module, "make_optimizer", make_optimizer)
+    study = tiny_study(tmp_path, images_dir, trials=3)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    failed = study.trials[1]
+    assert "out of memory" in failed.user_attrs["fail_reason"]
+    assert best_feasible(study) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST, workers, CLI
+
+
+def test_dataset_mnist_runs_the_space_on_mnist_under_its_own_name(tmp_path, images_dir):
+    storage = f"sqlite:///{tmp_path / 'cli.db'}"
+    done = cli(
+        "run", "fashion-cnn", "--dataset", "mnist", "--trials", "1", "--storage", storage,
+        "--data-dir", str(images_dir), "--validation-size", "100", "--min-epochs", "1",
+        "--max-epochs", "1", "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "mnist-cnn: best validation accuracy" in done.stdout
+    study = optuna.load_study(study_name="mnist-cnn", storage=storage)
+    assert study.user_attrs["settings"]["dataset"] == "mnist"
+    assert study.user_attrs["kind"] == "fashion-cnn"
+
+
+def test_workers_share_one_sqlite_storage(tmp_path, images_dir):
+    study = tiny_study(tmp_path, images_dir, trials=4, workers=2)
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") >= 4 and "FAIL" not in states
+    assert len({t.user_attrs["config"]["architecture"]["hidden_layer_profile"][0] for t in
+                study.trials}) > 1  # fmt: skip  # workers sample different points
+
+
+def test_population_is_refused_for_image_studies(tmp_path, images_dir):
+    with pytest.raises(ConfigError, match="population"):
+        tiny_study(tmp_path, images_dir, population=4)
+
+
+def test_image_settings_reject_boolean_fields():
+    with pytest.raises(ConfigError, match="input_bits: unknown setting"):
+        study_settings("fashion-mlp", {"input_bits": 4})
+
+
+# ----------------------------------------------------------------------------------------------
+# export and predict
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, images_dir):
+    tmp = tmp_path_factory.mktemp("export")
+    settings = {**FAST, "min_epochs": 3, "max_epochs": 3}
+    tiny_study(tmp, images_dir, trials=2, settings=settings)
+    storage = f"sqlite:///{tmp / 'images.db'}"
+    out = tmp / "results" / "fashion-mlp"
+    done = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None)
+    return storage, out, done
+
+
+def test_export_writes_weights_config_and_test_accuracy(exported, images_dir):
+    _, out, done = exported
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["dataset"] == "fashion-mnist" and config["architecture"]["type"] == "mlp"
+    assert metrics["test_images"] == 100
+    assert metrics["test_accuracy"] == pytest.approx(done.test_accuracy)
+    assert len(metrics["history"]) == 3
+    # the saved weights reproduce the reported test accuracy
+    model, _ = load_exported(out)
+    dataset = load_image_dataset("fashion-mnist", images_dir, validation_size=100)
+    _, accuracy = evaluate(model, dataset.final_task())
+    assert accuracy == pytest.approx(metrics["test_accuracy"])
+    assert accuracy > 0.5  # the fake classes are easy: a trained model is far above chance
+
+
+def test_predict_by_index_and_from_a_png_round_trip(exported, images_dir, tmp_path):
+    from PIL import Image
+
+    _, out, _ = exported
+    rows = predict(out, indices=[0, 1, 2], data_dir=images_dir)
+    test_images, test_labels = make_images(100, seed=1)  # what write_fake_dataset wrote
+    names = load_exported(out)[1]["class_names"]
+    assert [r["actual"] for r in rows] == [names[int(c)] for c in test_labels[:3]]
+    # a PNG of test image 0, saved as a user would (dark object on a light background)
+    path = tmp_path / "image.png"
+    Image.fromarray((255 - test_images[0]).numpy(), mode="L").save(path)
+    assert torch.equal(read_image_file(path, (28, 28)), test_images[0])
+    from_file = predict(out, files=[path])[0]
+    assert from_file["predicted"] == rows[0]["predicted"]
+    assert from_file["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)
+
+
+def test_cli_export_and_predict(exported, images_dir, tmp_path):
+    storage, _, _ = exported
+    out = tmp_path / "cli-export"
+    done = cli("export", "fashion-mlp", "--storage", storage, "--out", str(out),
+               "--data-dir", str(images_dir), "--device", "cpu")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout and (out / "model.pt").is_file()
+    done = cli("predict", "fashion-mlp", "--dir", str(out), "--index", "0", "5",
+               "--data-dir", str(images_dir))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith('Predicted: "') for line in lines)
+    assert ', Actual: "' in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["export", "nope"], "study 'nope' not found"),
+        (["export", "tiny-bool"], "not an image study"),
+        (["predict", "nope", "--index", "0"], "no exported model"),
+        (["predict", "fashion-mlp", "--index", "100"], "test images are numbered 0..99"),
+        (["predict", "fashion-mlp", "--image", "missing.png"], "no such image file"),
+        (["predict", "fashion-mlp", "--image", "config.json"], "not a readable PNG/JPEG"),
+        (["predict", "fashion-mlp"], "give test image indices and/or image files"),
+    ],
+)
+def test_export_and_predict_bad_input_is_one_clear_line(exported, images_dir, args, expected):
+    storage, out, _ = exported
+    run_dir = out.parent.parent
+    optuna.create_study(storage=storage, study_name="tiny-bool", load_if_exists=True)
+    optuna.load_study(study_name="tiny-bool", storage=storage).set_user_attr(
+        "kind", "boolean-shallow"
+    )
+    if args[0] == "export":
+        args = [*args, "--storage", storage]
+    else:
+        args = [*args, "--data-dir", str(images_dir)]
+    if "--image" in args and "config.json" in args:
+        args[args.index("config.json")] = str(out / "config.json")
+    before = (out / "model.pt").read_bytes()
+    done = cli(*args, cwd=run_dir)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
+    assert (out / "model.pt").read_bytes() == before
+
+
+@pytest.mark.skipif(not dev.cuda_available(), reason="needs CUDA")
+def test_cnn_trial_on_cuda_uses_channels_last_and_bf16(tmp_path, images_dir):
+    study = run_study(
+        "fashion-cnn",
+        trials=1,
+        storage=f"sqlite:///{tmp_path / 'cuda.db'}",
+        device="cuda",
+        settings=FAST,
+        progress=False,
+        data_dir=str(images_dir),
+    )
+    trial = study.trials[0]
+    assert trial.state.name == "COMPLETE"
+    assert trial.user_attrs["device"].startswith("cuda")
+    assert trial.user_attrs["peak_memory_bytes"] > 0

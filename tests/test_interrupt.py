@@ -1,0 +1,62 @@
+"""Ctrl-C during a study: the running trial fails with its reason, the store stays consistent,
+one clear message, and the same command continues the study."""
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+
+from tests.conftest import write_fake_dataset
+
+
+def _states(db) -> dict[int, str]:
+    """Trial number -> state, read directly (empty while the store is being created)."""
+    try:
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute("SELECT number, state FROM trials").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    return dict(rows)
+
+
+def test_sigint_fails_the_running_trial_and_the_same_command_continues(tmp_path):
+    images = write_fake_dataset(tmp_path / "images", train=400, test=100)
+    db = tmp_path / "s.db"
+    storage = f"sqlite:///{db}"
+    command = [
+        sys.executable, "-m", "study.cli", "run", "fashion-mlp", "--trials", "3",
+        "--storage", storage, "--data-dir", str(images), "--validation-size", "100",
+        "--min-epochs", "60", "--max-epochs", "60", "--device", "cpu", "--quiet",
+        "--sampler-seed", "0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    # wait until trial 0 is complete and trial 1 is running, then press Ctrl-C
+    while time.monotonic() < deadline:
+        states = _states(db) if db.exists() else {}
+        if states.get(0) == "COMPLETE" and 1 in states:
+            break
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    before = optuna.load_study(study_name="fashion-mlp", storage=storage).trials[0]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("study: interrupted: 1 of 3 trials") and "run the same command" in last
+
+    study = optuna.load_study(study_name="fashion-mlp", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL"]  # nothing left RUNNING
+    assert "interrupted" in study.trials[1].user_attrs["fail_reason"]
+    assert study.trials[0].value == before.value
+    assert study.trials[0].datetime_complete == before.datetime_complete
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="fashion-mlp", storage=storage)
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 3
+    assert study.trials[0].value == before.value

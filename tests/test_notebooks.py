@@ -1,0 +1,110 @@
+"""Reports and notebooks: every notebook executes (nbclient) against a small store made here,
+and the report files have the expected columns and figures."""
+
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from study.export import export_model
+from study.report import IMAGE_FIGURES, write_report
+from study.runner import run_study
+from tests.conftest import write_fake_dataset
+from tests.test_boolean_study import TINY
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+IMAGE_SETTINGS = {"validation_size": 100, "min_epochs": 2, "max_epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with tiny runs of all four studies, a results directory with one export, and
+    the tiny image dataset as the default data directory."""
+    tmp = tmp_path_factory.mktemp("store")
+    storage = f"sqlite:///{tmp / 'store.db'}"
+    images = write_fake_dataset(tmp / "data", train=400, test=100)
+    common = dict(storage=storage, sampler_seed=0, device="cpu", progress=False)
+    run_study("boolean-shallow", trials=4, settings=TINY, population=4, **common)
+    run_study("boolean-deep", trials=4, settings=TINY, population=4, **common)
+    for name in ("fashion-mlp", "fashion-cnn"):
+        run_study(name, trials=6, settings=IMAGE_SETTINGS, data_dir=str(images), **common)
+    results = tmp / "results"
+    export_model(
+        "fashion-mlp", storage, results / "fashion-mlp", "cpu", images, log=lambda *_: None
+    )
+    return storage, results, images
+
+
+@pytest.mark.parametrize("name", ["boolean-shallow", "boolean-deep"])
+def test_boolean_report_files(store, tmp_path, name):
+    storage, _, _ = store
+    out = write_report(name, storage, tmp_path / name)
+    frame = pd.read_csv(out / "trials.csv")
+    for column in ["number", "state", "value", "duration_seconds", "neurons", "parameters",
+                   "success_share", "median_best_loss", "constraint_learns_f"]:  # fmt: skip
+        assert column in frame, column
+    assert len(frame) >= 4
+    for png in ["neurons_vs_loss.png", "success_share_vs_width.png", "best_width_history.png"]:
+        assert (out / png).stat().st_size > 10_000, png
+    assert "## Answer" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["fashion-mlp", "fashion-cnn"])
+def test_image_report_files(store, tmp_path, name):
+    storage, results, _ = store
+    out = write_report(name, storage, tmp_path / name)
+    frame = pd.read_csv(out / "trials.csv")
+    expected = ["number", "state", "value", "duration_seconds", "param_optimizer",
+                "param_batch_size", "param_epochs", "learning_rate", "parameters", "device",
+                "seconds_per_epoch", "peak_memory_bytes", "history", "config"]  # fmt: skip
+    for column in expected:
+        assert column in frame, column
+    assert len(frame) == 6
+    for png, _ in IMAGE_FIGURES:
+        assert (out / png).stat().st_size > 10_000, png
+    summary = (out / "summary.md").read_text()
+    assert "**Validation accuracy" in summary and "6 in total" in summary
+    # an export in the report's directory puts the test accuracy into the summary
+    exported = write_report(name, storage, results / name)
+    text = (exported / "summary.md").read_text()
+    assert ("**Test accuracy" in text) == (name == "fashion-mlp")
+
+
+@pytest.mark.parametrize(
+    "notebook", ["00_foundations.ipynb", "01_boolean_width.ipynb", "02_fashion_mnist.ipynb"]
+)
+def test_notebook_executes(store, notebook, monkeypatch):
+    storage, results, images = store
+    monkeypatch.setenv("STUDY_STORAGE", storage)
+    monkeypatch.setenv("STUDY_RESULTS", str(results))
+    monkeypatch.setenv("STUDY_DATA_DIR", str(images))
+    book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    client = NotebookClient(
+        book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, when a cell fails
+    text = "\n".join(
+        str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    images_shown = sum(
+        "image/png" in output.get("data", {})
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    if notebook.startswith("00"):
+        assert "The outputs of the twins are equal" in text
+        assert "For p = 0.20, the gradient is   0.4160" in text
+        assert "reached the target: True" in text
+    elif notebook.startswith("01"):
+        assert "boolean-shallow" in text and "boolean-deep" in text
+        assert images_shown >= 6
+    else:
+        assert "fashion-mlp" in text and "fashion-cnn" in text
+        assert images_shown >= 2 * len(IMAGE_FIGURES)
+        assert 'Predicted: "' in text and 'Actual: "' in text
