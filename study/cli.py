@@ -139,6 +139,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(prediction_line(row))
 
 
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from study.storage import open_storage
+
+    storage = open_storage(args.storage, heartbeat=False)  # one clear line for a bad store
+    try:
+        from optuna_dashboard import run_server
+    except ModuleNotFoundError:
+        raise StudyError("dashboard: optuna-dashboard is not installed; pip install it") from None
+    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        run_server(storage, host=args.host, port=args.port)
+    except OSError as error:
+        raise StudyError(
+            f"dashboard: cannot listen on {args.host}:{args.port} ({error})"
+        ) from None
+
+
 def cmd_certify(args: argparse.Namespace) -> None:
     from study.certify import certify, write_certification
 
@@ -285,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default results/NAME)")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("dashboard", help="browse a storage's studies in optuna-dashboard")
+    _add_storage(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8080, help="port (8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(

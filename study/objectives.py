@@ -381,8 +381,10 @@ class TrialOutOfMemory(RuntimeError):
 
 def image_pruner() -> optuna.pruners.BasePruner:
     """Median rule: stop a trial whose validation accuracy after epoch k is below the median of
-    earlier trials at epoch k. Waits for 4 finished trials and never judges epochs 1-2."""
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+    earlier trials at epoch k. Waits for 4 finished trials, never judges epochs 1-2, and judges
+    epoch k only when at least 3 earlier trials reached it (so that a long trial is not cut
+    near its end against a single earlier one)."""
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3, n_min_trials=3)
 
 
 def history_rows(result_history: Sequence[EpochMetrics]) -> list[dict[str, float]]:

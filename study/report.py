@@ -274,36 +274,42 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     complete = done["state"] == "COMPLETE"
     floor = max(0.0, float(done["val_accuracy"].quantile(0.1)) - 0.02)
 
-    def by_state(ax, x, y_column="val_accuracy"):
-        for state, marker, color in [("COMPLETE", "o", None), ("PRUNED", "x", "tab:gray")]:
-            part = done[done["state"] == state]
-            if state == "COMPLETE":
-                for name, group in part.groupby("param_optimizer"):
-                    ax.scatter(group[x], group[y_column], marker=marker, s=34, label=name)
-            elif len(part):
-                ax.scatter(
-                    part[x], part[y_column], marker=marker, s=30, color=color, label="pruned"
-                )
+    def accuracy_against(x: str, xlabel: str, title: str, filename: str, legend: str) -> Path:
+        """Last validation accuracy against column `x` (log scale); complete trials coloured
+        by optimiser, pruned ones as grey crosses."""
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, group in done[complete].groupby("param_optimizer"):
+            ax.scatter(group[x], group["val_accuracy"], s=34, label=name)
+        pruned = done[done["state"] == "PRUNED"]
+        if len(pruned):
+            ax.scatter(pruned[x], pruned["val_accuracy"], marker="x", s=30, color="tab:gray",
+                       label="pruned")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=floor)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation accuracy (last epoch)")
+        ax.set_title(title)
+        ax.legend(title="optimiser", loc=legend)
+        return _save(fig, out / filename)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_state(ax, "learning_rate")
-    ax.set_xscale("log")
-    ax.set_ylim(bottom=floor)
-    ax.set_xlabel("peak learning rate (log scale)")
-    ax.set_ylabel("validation accuracy (last epoch)")
-    ax.set_title("Learning rate vs validation accuracy, by optimiser")
-    ax.legend(title="optimiser", loc="lower left")
-    paths.append(_save(fig, out / "lr_vs_accuracy.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_state(ax, "parameters")
-    ax.set_xscale("log")
-    ax.set_ylim(bottom=floor)
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("validation accuracy (last epoch)")
-    ax.set_title("Validation accuracy vs model size")
-    ax.legend(title="optimiser", loc="lower right")
-    paths.append(_save(fig, out / "accuracy_vs_parameters.png"))
+    paths.append(
+        accuracy_against(
+            "learning_rate",
+            "peak learning rate (log scale)",
+            "Learning rate vs validation accuracy, by optimiser",
+            "lr_vs_accuracy.png",
+            "lower left",
+        )
+    )
+    paths.append(
+        accuracy_against(
+            "parameters",
+            "trainable parameters (log scale)",
+            "Validation accuracy vs model size",
+            "accuracy_vs_parameters.png",
+            "lower right",
+        )
+    )
 
     curves = _histories(done)
     top = done[complete].sort_values("value", ascending=False).head(5)

@@ -6,11 +6,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import multiprocessing
 import os
 import signal
+import tempfile
+import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -164,7 +169,6 @@ def run_study(
         objective = ImageObjective(space, fixed, device=device, data_dir=data_dir)
     else:
         objective = BooleanObjective(space, fixed, device=device)
-    remaining = trials - finished_trials(study)
     bar = _progress_bar(study, trials, progress)
 
     def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -179,25 +183,16 @@ def run_study(
             if population:
                 # a crashed population leaves RUNNING trials: fail them, re-enqueue their params
                 optuna.storages.fail_stale_trials(study)
-            # failed trials (a NaN loss, a crash) do not count: go on until the total is
-            # reached, but stop when a whole round finished nothing (all failing is no progress)
-            while (remaining := trials - finished_trials(study)) > 0:
-                if population:
+                # failed trials (a NaN loss, a crash) do not count: go on until the total is
+                # reached, but stop when a whole round finished nothing (no progress)
+                while (remaining := trials - finished_trials(study)) > 0:
                     for trial in batch.run(study, min(population, remaining)):
                         on_trial_end(study, trial)
-                else:
-                    study.optimize(
-                        objective,
-                        callbacks=[
-                            optuna.study.MaxTrialsCallback(trials, states=FINISHED),
-                            on_trial_end,
-                        ],
-                        n_trials=remaining,
-                        catch=(NonFiniteLossError, TrialOutOfMemory),
-                    )
-                interrupt.check()
-                if trials - finished_trials(study) == remaining:
-                    break
+                    interrupt.check()
+                    if trials - finished_trials(study) == remaining:
+                        break
+            else:
+                _run_trials(study, objective, trials, storage, on_trial_end)
     except interrupt.Interrupted:
         raise interrupt.Interrupted(
             f"interrupted: {finished_trials(study)} of {trials} trials of "
@@ -208,6 +203,75 @@ def run_study(
         if bar is not None:
             bar.close()
     return study
+
+
+CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _claim_lock_path(storage: str, study_name: str) -> Path:
+    """A lock file shared by every process of this machine that runs this study."""
+    if storage.startswith("sqlite:///"):
+        return Path(storage.removeprefix("sqlite:///") + ".lock")
+    digest = hashlib.sha1(f"{storage}\n{study_name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"study-{digest}.lock"
+
+
+def _run_trials(
+    study: optuna.Study,
+    objective,
+    trials: int,
+    storage: str,
+    on_trial_end,
+    poll_seconds: float = 1.0,
+) -> None:
+    """Run trials one at a time until `trials` are finished, exactly, with any number of
+    processes on the same storage.
+
+    A process counts the finished and running trials and asks for a new one as one step under
+    a lock file, so that concurrent workers never start more trials than the total. When the
+    other trials still running would complete it, a worker waits: if one of them fails or its
+    process dies (its heartbeat goes stale), the worker runs a replacement. Failed trials do
+    not count; after as many failures in a row as the total, it gives up (no progress).
+    """
+    lock_path = _claim_lock_path(storage, study.study_name)
+    failures_in_a_row = 0
+    with lock_path.open("a") as lock_file:
+        held = False
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                held = False
+
+        def claimed_objective(trial: optuna.Trial):
+            release()  # the trial exists (RUNNING): the next process may count it
+            return objective(trial)
+
+        while finished_trials(study) < trials and failures_in_a_row < trials:
+            interrupt.check()
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            held = True
+            try:
+                if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= trials:
+                    release()
+                    # the running trials of other processes would complete the study: wait;
+                    # fail the trials of dead processes (stale heartbeat) so they are redone
+                    optuna.storages.fail_stale_trials(study)
+                    time.sleep(poll_seconds)
+                    continue
+                before = finished_trials(study)
+                study.optimize(
+                    claimed_objective,
+                    callbacks=[on_trial_end],
+                    n_trials=1,
+                    catch=(NonFiniteLossError, TrialOutOfMemory),
+                )
+            finally:
+                release()
+            failures_in_a_row = 0 if finished_trials(study) > before else failures_in_a_row + 1
+            if interrupt.requested():
+                interrupt.check()
 
 
 def visible_gpus() -> list[str]:

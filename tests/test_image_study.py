@@ -2,8 +2,7 @@
 workers, export and predict."""
 
 import json
-import subprocess
-import sys
+import types
 
 import optuna
 import pytest
@@ -20,6 +19,7 @@ from study.objectives import ImageObjective
 from study.runner import best_feasible, run_study, study_settings
 from study.trainer import evaluate, train
 from tests.conftest import make_images, write_fake_dataset
+from tests.test_boolean_study import cli
 
 FAST = {"validation_size": 100, "min_epochs": 1, "max_epochs": 2}
 
@@ -42,16 +42,6 @@ def tiny_study(tmp_path, images_dir, name="fashion-mlp", trials=2, **kwargs):
         progress=False,
         data_dir=str(images_dir),
         **kwargs,
-    )
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "study.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
     )
 
 
@@ -197,10 +187,12 @@ def test_out_of_memory_fails_one_trial_and_the_study_goes_on(tmp_path, images_di
         calls["optimizers"] += 1
         if calls["optimizers"] == 2:  # the second trial runs out of memory in its first step
 
-            def step(*args, **kwargs):
+            def step(self, *args, **kwargs):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-            optimizer.step = step
+            optimizer.step = types.MethodType(
+                step, optimizer
+            )  # a bound method, as schedulers expect
         return optimizer
 
     monkeypatch.setattr(trainer_module, "make_optimizer", make_optimizer)

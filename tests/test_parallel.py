@@ -1,0 +1,35 @@
+"""Worker processes on one storage: exactly the requested number of trials, none failed."""
+
+import itertools
+
+import optuna
+
+from study.runner import run_study
+from tests.test_boolean_study import TINY
+
+
+def test_three_workers_finish_exactly_twelve_trials_on_sqlite(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'parallel.db'}"
+    study = run_study(
+        "boolean-shallow",
+        trials=12,
+        storage=storage,
+        sampler_seed=0,
+        device="cpu",
+        settings={**TINY, "max_epochs": 300},
+        progress=False,
+        workers=3,
+    )
+    states = [t.state.name for t in study.get_trials()]
+    assert len(states) == 12, states
+    assert set(states) <= {"COMPLETE", "PRUNED"}, states
+    # the trials really ran in parallel: some started before another one ended
+    trials = sorted(study.get_trials(), key=lambda t: t.datetime_start)
+    pairs = itertools.pairwise(trials)
+    overlaps = sum(1 for a, b in pairs if b.datetime_start < a.datetime_complete)
+    assert overlaps > 0
+    # running it again with the same total does nothing new
+    again = run_study("boolean-shallow", trials=12, storage=storage, device="cpu",
+                      settings={**TINY, "max_epochs": 300}, progress=False, workers=3)  # fmt: skip
+    assert len(again.get_trials()) == 12
+    assert optuna.load_study(study_name="boolean-shallow", storage=storage).user_attrs["kind"]

@@ -1,0 +1,137 @@
+"""Crash safety of the sequential path, PostgreSQL workers, the dashboard, bad storages."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+
+from study.runner import run_study
+from tests.test_boolean_study import TINY, TINY_ARGS, cli
+
+POSTGRES = os.environ.get("STUDY_TEST_POSTGRES") or None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkill_mid_trial_then_the_same_command_finishes_the_study(tmp_path):
+    db = tmp_path / "kill.db"
+    storage = f"sqlite:///{db}"
+    command = [sys.executable, "-m", "study.cli", "run", "boolean-shallow", "--trials", "4",
+               "--storage", storage, "--device", "cpu", "--quiet", "--no-prune",
+               *TINY_ARGS, "--max-epochs", "3000", "--min-learning-rate", "1e-3",
+               "--max-learning-rate", "2e-3"]  # fmt: skip
+    env = {**os.environ, "STUDY_HEARTBEAT_SECONDS": "1"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill once a trial runs after at least one finished
+        if db.exists():
+            try:
+                trials = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+            except Exception:  # the store is still being created
+                trials = []
+            states = [t.state for t in trials]
+            if any(s.is_finished() for s in states) and states[-1].name == "RUNNING":
+                break
+        assert process.poll() is None, "the study finished before it could be killed"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    finished_before = [t for t in before if t.state.is_finished()]
+    killed = [t for t in before if t.state.name == "RUNNING"]
+    assert len(killed) == 1 and finished_before
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    after = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 4
+    for old in finished_before:  # finished trials are untouched
+        new = after[old.number]
+        assert (new.state, new.values, new.params, new.datetime_complete) == (
+            old.state, old.values, old.params, old.datetime_complete)  # fmt: skip
+    # the killed trial is failed (stale heartbeat) and retried with the same parameters
+    assert after[killed[0].number].state.name == "FAIL"
+    retried_number = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retried = [t for t in after if retried_number(t) == killed[0].number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params
+    assert retried[0].state.name in ("COMPLETE", "PRUNED")
+
+
+@pytest.mark.skipif(POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)")
+def test_two_workers_on_postgresql(tmp_path):
+    name = f"pg-{os.getpid()}-{time.monotonic_ns()}"
+    study = run_study("boolean-shallow", trials=6, storage=POSTGRES, study_name=name,
+                      sampler_seed=0, device="cpu", settings=TINY, progress=False,
+                      workers=2)  # fmt: skip
+    states = [t.state.name for t in study.get_trials()]
+    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}
+    assert study.best_trial.user_attrs["neurons"] >= 1
+    optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def test_unreachable_postgresql_is_one_clear_line():
+    port = _free_port()  # nothing listens there
+    done = cli("run", "boolean-shallow", "--trials", "1",
+               "--storage", f"postgresql://study@127.0.0.1:{port}/studies")  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "cannot open postgresql://study@127.0.0.1" in done.stderr
+    assert "refused" in done.stderr.lower() or "failed" in done.stderr.lower()
+
+
+def test_dashboard_serves_the_store_over_http(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(storage=storage, study_name="visible-study")
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "study.cli",
+            "dashboard",
+            "--storage",
+            storage,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and body is None:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/studies", timeout=5
+                ) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "the dashboard did not answer"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["visible-study"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    assert server.returncode is not None
+
+
+def test_dashboard_on_a_bad_storage_is_one_clear_line(tmp_path):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("hello")
+    done = cli("dashboard", "--storage", f"sqlite:///{not_a_db}")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "not an SQLite database" in done.stderr
+    assert not_a_db.read_text() == "hello"
