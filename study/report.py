@@ -328,7 +328,9 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     left.set_xlabel("epoch")
     left.set_ylabel("accuracy")
     left.set_title("Validation accuracy per epoch (grey: other trials)")
-    left.legend(title="top 5", loc="lower right")
+    right.legend(
+        handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right", fontsize=8
+    )
     right.set_xlabel("epoch")
     right.set_title("Top 5: training (dashed) vs validation (solid)")
     paths.append(_save(fig, out / "learning_curves.png"))
@@ -361,9 +363,13 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
 
         importances = plot_param_importances(study)
         fig = importances.figure
-        fig.set_size_inches(7, 4.5)
+        fig.set_size_inches(8, 5)
+        importances.set_title("", loc="left")  # Optuna's own title would overlap ours
         importances.set_title("Parameter importances for validation accuracy (PED-ANOVA)")
         importances.set_xlabel("importance (share of explained variance)")
+        importances.set_ylabel("parameter")
+        if importances.get_legend() is not None:
+            importances.get_legend().remove()
         paths.append(_save(fig, out / "param_importances.png"))
 
     from optuna.visualization.matplotlib import plot_timeline
@@ -371,6 +377,7 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     timeline = plot_timeline(study)
     fig = timeline.figure
     fig.set_size_inches(8, max(3.0, 0.18 * len(frame) + 1.5))
+    timeline.set_title("", loc="left")
     timeline.set_title("Timeline of trials (complete vs pruned)")
     timeline.set_xlabel("wall-clock time")
     timeline.set_ylabel("trial number")
@@ -420,10 +427,11 @@ def image_summary(
     else:
         a = best.user_attrs
         described = ImageCandidate.from_dict(a["config"]).describe()
+        baseline = " (the study's enqueued baseline: the search did not beat it)"
         lines.append(
-            f"**Validation accuracy {best.value:.4f}**, trial {best.number} "
-            f"({a['parameters']:,} parameters, {a['seconds_per_epoch']:.1f} s per epoch on "
-            f"{a['device']}): {described}."
+            f"**Validation accuracy {best.value:.4f}**, trial {best.number}"
+            f"{baseline if a.get('baseline') else ''} ({a['parameters']:,} parameters, "
+            f"{a['seconds_per_epoch']:.1f} s per epoch on {a['device']}): {described}."
         )
         if export is not None:
             lines += [
@@ -461,7 +469,11 @@ def image_summary(
                 "epochs": top["epochs_run"],
                 "s/epoch": top["seconds_per_epoch"].astype(float).round(1),
                 "configuration": [
-                    ImageCandidate.from_dict(json.loads(c)).describe() for c in top["config"]
+                    ImageCandidate.from_dict(json.loads(c)).describe()
+                    + (" (baseline)" if b is True else "")
+                    for c, b in zip(
+                        top["config"], top.get("baseline", [None] * len(top)), strict=True
+                    )
                 ],
             }
         )

@@ -284,6 +284,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each worker: one GPU each, round robin, when several are
+    visible; None (inherit) with one GPU or none."""
+    if len(gpus) < 2:
+        return [None] * workers
+    return [gpus[i % len(gpus)] for i in range(workers)]
+
+
 def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
     # out of the terminal's process group: Ctrl-C reaches the parent, which forwards it once
     os.setpgrp()
@@ -306,12 +314,8 @@ def _run_workers(
     gpus = visible_gpus() if kwargs["device"] in ("auto", "cuda") else []
     context = multiprocessing.get_context("spawn")  # no forked CUDA or SQLite state
     processes = [
-        context.Process(
-            target=_worker,
-            args=(i, gpus[i % len(gpus)] if len(gpus) > 1 else None, kwargs),
-            name=f"study-worker-{i}",
-        )
-        for i in range(workers)
+        context.Process(target=_worker, args=(i, gpu, kwargs), name=f"study-worker-{i}")
+        for i, gpu in enumerate(assign_gpus(workers, gpus))
     ]
     bar = _progress_bar(study, trials, progress)
     for process in processes:

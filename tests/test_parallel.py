@@ -33,3 +33,15 @@ def test_three_workers_finish_exactly_twelve_trials_on_sqlite(tmp_path):
                       settings={**TINY, "max_epochs": 300}, progress=False, workers=3)  # fmt: skip
     assert len(again.get_trials()) == 12
     assert optuna.load_study(study_name="boolean-shallow", storage=storage).user_attrs["kind"]
+
+
+def test_workers_get_one_gpu_each_when_several_are_visible(monkeypatch):
+    from study.runner import assign_gpus, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    assert assign_gpus(3, visible_gpus()) == ["2", "5", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    assert assign_gpus(2, visible_gpus()) == [None, None]  # one GPU: both share it
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == [] and assign_gpus(2, []) == [None, None]
