@@ -40,7 +40,6 @@ class Export:
     test_accuracy: float
     test_loss: float
     seconds: float
-    description: str
 
 
 def _image_study(name: str, storage: str):
@@ -121,9 +120,7 @@ def export_model(
         "history": history_rows(result.history),
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    return Export(
-        out, best.number, best.value, test_accuracy, test_loss, seconds, candidate.describe()
-    )
+    return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
 
 
 def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -55,6 +55,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 # Boolean studies
 
 
+def pareto_front(neurons: pd.Series, loss: pd.Series) -> pd.DataFrame:
+    """The non-dominated (neurons, loss) points, by increasing neurons (decreasing loss)."""
+    points = pd.DataFrame({"neurons": neurons, "median_best_loss": loss}).dropna()
+    points = points.sort_values(["neurons", "median_best_loss"])
+    best = points["median_best_loss"].cummin()
+    keep = points["median_best_loss"] < best.shift(1, fill_value=np.inf)
+    return points[keep.to_numpy()]
+
+
 def boolean_figures(frame: pd.DataFrame, settings: dict[str, Any], out: Path) -> list[Path]:
     """Neurons vs best loss, success share vs width, best feasible width over trials."""
     done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
@@ -78,13 +87,22 @@ def boolean_figures(frame: pd.DataFrame, settings: dict[str, Any], out: Path) ->
         linewidths=0.4,
     )
     ax.axhline(target, color="crimson", linestyle="--", label=f"target loss {target:g}")
+    front = pareto_front(done["neurons"], done["median_best_loss"])
+    ax.step(
+        front["neurons"],
+        front["median_best_loss"],
+        where="post",
+        color="black",
+        linewidth=1.0,
+        label="Pareto front (no trial has fewer neurons and lower loss)",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("hidden neurons (sum of widths)")
     ax.set_ylabel("median best full-table loss (mean BCE)")
     ax.set_title("Hidden neurons vs best loss, one point per trial")
     fig.colorbar(scatter, ax=ax, label="success share of seeds")
-    ax.legend(loc="upper right")
+    ax.legend(loc="center left", fontsize=8)
     paths.append(_save(fig, out / "neurons_vs_loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -108,3 +108,10 @@ def test_notebook_executes(store, notebook, monkeypatch):
         assert "fashion-mlp" in text and "fashion-cnn" in text
         assert images_shown >= 2 * len(IMAGE_FIGURES)
         assert 'Predicted: "' in text and 'Actual: "' in text
+
+
+def test_pareto_front_keeps_only_non_dominated_trials():
+    from study.report import pareto_front
+
+    front = pareto_front(pd.Series([5, 3, 8, 3, 10]), pd.Series([0.1, 0.5, 0.05, 0.4, 0.2]))
+    assert front.values.tolist() == [[3, 0.4], [5, 0.1], [8, 0.05]]
