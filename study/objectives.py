@@ -454,7 +454,8 @@ class ImageObjective:
             history.append(metrics)
             interrupt.check(trial)
             trial.report(metrics.eval_accuracy, metrics.epoch)
-            if trial.should_prune():
+            # the last epoch is done anyway: a trial that got there completes
+            if metrics.epoch < candidate.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"validation accuracy {metrics.eval_accuracy:.4f} after epoch "
                     f"{metrics.epoch} is below the median of earlier trials"
