@@ -10,10 +10,13 @@ A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+
+import optuna
 
 REASON = "interrupted by the user (SIGINT) before it finished"
 
@@ -55,9 +58,19 @@ def deferred() -> Iterator[None]:
             flush=True,
         )
 
+    def quiet(record: logging.LogRecord) -> bool:
+        # once a stop is requested, Optuna's "trial failed" warning (with a traceback) only
+        # repeats what the one-line message and the trial's fail_reason say
+        return not (_requested.is_set() and "failed" in record.getMessage())
+
+    handlers = optuna.logging._get_library_root_logger().handlers
     previous = signal.signal(signal.SIGINT, handler)
+    for h in handlers:
+        h.addFilter(quiet)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        for h in handlers:
+            h.removeFilter(quiet)
         _requested.clear()

@@ -7,6 +7,7 @@ figures under `results/<study>/`.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +380,9 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     if int(complete.sum()) >= 4:
         from optuna.visualization.matplotlib import plot_param_importances
 
-        importances = plot_param_importances(study)
+        with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
+            warnings.simplefilter("ignore")
+            importances = plot_param_importances(study)
         fig = importances.figure
         fig.set_size_inches(8, 5)
         importances.set_title("", loc="left")  # Optuna's own title would overlap ours
@@ -466,8 +469,15 @@ def image_summary(
         "",
         f"- epochs {s['min_epochs']}..{s['max_epochs']} per trial, training seed {s['seed']}",
         f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
-        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running"
+        + (f", {counts['WAITING']} waiting (re-queued)" if counts["WAITING"] else ""),
     ]
+    failed = frame[frame["state"] == "FAIL"]
+    if len(failed) and "fail_reason" in failed:
+        lines += [
+            f"  - trial {n} failed: {r}"
+            for n, r in zip(failed.number, failed.fail_reason, strict=True)
+        ]
     done = image_frame(frame)
     if len(done):
         span = frame["datetime_complete"].max() - frame["datetime_start"].min()
