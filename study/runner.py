@@ -270,8 +270,6 @@ def _run_trials(
             finally:
                 release()
             failures_in_a_row = 0 if finished_trials(study) > before else failures_in_a_row + 1
-            if interrupt.requested():
-                interrupt.check()
 
 
 def visible_gpus() -> list[str]:
