@@ -16,8 +16,6 @@ import sys
 import threading
 from collections.abc import Iterator
 
-import optuna
-
 REASON = "interrupted by the user (SIGINT) before it finished"
 
 
@@ -63,7 +61,7 @@ def deferred() -> Iterator[None]:
         # repeats what the one-line message and the trial's fail_reason say
         return not (_requested.is_set() and "failed" in record.getMessage())
 
-    handlers = optuna.logging._get_library_root_logger().handlers
+    handlers = logging.getLogger("optuna").handlers  # Optuna logs through its root logger
     previous = signal.signal(signal.SIGINT, handler)
     for h in handlers:
         h.addFilter(quiet)
