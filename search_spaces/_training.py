@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from study.config import ImageSettings
-from study.trainer import TrainConfig
+from study.config import ImageSettings, TrainConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # SGD (momentum 0.9) and the Adam family live at different step sizes: one log range each,

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from study import device as dev
+from study.config import TrainConfig
 from study.data import load_image_dataset, prepare_raw_files
 from study.models import DeepNeuralNet
-from study.trainer import TrainConfig, train
+from study.trainer import train
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,9 +182,9 @@ def bench_boolean(
     Widths are log-spaced from 16 to 256, one seed each, no early stop (every run does all
     `epochs`, as the tutorial does). All three run on one thread on the CPU.
     """
-    from study.config import BooleanCandidate, BooleanSettings
+    from study.config import BooleanCandidate
     from study.data import boolean_function
-    from study.objectives import build_boolean_net
+    from study.models import build_boolean_net
     from study.population import Member, train_population
 
     device = dev.resolve_device(device_name)
@@ -193,13 +194,18 @@ def bench_boolean(
     fn = boolean_function(8, 0, device=device)
     widths = [round(16 * 16 ** (i / max(1, trials - 1))) for i in range(trials)]
     candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
-    settings = BooleanSettings(target_loss=1e-3)
+
+    def network(c: BooleanCandidate, seed: int) -> nn.Module:
+        return build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
+
+    def member(c: BooleanCandidate, seed: int) -> Member:
+        return Member(c.hidden_layer_profile, c.train_config(seed, None))  # no early stop
 
     # warm-up, not timed: one short run through each path
     warm = BooleanCandidate((16,), learning_rate, batch, 2)
     _tutorial_boolean_trial(fn, 16, learning_rate, batch, 2, 0)
-    train(build_boolean_net(warm, fn, 0), fn.task(), warm.train_config(settings, 0))
-    train_population([Member(warm, 0)], fn, None)
+    train(network(warm, 0), fn.task(), warm.train_config(0, None))
+    train_population([member(warm, 0)], fn)
 
     timings: dict[str, float] = {}
     final_losses: dict[str, list[float]] = {}
@@ -216,15 +222,14 @@ def bench_boolean(
     start = time.perf_counter()
     sequential = []
     for seed, c in enumerate(candidates):
-        config = c.train_config(settings, seed).replace(target_loss=None)
-        sequential.append(train(build_boolean_net(c, fn, seed), fn.task(), config))
+        sequential.append(train(network(c, seed), fn.task(), c.train_config(seed, None)))
     dev.synchronize(device)
     timings["sequential"] = time.perf_counter() - start
     final_losses["sequential"] = [r.final.train_loss for r in sequential]
     log(f"(b) sequential trainer: {timings['sequential']:.1f} s for {trials} trials")
 
     start = time.perf_counter()
-    population = train_population([Member(c, seed) for seed, c in enumerate(candidates)], fn, None)
+    population = train_population([member(c, seed) for seed, c in enumerate(candidates)], fn)
     dev.synchronize(device)
     timings["population"] = time.perf_counter() - start
     final_losses["population"] = [r.final.train_loss for r in population]

@@ -15,14 +15,13 @@ import optuna
 import pandas as pd
 
 from study import device as dev
+from study.boolean_trial import BooleanTrial, CandidateOutcome
 from study.config import BooleanCandidate, BooleanSettings
 from study.data import boolean_function
 from study.errors import StudyError
-from study.objectives import CandidateOutcome, SeedRun
 from study.population import Member, train_population
-from study.report import markdown_table
-from study.runner import SETTINGS_ATTR, best_feasible
-from study.storage import load_study, open_storage
+from study.studies import best_feasible, load
+from study.tables import markdown_table
 
 FRESH_SEED_OFFSET = 1_000_000
 """Certification seeds start here: disjoint from every seed a search trial uses."""
@@ -121,13 +120,10 @@ def certify(
         raise StudyError(f"seeds: must be at least 1, got {seeds}")
     if top < 1:
         raise StudyError(f"top: must be at least 1, got {top}")
-    study = load_study(study_name, open_storage(storage, heartbeat=False))
+    study, info = load(study_name, storage, kind="boolean", command="certify")
+    settings = info.settings
     device_ = dev.resolve_device(device)
     dev.limit_threads_for_tiny_models(device_)
-    stored = study.user_attrs.get(SETTINGS_ATTR)
-    if stored is None:
-        raise StudyError(f"study {study_name!r} has no stored settings: not a Boolean study")
-    settings = BooleanSettings.from_dict(stored)
     best = best_feasible(study)
     if best is None:
         raise StudyError(f"study {study_name!r} has no feasible trial yet; run more trials first")
@@ -146,14 +142,23 @@ def certify(
         trial_numbers[f"found #{rank}"] = trial.number
     for _, candidate in roles:
         log(f"training {candidate.describe()} on {seeds} fresh seeds")
-    # every configuration x seed is one member of a single population (no early-stop rule)
-    members = [Member(candidate, seed) for _, candidate in roles for seed in fresh]
-    results = train_population(members, fn, settings.target_loss)
+    # every configuration x seed is one member of a single population, trained to its full
+    # budget or the target (no early-stop rule: the rate on fresh seeds is the evidence)
+    runs = [
+        BooleanTrial(candidate, fresh, settings, prune=False, required=required)
+        for _, candidate in roles
+    ]
+    members = [
+        Member(candidate.hidden_layer_profile, run.config(k))
+        for (_, candidate), run in zip(roles, runs, strict=True)
+        for k in range(seeds)
+    ]
+    results = train_population(members, fn)
     rows, outcomes = [], []
-    for k, (role, candidate) in enumerate(roles):
-        mine = results[k * seeds : (k + 1) * seeds]
-        runs = [SeedRun(seed, r, r.reached_target) for seed, r in zip(fresh, mine, strict=True)]
-        outcome = CandidateOutcome(candidate, runs, seeds, required, settings.target_loss)
+    for r, ((role, candidate), run) in enumerate(zip(roles, runs, strict=True)):
+        for k in range(seeds):
+            run.finish(k, results[r * seeds + k])
+        outcome = run.outcome()
         outcomes.append(outcome)
         rows.append(
             {

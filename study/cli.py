@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from study.errors import StudyError
+from search_spaces import SPACES, get_space
+from study.config import IMAGE_DATASETS, SETTINGS_OF_KIND, field_docs
+from study.errors import ConfigError, StudyError
 from study.storage import DEFAULT_STORAGE
+from study.studies import KINDS, PLURALS
 
 
 def _positive_int(text: str) -> int:
@@ -35,9 +40,78 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _study_choices() -> list[str]:
-    from search_spaces import SPACES
-
     return list(SPACES)
+
+
+def _flag_type(annotation: str) -> tuple[Any, str]:
+    """How a settings field is parsed on the command line (its dataclass validates the value),
+    and its metavar."""
+    if "tuple" in annotation:
+        return _int_list, "N,N,..."
+    return {"int": (int, "N"), "float": (float, "X"), "str": (str, "TEXT")}[annotation]
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """One flag per field of every settings dataclass, generated from the fields: the field's
+    docstring is the help, with the default of study `name` (when known) or the kinds of study
+    it applies to. Every flag defaults to None, so that only what the user gives overrides."""
+    chosen = get_space(name) if name in SPACES else None
+    defaults = chosen.base_settings() if chosen is not None else None
+    kinds_of: dict[str, list[str]] = {}
+    for kind, cls in SETTINGS_OF_KIND.items():
+        for f in fields(cls):
+            kinds_of.setdefault(f.name, []).append(kind)
+    group = parser.add_argument_group(
+        "fixed settings of the study" + (f" (defaults of {name})" if chosen else ""),
+        "stored with the study; a resumed study must be run with the same ones",
+    )
+    for field_name, kinds in kinds_of.items():
+        kind = chosen.KIND if chosen is not None and chosen.KIND in kinds else kinds[0]
+        cls = SETTINGS_OF_KIND[kind]
+        f = next(f for f in fields(cls) if f.name == field_name)
+        doc = field_docs(cls)[field_name]
+        if chosen is not None and chosen.KIND in kinds:
+            doc += f" [default: {_shown(getattr(defaults, field_name))}]"
+        elif len(kinds) < len(SETTINGS_OF_KIND):
+            doc += f" [{PLURALS[kinds[0]]} only]"
+        flag = "--" + field_name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif field_name == "dataset":
+            group.add_argument(flag, choices=list(IMAGE_DATASETS), default=None, help=doc)
+        else:
+            parse, metavar = _flag_type(f.type)
+            group.add_argument(flag, type=parse, metavar=metavar, default=None, help=doc)
+
+
+RUN_OPTIONS_OF_KIND = {"population": "boolean", "data_dir": "image"}
+"""`study run` options that are not settings but apply to one kind of study only."""
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave for study `args.name`; a flag that does not apply to its
+    kind is refused in one line that names the kind."""
+    kind = get_space(args.name).KIND
+    own = {f.name for f in fields(SETTINGS_OF_KIND[kind])}
+    given = {
+        f.name
+        for cls in SETTINGS_OF_KIND.values()
+        for f in fields(cls)
+        if getattr(args, f.name) is not None
+    }
+    given |= {k for k in RUN_OPTIONS_OF_KIND if getattr(args, k) is not None}
+    for key in sorted(given):
+        if key not in own and RUN_OPTIONS_OF_KIND.get(key) != kind:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{flag} does not apply to {args.name}, {KINDS[kind]}; it is for "
+                f"{PLURALS['image' if kind == 'boolean' else 'boolean']}"
+            )
+    return {key: getattr(args, key) for key in own if getattr(args, key) is not None}
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -56,25 +130,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from study.report import write_report
     from study.runner import best_feasible, run_study
 
-    overrides = {
-        "input_bits": args.input_bits,
-        "output_bits": args.output_bits,
-        "function_seed": args.function_seed,
-        "target_loss": args.target_loss,
-        "max_epochs": args.max_epochs,
-        "seeds": args.seeds,
-        "required_share": args.required_share,
-        "min_width": args.min_width,
-        "max_width": args.max_width,
-        "min_learning_rate": args.min_learning_rate,
-        "max_learning_rate": args.max_learning_rate,
-        "batch_sizes": args.batch_sizes,
-        "prune": False if args.no_prune else None,
-        "dataset": args.dataset,
-        "validation_size": args.validation_size,
-        "split_seed": args.split_seed,
-        "min_epochs": args.min_epochs,
-    }
+    overrides = settings_overrides(args)
+    kind = get_space(args.name).KIND
     study = run_study(
         args.name,
         trials=args.trials,
@@ -89,7 +146,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         data_dir=args.data_dir,
     )
     best = best_feasible(study)
-    if best is not None and "config" in best.user_attrs:
+    if best is None:
+        nothing = "no configuration learned f yet" if kind == "boolean" else "no complete trial"
+        print(f"{study.study_name}: {nothing}")
+    elif kind == "image":
         from study.config import ImageCandidate
 
         described = ImageCandidate.from_dict(best.user_attrs["config"]).describe()
@@ -97,8 +157,6 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"{study.study_name}: best validation accuracy {best.value:.4f} "
             f"(trial {best.number}, {best.user_attrs['parameters']} parameters): {described}"
         )
-    elif best is None:
-        print(f"{study.study_name}: no configuration learned f yet")
     else:
         a = best.user_attrs
         print(
@@ -196,13 +254,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(name: str | None = None) -> argparse.ArgumentParser:
+    """The `study` command; `name` (the study given to `study run`, when known) sets the
+    defaults its help shows."""
     parser = _Parser(prog="study", description="Optuna studies over PyTorch trainings.")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
 
-    p = sub.add_parser("run", help="create or resume a study and run it to N trials in total")
+    p = sub.add_parser(
+        "run",
+        help="create or resume a study and run it to N trials in total",
+        allow_abbrev=False,
+    )
     p.add_argument(
         "name",
         choices=_study_choices(),
@@ -217,29 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.add_argument("--study-name", help="name in the storage (default: NAME)")
-    p.add_argument("--function-seed", type=int, help="seed of the random Boolean function")
-    p.add_argument("--input-bits", type=int, help="n: inputs of f (8)")
-    p.add_argument("--output-bits", type=int, help="m: outputs of f (8)")
-    p.add_argument("--target-loss", type=float, help="full-table loss to reach (0.001)")
-    p.add_argument(
-        "--max-epochs",
-        type=_positive_int,
-        help="epoch cap per trial (2000; fashion-mlp 30, fashion-cnn 15)",
-    )
-    p.add_argument("--seeds", type=_positive_int, help="initialisation seeds per trial (3)")
-    p.add_argument("--required-share", type=float, help="share of seeds that must learn f (1)")
-    p.add_argument("--min-width", type=int, help="smallest hidden width in the space")
-    p.add_argument("--max-width", type=int, help="largest hidden width in the space")
-    p.add_argument("--min-learning-rate", type=float, help="lower end of Adam's rate (2e-3)")
-    p.add_argument("--max-learning-rate", type=float, help="upper end of Adam's rate (5e-2)")
-    p.add_argument("--batch-sizes", type=_int_list, help="comma-separated choices (8,16,32,64)")
-    p.add_argument("--no-prune", action="store_true", help="train every seed to its budget")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
     p.add_argument(
         "--population",
         type=_positive_int,
         metavar="K",
-        help="ask K trials at once and train them (with their seeds) as one population",
+        help="Boolean studies: ask K trials at once and train them (with their seeds) as one "
+        "population",
     )
     p.add_argument(
         "--workers",
@@ -248,19 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N processes on the same storage (one per GPU when several are visible)",
     )
-    p.add_argument(
-        "--dataset",
-        choices=["fashion-mnist", "mnist"],
-        help="image studies: fashion-mnist (default) or mnist; stored as mnist-* by default",
-    )
     p.add_argument("--data-dir", help="image studies: directory with the IDX files")
-    p.add_argument("--validation-size", type=_positive_int, help="image studies: 10000")
-    p.add_argument("--split-seed", type=int, help="image studies: train/validation split (0)")
-    p.add_argument("--min-epochs", type=_positive_int, help="image studies: fewest epochs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="write results/NAME/ afterwards")
     p.add_argument("--report-dir", help="where --report writes (default results/NAME)")
+    add_settings_flags(p, name)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="write trials.csv, summary.md and figures of a study")
@@ -325,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")
-    p.add_argument("dataset", choices=["fashion-mnist", "mnist"])
+    p.add_argument("dataset", choices=list(IMAGE_DATASETS))
     p.add_argument(
         "--data-dir",
         help="directory with the IDX files (default $STUDY_DATA_DIR or ~/.cache/study/data)",
@@ -339,8 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _study_of_run(argv: list[str]) -> str | None:
+    """The study named on a `study run` command line, before parsing (for its help)."""
+    if not argv or argv[0] != "run":
+        return None
+    return next((a for a in argv[1:] if a in SPACES), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_study_of_run(argv))
     args = parser.parse_args(argv)
     try:
         args.func(args)

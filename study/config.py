@@ -1,4 +1,8 @@
-"""Configuration as data: the fixed settings of a study and one sampled candidate.
+"""Configuration as data: training hyperparameters, a study's fixed settings, one candidate.
+
+Every class here is a frozen dataclass with one docstring per field (its help text: the
+`study run` flags are generated from these fields, see `study.cli`), validated on
+construction with an error that names the field. Nothing here imports the training engine.
 
 A study's fixed settings are part of its identity: they are stored as study user attributes
 and a resumed study must be run with the same ones (a conflict is refused, never mixed).
@@ -6,17 +10,183 @@ and a resumed study must be run with the same ones (a conflict is refused, never
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import itertools
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
-from study.errors import ConfigError, reject_unknown_fields
-from study.trainer import TrainConfig
+from study.errors import ConfigError
+
+IMAGE_DATASETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+"""The image datasets: the names the command line and the stored settings use, and their
+titles (also torchvision's class names)."""
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def require(ok: bool, name: str, value: Any, message: str) -> None:
+    """The one validation helper: raise a ConfigError naming the field and showing the value."""
+    if not ok:
+        raise ConfigError(f"{name}: {message} (got {value!r})")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def reject_unknown_fields(cls: type, values: Mapping[str, Any], what: str = "setting") -> None:
+    """Raise a ConfigError naming the first key of `values` that is not a field of `cls`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown {what}; known: {sorted(known)}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right below it), read from the class source.
+
+    Python keeps no attribute docstrings at run time; this is what makes a field's docstring
+    its help text, so that a setting is written once.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+S = TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Shared behaviour of the settings dataclasses: a JSON-able identity, typed round trip."""
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able dict stored with the study; a resumed run must match it."""
+        values = asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls: type[S], values: Mapping[str, Any]) -> S:
+        """Build from a mapping (stored settings); unknown keys are an error naming the key."""
+        reject_unknown_fields(cls, values)
+        types = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
+        converted = {
+            k: tuple(v) if "tuple" in str(types[k]) and isinstance(v, list) else v
+            for k, v in values.items()
+        }
+        return cls(**converted)
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with some fields changed (validated again)."""
+        return type(self).from_dict({**self.identity(), **changes})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training hyperparameters of one run (the trainer's input)
 
 
 @dataclass(frozen=True)
-class BooleanSettings:
+class TrainConfig(Settings):
+    """Hyperparameters of one training run; validated on construction."""
+
+    optimizer: str = "adam"
+    """One of sgd (with momentum), adam, adamw, rmsprop (torch's defaults otherwise)."""
+    learning_rate: float = 1e-3
+    """Step size (peak value when a schedule is used)."""
+    batch_size: int = 64
+    """Samples per optimiser step; the last batch of an epoch may be smaller."""
+    epochs: int = 10
+    """Passes over the training data (an upper bound when `target_loss` is set)."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for adamw)."""
+    momentum: float = 0.9
+    """Momentum of sgd and rmsprop; unused by adam/adamw."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: per-step cosine decay from `learning_rate` to 0 over all epochs."""
+    seed: int = 0
+    """Seed of the shuffling order and of dropout; initial weights are seeded by the caller."""
+    target_loss: float | None = None
+    """Stop once the evaluation loss is at or below this value and, for bit targets, every bit
+    of the table is right (None: run all epochs)."""
+    mixed_precision: bool = True
+    """bf16 autocast on CUDA for image models; Boolean nets and the CPU always use fp32."""
+    eval_batch_size: int = 8192
+    """Samples per forward pass when evaluating (memory only; no effect on results)."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            require(ok, name, getattr(self, name), message)
+
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        check(
+            is_number(self.learning_rate) and 0 < self.learning_rate < 10,
+            "learning_rate",
+            "must be in (0, 10)",
+        )
+        check(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(is_int(self.epochs) and self.epochs >= 1, "epochs", "must be >= 1")
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            "must be >= 0",
+        )
+        check(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        check(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        check(
+            self.target_loss is None or (is_number(self.target_loss) and self.target_loss > 0),
+            "target_loss",
+            "must be a positive number or None",
+        )
+        check(isinstance(self.mixed_precision, bool), "mixed_precision", "must be true or false")
+        check(
+            is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+            "eval_batch_size",
+            "must be >= 1",
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping; unknown keys are an error naming the key."""
+        reject_unknown_fields(cls, values, "training setting")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boolean width studies
+
+BOOLEAN_OPTIMIZER = "adam"
+"""Every Boolean network trains with Adam (torch's betas and eps, no weight decay), in fp32."""
+
+
+@dataclass(frozen=True)
+class BooleanSettings(Settings):
     """Fixed settings of a Boolean width study (the question and its training budget)."""
 
     input_bits: int = 8
@@ -24,7 +194,7 @@ class BooleanSettings:
     output_bits: int = 8
     """m: output bits per row."""
     function_seed: int = 0
-    """Seed of the random function f: part of the study's identity."""
+    """Seed of the random Boolean function f: part of the study's identity."""
     target_loss: float = 1e-3
     """f is learned when the full-table mean BCE is at most this (and every bit is right)."""
     max_epochs: int = 2000
@@ -42,19 +212,18 @@ class BooleanSettings:
     max_layers: int = 1
     """Most hidden layers in the search space."""
     min_learning_rate: float = 2e-3
-    """Lower bound of the (log-scale) learning-rate range of Adam."""
+    """Lower end of the (log-scale) range of Adam's learning rate."""
     max_learning_rate: float = 5e-2
-    """Upper bound of the (log-scale) learning-rate range of Adam."""
+    """Upper end of the (log-scale) range of Adam's learning rate."""
     batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     """Mini-batch sizes the search may choose from (rows of the truth table per step)."""
     prune: bool = True
-    """Stop a seed's training once the target is out of reach within its budget (see
-    `study.objectives.TargetUnreachable`), and a trial once the required share is."""
+    """Stop a seed once the target is out of reach within its budget, and a trial once the
+    required share is (--no-prune trains every seed to its budget)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}: {message} (got {getattr(self, name)!r})")
+            require(ok, name, getattr(self, name), message)
 
         need(1 <= self.input_bits <= 16, "input_bits", "must be between 1 and 16")
         need(self.output_bits >= 1, "output_bits", "must be at least 1")
@@ -101,22 +270,13 @@ class BooleanSettings:
         """Smallest epoch budget a trial may draw (a quarter of the cap)."""
         return max(1, self.max_epochs // 4)
 
-    def identity(self) -> dict[str, Any]:
-        """JSON-able dict stored with the study; a resumed run must match it."""
-        values = asdict(self)
-        values["batch_sizes"] = list(self.batch_sizes)
-        return values
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BooleanSettings:
-        reject_unknown_fields(cls, values)
-        values = dict(values)
-        if "batch_sizes" in values:
-            values["batch_sizes"] = tuple(values["batch_sizes"])
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> BooleanSettings:
-        return BooleanSettings.from_dict({**self.identity(), **changes})
+def mlp_parameters(
+    input_width: int, hidden_layer_profile: Sequence[int], output_width: int
+) -> int:
+    """Trainable parameters (weights and biases) of a dense ReLU network with this profile."""
+    widths = [input_width, *hidden_layer_profile, output_width]
+    return sum((a + 1) * b for a, b in itertools.pairwise(widths))
 
 
 @dataclass(frozen=True)
@@ -139,18 +299,17 @@ class BooleanCandidate:
 
     def parameters(self, input_bits: int, output_bits: int) -> int:
         """Trainable parameters of the ReLU network with this profile."""
-        widths = [input_bits, *self.hidden_layer_profile, output_bits]
-        return sum((a + 1) * b for a, b in itertools.pairwise(widths))
+        return mlp_parameters(input_bits, self.hidden_layer_profile, output_bits)
 
-    def train_config(self, settings: BooleanSettings, seed: int) -> TrainConfig:
+    def train_config(self, seed: int, target_loss: float | None) -> TrainConfig:
         """Adam on the full truth table, fp32, stopping at the target loss."""
         return TrainConfig(
-            optimizer="adam",
+            optimizer=BOOLEAN_OPTIMIZER,
             learning_rate=self.learning_rate,
             batch_size=self.batch_size,
             epochs=self.epochs,
             seed=seed,
-            target_loss=settings.target_loss,
+            target_loss=target_loss,
             mixed_precision=False,
         )
 
@@ -164,15 +323,13 @@ class BooleanCandidate:
 # ----------------------------------------------------------------------------------------------
 # Image classification studies (FashionMNIST, MNIST)
 
-IMAGE_DATASETS = ("fashion-mnist", "mnist")
-
 
 @dataclass(frozen=True)
-class ImageSettings:
+class ImageSettings(Settings):
     """Fixed settings of an image study: the data, its split and the epoch range searched."""
 
     dataset: str = "fashion-mnist"
-    """fashion-mnist or mnist."""
+    """fashion-mnist or mnist (a study run on mnist is stored as mnist-* by default)."""
     validation_size: int = 10_000
     """Training images held out for validation (the search's objective)."""
     split_seed: int = 0
@@ -182,15 +339,14 @@ class ImageSettings:
     max_epochs: int = 30
     """Most epochs a trial may draw (the pruner stops weak trials earlier)."""
     seed: int = 0
-    """Training seed (initial weights, shuffling, dropout); the same for every trial, so
+    """Training seed (initial weights, shuffling, dropout), the same for every trial, so
     that trials differ by their configuration only."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}: {message} (got {getattr(self, name)!r})")
+            require(ok, name, getattr(self, name), message)
 
-        need(self.dataset in IMAGE_DATASETS, "dataset", f"must be one of {IMAGE_DATASETS}")
+        need(self.dataset in IMAGE_DATASETS, "dataset", f"must be one of {list(IMAGE_DATASETS)}")
         need(self.validation_size >= 1, "validation_size", "must be at least 1")
         need(self.split_seed >= 0, "split_seed", "must be >= 0")
         need(self.min_epochs >= 1, "min_epochs", "must be at least 1")
@@ -201,16 +357,9 @@ class ImageSettings:
         )
         need(self.seed >= 0, "seed", "must be >= 0")
 
-    def identity(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ImageSettings:
-        reject_unknown_fields(cls, values)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> ImageSettings:
-        return ImageSettings.from_dict({**self.identity(), **changes})
+SETTINGS_OF_KIND: dict[str, type[Settings]] = {"boolean": BooleanSettings, "image": ImageSettings}
+"""The settings class of each kind of study."""
 
 
 @dataclass(frozen=True)

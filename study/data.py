@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from study.config import IMAGE_DATASETS
 from study.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -139,10 +140,6 @@ IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-DATASETS = {
-    "fashion-mnist": "FashionMNIST",
-    "mnist": "MNIST",
-}
 CLASS_NAMES = {
     "fashion-mnist": (
         "T-shirt/top",
@@ -177,9 +174,11 @@ def default_data_dir() -> Path:
 def _dataset_class(name: str):
     from torchvision import datasets
 
-    if name not in DATASETS:
-        raise DataError(f"dataset: unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    return getattr(datasets, DATASETS[name])
+    if name not in IMAGE_DATASETS:
+        raise DataError(
+            f"dataset: unknown dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}"
+        )
+    return getattr(datasets, IMAGE_DATASETS[name])
 
 
 def _check_idx(path: Path) -> tuple[int, ...]:
@@ -408,20 +407,3 @@ def load_image_dataset(
         pixel_std=max(std, 1e-6),
         split_seed=split_seed,
     )
-
-
-def write_idx(path: Path | str, array: Tensor) -> Path:
-    """Write a uint8 tensor as an IDX file (gzip when the name ends in .gz); for tests/tools."""
-    path = Path(path)
-    data = array.to(torch.uint8).contiguous()
-    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(
-        f">{data.dim()}I", *data.shape
-    )
-    payload = header + data.numpy().tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as handle:
-            handle.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path

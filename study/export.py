@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from search_spaces import get_space
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset, normalize_images
 from study.errors import ConfigError, DataError
-from study.objectives import history_rows, prepare_model
-from study.runner import KIND_ATTR, SETTINGS_ATTR, best_feasible
-from study.storage import load_study, open_storage
+from study.image_objective import history_rows, prepare_model
+from study.studies import best_feasible, load
 from study.trainer import evaluate, train
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.json"
@@ -42,17 +40,6 @@ class Export:
     seconds: float
 
 
-def _image_study(name: str, storage: str):
-    study = load_study(name, open_storage(storage, heartbeat=False))
-    space_name = study.user_attrs.get(KIND_ATTR)
-    if space_name is None or get_space(space_name).KIND != "image":
-        raise ConfigError(
-            f"study {name!r} is not an image study; export and predict are for fashion-mlp, "
-            "fashion-cnn and their MNIST runs (Boolean studies have `study certify`)"
-        )
-    return study, ImageSettings.from_dict(study.user_attrs[SETTINGS_ATTR])
-
-
 def export_model(
     name: str,
     storage: str,
@@ -63,7 +50,8 @@ def export_model(
     log=print,
 ) -> Export:
     """Retrain the best configuration of study `name` on all training images, test it once."""
-    study, settings = _image_study(name, storage)
+    study, info = load(name, storage, kind="image", command="export")
+    settings = info.settings
     best = best_feasible(study)
     if best is None:
         raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
@@ -191,12 +179,12 @@ def predict(
     classes = config["class_names"]
     images, actual, sources = [], [], []
     if indices:
-        settings = config["settings"]
+        settings = ImageSettings.from_dict(config["settings"])
         dataset = load_image_dataset(
-            settings["dataset"],
+            settings.dataset,
             data_dir,
-            validation_size=settings["validation_size"],
-            split_seed=settings["split_seed"],
+            validation_size=settings.validation_size,
+            split_seed=settings.split_seed,
         )
         n = len(dataset.test_images)
         for index in indices:

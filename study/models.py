@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from study import device as dev
 from study.errors import ConfigError
 
 
@@ -67,6 +68,16 @@ class DeepNeuralNet(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.output_activation(self.output_layer(x))
+
+
+def build_boolean_net(
+    hidden_layer_profile: Sequence[int], input_bits: int, output_bits: int, seed: int
+) -> DeepNeuralNet:
+    """The ReLU network of a Boolean candidate with initial weights drawn from `seed` (logits
+    out). The one place that seeds a Boolean network: the trainer and the population trainer
+    start every member from exactly these weights."""
+    with dev.seeded(seed):
+        return DeepNeuralNet(input_bits, hidden_layer_profile, output_bits)
 
 
 class TwinDeepNeuralNet(nn.Module):

@@ -1,27 +1,25 @@
-"""Many small Boolean trials trained at once: one set of batched tensors per group.
+"""Many small Boolean networks trained at once: one set of batched tensors per group.
 
 A Boolean trial is a few thousand parameters on 256 rows; trained alone, its time is all
 per-step overhead. Here K networks (members) of one depth and batch size form a group whose
 weights are stacked into (K, fan_in, width) tensors: every step is a handful of batched
 matrix products (`torch.baddbmm`) for all members at once. Each member keeps its own initial
-weights (the same as `build_boolean_net` draws from its seed), shuffling order (the same
-generator as the sequential trainer), learning rate, width and epoch budget.
+weights (the same as `study.models.build_boolean_net` draws from its seed), shuffling order
+(the same generator as the sequential trainer), learning rate, width and epoch budget.
 
 Narrower members are padded to the group's widest layer: padded units have zero incoming
 weights and bias, so they output relu(0) = 0, receive exactly zero gradient (relu'(0) = 0),
 and Adam with a zero gradient leaves them at zero: no effect on outputs or gradients.
 
-Same contract as `study.trainer.train`: per-member per-epoch `EpochMetrics`, early stop at the
-target (loss and all bits), an `on_epoch` hook that can stop a member, and a `TrainResult` per
-member. A member whose loss turns NaN/inf is stopped alone; its result carries
-`extra["non_finite"]` (the sequential trainer raises `NonFiniteLossError` instead).
-Adam runs as torch's fused kernel at unit rate, scaled per member afterwards, so that each
-member has its own step size and members that stop are frozen while the others go on.
+Same contract as `study.trainer.train`: a member is a hidden profile and its `TrainConfig`
+(whatever the population cannot honour is refused, not ignored); per-member per-epoch
+`EpochMetrics`, early stop at the target (loss and all bits), an `on_epoch` hook that can stop
+a member, and a `TrainResult` per member. A member whose loss turns NaN/inf is stopped alone,
+with `result.divergence` set, as the sequential trainer does.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,31 +30,51 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from study import device as dev
-from study.config import BooleanCandidate
+from study import models
+from study.config import TrainConfig, mlp_parameters
 from study.data import BooleanFunction
-from study.errors import NonFiniteLossError
-from study.trainer import EpochMetrics, TrainResult, target_met
+from study.errors import ConfigError
+from study.trainer import Divergence, EpochMetrics, TrainResult, target_met
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+"""torch.optim.Adam's defaults, which the sequential trainer uses."""
 COMPACT_BELOW = 0.5
 """Repack a group once fewer than this share of its members is still training."""
 
 
 @dataclass(frozen=True)
 class Member:
-    """One network of a population: a candidate trained from one seed."""
+    """One network of a population: a hidden profile and its training."""
 
-    candidate: BooleanCandidate
-    seed: int
-    """Seed of the initial weights and of the shuffling order (as in the sequential path)."""
+    hidden_layer_profile: tuple[int, ...]
+    """Hidden widths, input side first."""
+    config: TrainConfig
+    """Its training; `config.seed` draws the initial weights and the shuffling order (as in
+    the sequential path). Adam at a constant rate without weight decay, nothing else."""
+
+    def __post_init__(self) -> None:
+        c = self.config
+        refused = [
+            f"optimizer {c.optimizer!r} (only adam)" if c.optimizer != "adam" else "",
+            f"weight_decay {c.weight_decay}" if c.weight_decay != 0 else "",
+            f"lr_schedule {c.lr_schedule!r} (only constant)"
+            if c.lr_schedule != "constant"
+            else "",
+        ]
+        refused = [r for r in refused if r]
+        if refused:
+            raise ConfigError(
+                f"population: the population trainer does not implement {', '.join(refused)}; "
+                "train this configuration with the sequential trainer"
+            )
 
 
 MemberCallback = Callable[[int, EpochMetrics], bool | None]
 """on_epoch(member_index, metrics) -> True to stop that member (result kept)."""
-EpochHook = Callable[[dict[int, bool]], set[int]]
-"""after_epoch({member index: reached target} for members that finished this epoch) ->
-further member indices to stop now."""
+EpochHook = Callable[[dict[int, TrainResult]], set[int]]
+"""after_epoch({member index: result} of the members that ended this epoch) -> further member
+indices to stop now."""
 
 
 STEP_OVERHEAD_PARAMETERS = 45_000
@@ -78,21 +96,20 @@ def plan_groups(members: Sequence[Member], fn: BooleanFunction) -> list[list[int
     """
     by_kind: dict[tuple[int, int], list[int]] = {}
     for i, member in enumerate(members):
-        key = (len(member.candidate.hidden_layer_profile), member.candidate.batch_size)
+        key = (len(member.hidden_layer_profile), member.config.batch_size)
         by_kind.setdefault(key, []).append(i)
     groups = []
     for indices in by_kind.values():
-        order = sorted(indices, key=lambda i: (max(members[i].candidate.hidden_layer_profile), i))
+        order = sorted(indices, key=lambda i: (max(members[i].hidden_layer_profile), i))
         n = len(order)
         best = [0.0] + [math.inf] * n  # best[j]: least cost of the first j members
         cut = [0] * (n + 1)
-        profiles = [members[k].candidate.hidden_layer_profile for k in order]
+        profiles = [members[k].hidden_layer_profile for k in order]
         for j in range(1, n + 1):
             widths = list(profiles[j - 1])
             for i in range(j - 1, max(0, j - MAX_GROUP_SEARCH) - 1, -1):
                 widths = [max(a, b) for a, b in zip(widths, profiles[i], strict=True)]
-                dims = [fn.input_bits, *widths, fn.output_bits]
-                padded = sum((a + 1) * b for a, b in itertools.pairwise(dims))
+                padded = mlp_parameters(fn.input_bits, widths, fn.output_bits)
                 cost = best[i] + STEP_OVERHEAD_PARAMETERS + (j - i) * padded
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
@@ -104,25 +121,47 @@ def plan_groups(members: Sequence[Member], fn: BooleanFunction) -> list[list[int
     return groups
 
 
+def adam_unit_step(
+    step: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_count: Tensor
+) -> None:
+    """torch.optim.Adam's update at learning rate 1 (torch's betas and eps, no weight decay):
+    updates the moments in place and writes -m_hat / (sqrt(v_hat) + eps) into `step`, which
+    must be zero on entry. One fused kernel (torch's own, as `Adam(fused=True)` runs it); the
+    caller scales each member's row by its own rate. A test pins it to `torch.optim.Adam`."""
+    torch._fused_adam_(
+        [step],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [step_count],
+        lr=1.0,
+        beta1=ADAM_BETAS[0],
+        beta2=ADAM_BETAS[1],
+        weight_decay=0.0,
+        eps=ADAM_EPS,
+        amsgrad=False,
+        maximize=False,
+    )
+
+
 class _Group:
     """The stacked parameters, Adam state and bookkeeping of one group of members."""
 
     def __init__(self, members: list[Member], indices: list[int], fn: BooleanFunction) -> None:
-        from study.objectives import build_boolean_net
-
         device = fn.inputs.device
         self.indices = list(indices)  # positions in the caller's member list
-        depth = len(members[0].candidate.hidden_layer_profile)
-        widths = [
-            max(m.candidate.hidden_layer_profile[layer] for m in members) for layer in range(depth)
-        ]
+        depth = len(members[0].hidden_layer_profile)
+        widths = [max(m.hidden_layer_profile[layer] for m in members) for layer in range(depth)]
         dims = [fn.input_bits, *widths, fn.output_bits]
         # all parameters of a member in one row of a (K, P) buffer: one Adam pass per step
         self.shapes = [(dims[i], dims[i + 1]) for i in range(depth + 1)]
         sizes = [a * b + b for a, b in self.shapes]
         flat = torch.zeros(len(members), sum(sizes))
         for j, member in enumerate(members):
-            net = build_boolean_net(member.candidate, fn, member.seed)
+            net = models.build_boolean_net(
+                member.hidden_layer_profile, fn.input_bits, fn.output_bits, member.config.seed
+            )
             linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
             offset = 0
             for (fan_in_max, fan_out_max), linear in zip(self.shapes, linears, strict=True):
@@ -143,8 +182,8 @@ class _Group:
         # active members step together, so one step count serves the whole group
         self.step_count = torch.zeros((), device=device)
         self.scratch = torch.zeros_like(self.flat)
-        self.lr = torch.tensor([m.candidate.learning_rate for m in members], device=device)
-        self.generators = [torch.Generator().manual_seed(m.seed) for m in members]
+        self.lr = torch.tensor([m.config.learning_rate for m in members], device=device)
+        self.generators = [torch.Generator().manual_seed(m.config.seed) for m in members]
         self.active = torch.ones(len(members), dtype=torch.bool, device=device)
         self.active_lr = self.lr.clone()
         self._layers = self._make_layers()
@@ -223,28 +262,11 @@ class _Group:
 
     @torch.no_grad()
     def adam_step(self, grad: Tensor) -> None:
-        """torch.optim.Adam's update with a learning rate per member; stopped members frozen.
-
-        torch's fused Adam kernel (one pass) computes the unit-rate step -m_hat/(sqrt(v_hat)+eps)
-        into a zeroed scratch buffer; each member's row is then scaled by its own rate.
-        """
+        """torch.optim.Adam's update with a learning rate per member; stopped members frozen:
+        the unit-rate step for all members at once, then each row scaled by its own rate."""
         self.step_count += 1
         self.scratch.zero_()
-        torch._fused_adam_(
-            [self.scratch],
-            [grad],
-            [self.exp_avg],
-            [self.exp_avg_sq],
-            [],
-            [self.step_count],
-            lr=1.0,
-            beta1=ADAM_BETAS[0],
-            beta2=ADAM_BETAS[1],
-            weight_decay=0.0,
-            eps=ADAM_EPS,
-            amsgrad=False,
-            maximize=False,
-        )
+        adam_unit_step(self.scratch, grad, self.exp_avg, self.exp_avg_sq, self.step_count)
         self.flat.addcmul_(self.scratch, self.active_lr[:, None])
 
     def keep(self, rows: list[int]) -> None:
@@ -267,7 +289,6 @@ class _Group:
 def train_population(
     members: Sequence[Member],
     fn: BooleanFunction,
-    target_loss: float | None,
     on_epoch: MemberCallback | None = None,
     after_epoch: EpochHook | None = None,
     compact: bool = True,
@@ -278,39 +299,28 @@ def train_population(
     `on_epoch` sees every member's metrics and may stop it; `after_epoch` may stop further
     members (e.g. the other seeds of a trial that can no longer learn f).
     """
-    results: list[TrainResult | None] = [None] * len(members)
+    results: dict[int, TrainResult] = {}
     for indices in plan_groups(members, fn):
-        batch = members[indices[0]].candidate.batch_size
-        _train_group(
-            [members[i] for i in indices],
-            indices,
-            batch,
-            fn,
-            target_loss,
-            on_epoch,
-            after_epoch,
-            compact,
-            results,
-        )
-    return [r for r in results if r is not None]
+        group = {i: members[i] for i in indices}
+        results.update(_train_group(group, fn, on_epoch, after_epoch, compact))
+    return [results[i] for i in range(len(members))]
 
 
 def _train_group(
-    members: list[Member],
-    indices: list[int],
-    batch: int,
+    members: dict[int, Member],
     fn: BooleanFunction,
-    target_loss: float | None,
     on_epoch: MemberCallback | None,
     after_epoch: EpochHook | None,
     compact: bool,
-    results: list[TrainResult | None],
-) -> None:
+) -> dict[int, TrainResult]:
+    """Train one group (members by their index in the population); return their results."""
     device = fn.inputs.device
-    group = _Group(members, indices, fn)
-    by_index = dict(zip(indices, members, strict=True))
-    epochs = {i: by_index[i].candidate.epochs for i in indices}
+    indices = list(members)
+    group = _Group(list(members.values()), indices, fn)
+    configs = {i: m.config for i, m in members.items()}
+    batch = configs[indices[0]].batch_size
     history: dict[int, list[EpochMetrics]] = {i: [] for i in indices}
+    results: dict[int, TrainResult] = {}
     n = len(fn.inputs)
     steps_per_epoch = math.ceil(n / batch)
     x_all, y_all = fn.inputs, fn.targets
@@ -318,19 +328,23 @@ def _train_group(
     dev.synchronize(device)
     started = time.perf_counter()
 
-    def finish(i: int, reached: bool, stopped: bool, **extra) -> None:
-        member = by_index[i]
+    def finish(
+        i: int, reached: bool, stopped: bool, divergence: Divergence | None = None
+    ) -> TrainResult:
         results[i] = TrainResult(
             history=history[i],
-            parameters=member.candidate.parameters(fn.input_bits, fn.output_bits),
+            parameters=mlp_parameters(
+                fn.input_bits, members[i].hidden_layer_profile, fn.output_bits
+            ),
             device=describe,
             seconds=history[i][-1].seconds if history[i] else time.perf_counter() - started,
             reached_target=reached,
             stopped_by_callback=stopped,
-            extra={"population_size": len(members), **extra},
+            divergence=divergence,
         )
+        return results[i]
 
-    for epoch in range(1, max(epochs.values()) + 1):
+    for epoch in range(1, max(c.epochs for c in configs.values()) + 1):
         # --- train: each member its own seeded order; batches gathered for all members at once
         orders = torch.stack([torch.randperm(n, generator=g) for g in group.generators]).to(device)
         # one gather per epoch: each member's rows in its own order, then plain slices
@@ -353,46 +367,47 @@ def _train_group(
         eval_losses, accuracies = eval_loss.tolist(), accuracy.tolist()
         active = group.active.tolist()
         seconds = time.perf_counter() - started
-        finished: dict[int, bool] = {}
+        ended: dict[int, TrainResult] = {}
         for row, i in enumerate(group.indices):
             if not active[row]:
                 continue
+            config = configs[i]
             if not (math.isfinite(train_losses[row]) and math.isfinite(eval_losses[row])):
                 # this member alone diverged (members share no arithmetic): stop it, say why
-                error = NonFiniteLossError(epoch, train_losses[row])
-                finish(i, False, False, non_finite=str(error))
-                finished[i] = False
+                bad = (
+                    train_losses[row] if not math.isfinite(train_losses[row]) else eval_losses[row]
+                )
+                ended[i] = finish(i, False, False, Divergence(epoch, bad))
                 continue
             metrics = EpochMetrics(
-                epoch,
-                train_losses[row],
-                eval_losses[row],
-                accuracies[row],
-                None,
-                seconds,
-                by_index[i].candidate.learning_rate,
+                epoch=epoch,
+                train_loss=train_losses[row],
+                eval_loss=eval_losses[row],
+                eval_accuracy=accuracies[row],
+                train_accuracy=None,
+                seconds=seconds,
+                learning_rate=config.learning_rate,
             )
             history[i].append(metrics)
-            if target_met("binary", metrics, target_loss):
-                finish(i, True, False)
+            if target_met("binary", metrics, config.target_loss):
+                ended[i] = finish(i, True, False)
             elif on_epoch is not None and on_epoch(i, metrics):
-                finish(i, False, True)
-            elif epoch >= epochs[i]:
-                finish(i, False, False)
-            else:
-                continue
-            finished[i] = results[i].reached_target
+                ended[i] = finish(i, False, True)
+            elif epoch >= config.epochs:
+                ended[i] = finish(i, False, False)
+        stopped = set()
         if after_epoch is not None:
-            for i in after_epoch(dict(finished)) - set(finished):
-                if i in by_index and results[i] is None and history[i]:
-                    finish(i, False, True)
-                    finished[i] = False
-        if finished:
+            stopped = {i for i in after_epoch(dict(ended)) if i in members and i not in results}
+            for i in stopped:
+                finish(i, False, True)
+        if ended or stopped:
             still_active = group.active.clone()
-            still_active[[row for row, i in enumerate(group.indices) if i in finished]] = False
+            done = set(ended) | stopped
+            still_active[[row for row, i in enumerate(group.indices) if i in done]] = False
             group.set_active(still_active)
         still = group.active.nonzero().flatten().tolist()
         if not still:
             break
         if compact and len(still) < COMPACT_BELOW * len(group):
             group.keep(still)  # stop paying for members that have finished
+    return results

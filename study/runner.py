@@ -24,23 +24,16 @@ from optuna.trial import TrialState
 
 from search_spaces import get_space
 from study import interrupt
-from study.errors import ConfigError, NonFiniteLossError, StudyError
-from study.objectives import (
-    BooleanObjective,
-    ImageObjective,
-    PopulationBatch,
-    TrialOutOfMemory,
-    image_pruner,
-)
+from study.boolean_objective import BooleanObjective, PopulationBatch
+from study.errors import ConfigError, StudyError, TrialFailed
+from study.image_objective import ImageObjective, image_pruner
 from study.storage import DEFAULT_STORAGE, open_storage
+from study.studies import FINISHED, best_feasible, bind, finished_trials
+
+__all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_settings"]
 
 # heartbeat, retry and grouped TPE are marked experimental; they are used on purpose
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-"""Trials that count towards a study's total: failed ones (a crash, a NaN) carry no answer."""
-SETTINGS_ATTR = "settings"
-KIND_ATTR = "kind"
 
 
 def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -56,38 +49,6 @@ def study_settings(name: str, overrides: Mapping[str, Any] | None = None):
     space = get_space(name)
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     return space.base_settings().replace(**changes) if changes else space.base_settings()
-
-
-def check_settings(study: optuna.Study, kind: str, identity: dict[str, Any]) -> None:
-    """Store the fixed settings on a new study; refuse to resume one with other settings."""
-    stored = study.user_attrs.get(SETTINGS_ATTR)
-    if stored is None:
-        study.set_user_attr(KIND_ATTR, kind)
-        study.set_user_attr(SETTINGS_ATTR, identity)
-        return
-    conflicts = [
-        f"{key}={identity.get(key)!r} (stored {stored.get(key)!r})"
-        for key in sorted(set(stored) | set(identity))
-        if stored.get(key) != identity.get(key)
-    ]
-    if conflicts:
-        raise ConfigError(
-            f"study {study.study_name!r} exists with other fixed settings: "
-            f"{', '.join(conflicts)}; use the stored settings or another --study-name"
-        )
-
-
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial (None when there is none yet): for Boolean studies the feasible
-    one with the fewest neurons, for image studies the highest validation accuracy."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def default_study_name(name: str, settings: Mapping[str, Any] | None = None) -> str:
@@ -139,7 +100,7 @@ def run_study(
         pruner=image_pruner() if space.KIND == "image" else None,
         load_if_exists=True,
     )
-    check_settings(study, name, fixed.identity())
+    bind(study, name, fixed)
     if hasattr(space, "baseline") and not study.get_trials(deepcopy=False):
         # a new image study starts from its space's known-good baseline (Optuna's enqueue)
         study.enqueue_trial(space.baseline(fixed), user_attrs={"baseline": True})
@@ -265,7 +226,7 @@ def _run_trials(
                     claimed_objective,
                     callbacks=[on_trial_end],
                     n_trials=1,
-                    catch=(NonFiniteLossError, TrialOutOfMemory),
+                    catch=(TrialFailed,),
                 )
             finally:
                 release()

@@ -10,107 +10,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from study import device as dev
+from study.config import OPTIMIZERS, TrainConfig
 from study.data import Task
-from study.errors import ConfigError, NonFiniteLossError, reject_unknown_fields
 from study.models import count_parameters
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters of one training run; validated on construction."""
-
-    optimizer: str = "adam"
-    """One of sgd (with momentum), adam, adamw, rmsprop."""
-    learning_rate: float = 1e-3
-    """Step size (peak value when a schedule is used)."""
-    batch_size: int = 64
-    """Samples per optimiser step; the last batch of an epoch may be smaller."""
-    epochs: int = 10
-    """Passes over the training data (an upper bound when `target_loss` is set)."""
-    weight_decay: float = 0.0
-    """L2 penalty (decoupled for adamw)."""
-    momentum: float = 0.9
-    """Momentum of sgd and rmsprop; unused by adam/adamw."""
-    lr_schedule: str = "constant"
-    """constant, or cosine: per-step cosine decay from `learning_rate` to 0 over all epochs."""
-    seed: int = 0
-    """Seed of the shuffling order and of dropout; initial weights are seeded by the caller."""
-    target_loss: float | None = None
-    """Stop once the evaluation loss is at or below this value and, for bit targets, every bit
-    of the table is right (None: run all epochs)."""
-    mixed_precision: bool = True
-    """bf16 autocast on CUDA for image models; Boolean nets and the CPU always use fp32."""
-    eval_batch_size: int = 8192
-    """Samples per forward pass when evaluating (memory only; no effect on results)."""
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}: {message}, got {getattr(self, name)!r}")
-
-        check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
-        check(
-            _is_number(self.learning_rate) and 0 < self.learning_rate < 10,
-            "learning_rate",
-            "must be in (0, 10)",
-        )
-        check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(_is_int(self.epochs) and self.epochs >= 1, "epochs", "must be >= 1")
-        check(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
-            "weight_decay",
-            "must be >= 0",
-        )
-        check(
-            _is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)"
-        )
-        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
-        check(_is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
-        check(
-            self.target_loss is None or (_is_number(self.target_loss) and self.target_loss > 0),
-            "target_loss",
-            "must be a positive number or None",
-        )
-        check(isinstance(self.mixed_precision, bool), "mixed_precision", "must be true or false")
-        check(
-            _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
-            "eval_batch_size",
-            "must be >= 1",
-        )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys are an error naming the key."""
-        reject_unknown_fields(cls, values, "training setting")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (validated again)."""
-        return TrainConfig.from_dict({**asdict(self), **changes})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+__all__ = ["OPTIMIZERS", "Divergence", "EpochMetrics", "TrainConfig", "TrainResult", "train"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +46,20 @@ class EpochMetrics:
 
 
 @dataclass(frozen=True)
+class Divergence:
+    """Why a run stopped early: its loss turned NaN or infinite. Both trainers (one network at a
+    time, and a population) report it this way; the run's history ends before that epoch."""
+
+    epoch: int
+    """The epoch whose loss was not finite (1-based)."""
+    value: float
+    """The offending loss value (nan, inf or -inf)."""
+
+    def __str__(self) -> str:
+        return f"non-finite training loss ({self.value}) in epoch {self.epoch}"
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """Everything one training run produced."""
 
@@ -150,7 +76,8 @@ class TrainResult:
     """True when `on_epoch` asked to stop before the budget or the target was reached."""
     peak_memory_bytes: int | None = None
     """Peak device memory allocated during the run (CUDA only)."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    divergence: Divergence | None = None
+    """Set when the loss turned NaN/inf: the run stopped there (never silently kept)."""
 
     @property
     def epochs_run(self) -> int:
@@ -158,16 +85,17 @@ class TrainResult:
 
     @property
     def best_eval_loss(self) -> float:
-        return min(m.eval_loss for m in self.history)
+        """Least evaluation loss over the epochs (inf when none finished)."""
+        return min((m.eval_loss for m in self.history), default=math.inf)
 
     @property
     def best_eval_accuracy(self) -> float:
-        return max(m.eval_accuracy for m in self.history)
+        return max((m.eval_accuracy for m in self.history), default=0.0)
 
     @property
     def best_train_loss(self) -> float:
-        """Least running (tutorial-style) loss over the epochs."""
-        return min(m.train_loss for m in self.history)
+        """Least running (tutorial-style) loss over the epochs (inf when none finished)."""
+        return min((m.train_loss for m in self.history), default=math.inf)
 
     @property
     def final(self) -> EpochMetrics:
@@ -269,8 +197,8 @@ def train(
     """Train `model` on `task` as `config` says; return the per-epoch history and totals.
 
     `on_epoch` is called after every epoch with its metrics; it may return True to stop the
-    run cleanly, or raise (an Optuna adapter raises `TrialPruned`). A NaN/inf loss raises
-    `NonFiniteLossError`.
+    run cleanly, or raise (an Optuna adapter raises `TrialPruned`). A NaN/inf loss stops the
+    run with `result.divergence` set; that epoch is not in the history.
     """
     device = task.device
     model.to(device)
@@ -284,6 +212,7 @@ def train(
     track_train_accuracy = task.kind == "multiclass"
     history: list[EpochMetrics] = []
     reached = stopped = False
+    divergence = None
     dev.reset_peak_memory(device)
     dev.synchronize(device)
     started = time.perf_counter()
@@ -314,9 +243,9 @@ def train(
             eval_loss, eval_accuracy = evaluate(model, task, config.eval_batch_size, mixed)
             train_loss = (loss_sum / steps_per_epoch).item()  # host sync, once per epoch
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
-                raise NonFiniteLossError(
-                    epoch, train_loss if not math.isfinite(train_loss) else eval_loss
-                )
+                bad = train_loss if not math.isfinite(train_loss) else eval_loss
+                divergence = Divergence(epoch, bad)
+                break
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -343,4 +272,5 @@ def train(
         reached_target=reached,
         stopped_by_callback=stopped,
         peak_memory_bytes=dev.peak_memory_bytes(device),
+        divergence=divergence,
     )

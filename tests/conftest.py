@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from study.data import IDX_FILES, write_idx
+from study.data import IDX_FILES
+
+
+def write_idx(path: Path | str, array: torch.Tensor) -> Path:
+    """Write a uint8 tensor as an IDX file (gzip when the name ends in .gz)."""
+    path = Path(path)
+    data = array.to(torch.uint8).contiguous()
+    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(
+        f">{data.dim()}I", *data.shape
+    )
+    payload = header + data.numpy().tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
 
 
 def make_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

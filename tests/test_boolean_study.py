@@ -7,10 +7,16 @@ import sys
 import optuna
 import pytest
 
+from study.boolean_trial import (
+    BooleanTrial,
+    CandidateOutcome,
+    SeedRun,
+    TargetUnreachable,
+    train_seeds,
+)
 from study.config import BooleanCandidate, BooleanSettings
 from study.data import boolean_function
 from study.errors import ConfigError
-from study.objectives import CandidateOutcome, SeedRun, TargetUnreachable, train_candidate
 from study.runner import best_feasible, run_study
 from study.trainer import EpochMetrics, TrainResult
 
@@ -93,13 +99,13 @@ def test_unreachable_rule_stops_a_plateau_but_not_a_steady_descent():
     assert not any(descent(metrics(e, 0.5 * 10 ** (-e / 50))) for e in range(1, 201))
 
 
-def test_train_candidate_gives_up_once_the_share_is_out_of_reach():
+def test_a_trial_gives_up_once_the_share_is_out_of_reach():
     fn = boolean_function(3, 0, 3)
     settings = BooleanSettings(**TINY, required_share=1.0)
     hopeless = BooleanCandidate((1,), 2e-2, 8, 60)
-    result = train_candidate(hopeless, fn, settings, seeds=[0, 1])
+    result = train_seeds(BooleanTrial(hopeless, [0, 1], settings), fn).outcome()
     assert len(result.runs) == 1 and not result.learns and result.abandoned
-    full = train_candidate(hopeless, fn, settings, seeds=[0, 1], prune=False)
+    full = train_seeds(BooleanTrial(hopeless, [0, 1], settings, prune=False), fn).outcome()
     assert len(full.runs) == 2
     assert all(r.result.epochs_run == 60 for r in full.runs)
 

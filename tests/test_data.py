@@ -8,11 +8,10 @@ from study.data import (
     boolean_function,
     load_image_dataset,
     prepare_raw_files,
-    write_idx,
 )
 from study.errors import DataError
 
-from .conftest import write_fake_dataset
+from .conftest import write_fake_dataset, write_idx
 
 
 def test_boolean_function_is_the_full_truth_table_in_tutorial_order():

@@ -15,7 +15,7 @@ from study.config import ImageCandidate
 from study.data import load_image_dataset
 from study.errors import ConfigError
 from study.export import export_model, load_exported, predict, read_image_file
-from study.objectives import ImageObjective
+from study.image_objective import ImageObjective
 from study.runner import best_feasible, run_study, study_settings
 from study.trainer import evaluate, train
 from tests.conftest import make_images, write_fake_dataset
@@ -221,7 +221,7 @@ def test_dataset_mnist_runs_the_space_on_mnist_under_its_own_name(tmp_path, imag
     assert "mnist-cnn: best validation accuracy" in done.stdout
     study = optuna.load_study(study_name="mnist-cnn", storage=storage)
     assert study.user_attrs["settings"]["dataset"] == "mnist"
-    assert study.user_attrs["kind"] == "fashion-cnn"
+    assert study.user_attrs["space"] == "fashion-cnn"
 
 
 def test_workers_share_one_sqlite_storage(tmp_path, images_dir):

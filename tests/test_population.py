@@ -12,16 +12,28 @@ import pytest
 import torch
 
 from study import device as dev
-from study.config import BooleanCandidate, BooleanSettings
+from study import models
+from study.config import BooleanCandidate
 from study.data import boolean_function
-from study.objectives import build_boolean_net
-from study.population import Member, _Group, plan_groups, train_population
+from study.errors import ConfigError
+from study.population import Member, _Group, adam_unit_step, plan_groups, train_population
 from study.runner import run_study
 from study.trainer import train
 
 from .test_boolean_study import TINY
 
-SETTINGS = BooleanSettings()
+TARGET = 1e-3
+
+
+def member(candidate, seed, target=None):
+    """A population member: the candidate's profile and its training from `seed`."""
+    return Member(candidate.hidden_layer_profile, candidate.train_config(seed, target))
+
+
+def network(candidate, fn, seed):
+    return models.build_boolean_net(
+        candidate.hidden_layer_profile, fn.input_bits, fn.output_bits, seed
+    )
 
 
 def curves(result):
@@ -36,10 +48,10 @@ def test_member_follows_the_sequential_trainer(device_name):
     narrow = BooleanCandidate((12,), 1e-2, 8, 12)
     wide = BooleanCandidate((40,), 3e-3, 8, 9)
     sequential = [
-        train(build_boolean_net(c, fn, seed), fn.task(), c.train_config(SETTINGS, seed))
+        train(network(c, fn, seed), fn.task(), c.train_config(seed, TARGET))
         for c, seed in [(narrow, 5), (wide, 6)]
     ]
-    population = train_population([Member(narrow, 5), Member(wide, 6)], fn, 1e-3)
+    population = train_population([member(narrow, 5, TARGET), member(wide, 6, TARGET)], fn)
     for seq, pop in zip(sequential, population, strict=True):
         assert pop.epochs_run == seq.epochs_run
         seq_eval, seq_train = curves(seq)
@@ -57,17 +69,17 @@ def test_padded_member_equals_the_narrow_network_alone():
     fn = boolean_function(8, 1)
     narrow = BooleanCandidate((7, 5), 1e-2, 16, 10)
     wide = BooleanCandidate((30, 20), 5e-3, 16, 10)
-    alone = train_population([Member(narrow, 3)], fn, None, compact=False)[0]
-    padded = train_population([Member(narrow, 3), Member(wide, 4)], fn, None, compact=False)
-    assert plan_groups([Member(narrow, 3), Member(wide, 4)], fn) == [[0, 1]]  # one group
+    alone = train_population([member(narrow, 3)], fn, compact=False)[0]
+    padded = train_population([member(narrow, 3), member(wide, 4)], fn, compact=False)
+    assert plan_groups([member(narrow, 3), member(wide, 4)], fn) == [[0, 1]]  # one group
     assert curves(padded[0])[0] == pytest.approx(curves(alone)[0], rel=1e-6, abs=1e-9)
 
 
 def test_padded_units_have_no_effect_on_outputs_or_gradients():
     fn = boolean_function(4, 2)
     members = [
-        Member(BooleanCandidate((3, 2), 1e-2, 4, 5), 0),
-        Member(BooleanCandidate((9, 5), 1e-2, 4, 5), 1),
+        member(BooleanCandidate((3, 2), 1e-2, 4, 5), 0),
+        member(BooleanCandidate((9, 5), 1e-2, 4, 5), 1),
     ]
     group = _Group(members, [0, 1], fn)
     x, y = fn.inputs[:6], fn.targets[:6]
@@ -87,7 +99,7 @@ def test_padded_units_have_no_effect_on_outputs_or_gradients():
     ):
         assert torch.count_nonzero(t) == 0
     # ...and the real part equals autograd on the narrow network alone
-    net = build_boolean_net(members[0].candidate, fn, 0)
+    net = models.build_boolean_net(members[0].hidden_layer_profile, 4, 4, 0)
     reference = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
     reference.backward()
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
@@ -105,18 +117,18 @@ def test_members_stop_at_the_target_and_stopped_members_are_frozen():
     fn = boolean_function(3, 5, 3)
     fast = BooleanCandidate((16,), 5e-2, 8, 3000)
     slow = BooleanCandidate((16,), 2e-3, 8, 50)
-    results = train_population([Member(fast, 0), Member(slow, 1)], fn, 1e-3)
+    results = train_population([member(fast, 0, TARGET), member(slow, 1, TARGET)], fn)
     assert results[0].reached_target and results[0].final.eval_loss <= 1e-3
     assert results[0].final.eval_accuracy == 1.0
     assert not results[1].reached_target and results[1].epochs_run == 50
-    seq = train(build_boolean_net(fast, fn, 0), fn.task(), fast.train_config(SETTINGS, 0))
+    seq = train(network(fast, fn, 0), fn.task(), fast.train_config(0, TARGET))
     assert results[0].epochs_run == seq.epochs_run
 
 
 def test_on_epoch_and_after_epoch_stop_members():
     fn = boolean_function(3, 5, 3)
     c = BooleanCandidate((8,), 1e-2, 8, 100)
-    members = [Member(c, s) for s in range(4)]
+    members = [member(c, s) for s in range(4)]
 
     def on_epoch(i, metrics):
         return i == 0 and metrics.epoch == 3
@@ -124,7 +136,7 @@ def test_on_epoch_and_after_epoch_stop_members():
     def after_epoch(finished):
         return {1} if 0 in finished else set()
 
-    results = train_population(members, fn, None, on_epoch, after_epoch)
+    results = train_population(members, fn, on_epoch, after_epoch)
     assert results[0].epochs_run == 3 and results[0].stopped_by_callback
     assert results[1].epochs_run == 3 and results[1].stopped_by_callback
     assert results[2].epochs_run == results[3].epochs_run == 100
@@ -262,12 +274,10 @@ def test_killed_population_leaves_no_trial_running(tmp_path):
 
 def nan_for_seed(bad_seed):
     """A build_boolean_net whose network for `bad_seed` starts with NaN weights."""
-    from study import objectives
+    original = models.build_boolean_net
 
-    original = objectives.build_boolean_net
-
-    def build(candidate, fn, seed):
-        net = original(candidate, fn, seed)
+    def build(profile, input_bits, output_bits, seed):
+        net = original(profile, input_bits, output_bits, seed)
         if seed == bad_seed:
             with torch.no_grad():
                 next(net.parameters()).fill_(float("nan"))
@@ -277,11 +287,11 @@ def nan_for_seed(bad_seed):
 
 
 def test_a_diverging_member_stops_alone(monkeypatch):
-    monkeypatch.setattr("study.objectives.build_boolean_net", nan_for_seed(1))
+    monkeypatch.setattr("study.models.build_boolean_net", nan_for_seed(1))
     fn = boolean_function(3, 5, 3)
     c = BooleanCandidate((8,), 1e-2, 8, 20)
-    results = train_population([Member(c, 0), Member(c, 1), Member(c, 2)], fn, None)
-    assert "non_finite" in results[1].extra and results[1].epochs_run == 0
+    results = train_population([member(c, 0), member(c, 1), member(c, 2)], fn)
+    assert results[1].divergence is not None and results[1].epochs_run == 0
     assert results[0].epochs_run == results[2].epochs_run == 20
     assert all(torch.isfinite(torch.tensor(curves(r)[0])).all() for r in (results[0], results[2]))
 
@@ -289,7 +299,7 @@ def test_a_diverging_member_stops_alone(monkeypatch):
 @pytest.mark.parametrize("population", [None, 2])
 def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, population):
     # seeds of trial t are 2t and 2t+1 (2 seeds per trial): trial 1 diverges
-    monkeypatch.setattr("study.objectives.build_boolean_net", nan_for_seed(2))
+    monkeypatch.setattr("study.models.build_boolean_net", nan_for_seed(2))
     study = run_study(
         "boolean-shallow",
         trials=3,
@@ -307,3 +317,38 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeyp
     assert "non-finite" in reason
     finished = [s for s in states.values() if s != optuna.trial.TrialState.FAIL]
     assert len(finished) == 3  # the study went on to its total
+
+
+def test_adam_unit_step_is_torch_adam_with_a_rate_per_member():
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 7, generator=g)
+    rates = torch.tensor([1e-2, 3e-3, 5e-2])
+    grads = [torch.randn(3, 7, generator=g) for _ in range(6)]
+    flat, scratch = start.clone(), torch.zeros(3, 7)
+    exp_avg, exp_avg_sq, step_count = torch.zeros(3, 7), torch.zeros(3, 7), torch.zeros(())
+    for grad in grads:
+        step_count += 1
+        scratch.zero_()
+        adam_unit_step(scratch, grad, exp_avg, exp_avg_sq, step_count)
+        flat.addcmul_(scratch, rates[:, None])
+    for row, lr in enumerate(rates.tolist()):
+        p = start[row].clone().requires_grad_()
+        optimizer = torch.optim.Adam([p], lr=lr)  # the sequential trainer's Adam
+        for grad in grads:
+            p.grad = grad[row].clone()
+            optimizer.step()
+        assert torch.allclose(flat[row], p.detach(), rtol=1e-6, atol=1e-7), row
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"optimizer": "sgd"}, "optimizer 'sgd'"),
+        ({"weight_decay": 1e-4}, "weight_decay"),
+        ({"lr_schedule": "cosine"}, "lr_schedule 'cosine'"),
+    ],
+)
+def test_population_refuses_a_training_it_does_not_implement(change, named):
+    config = BooleanCandidate((4,), 1e-2, 8, 10).train_config(0, None).replace(**change)
+    with pytest.raises(ConfigError, match=rf"^population: .*{named}"):
+        Member((4,), config)

@@ -6,7 +6,7 @@ from torch import nn
 
 from study import device as dev
 from study.data import Task, boolean_function, load_image_dataset
-from study.errors import ConfigError, NonFiniteLossError
+from study.errors import ConfigError
 from study.models import ConvBlock, ConvNet, ConvNetSpec, DeepNeuralNet
 from study.trainer import OPTIMIZERS, TrainConfig, train
 
@@ -82,7 +82,7 @@ def test_callback_exception_propagates():
         train(DeepNeuralNet(3, [8], 3), fn.task(), TrainConfig(epochs=5), on_epoch)
 
 
-def test_nan_loss_stops_with_a_distinguishable_error():
+def test_nan_loss_stops_with_a_distinguishable_reason():
     class Broken(nn.Module):
         def __init__(self):
             super().__init__()
@@ -92,9 +92,9 @@ def test_nan_loss_stops_with_a_distinguishable_error():
             return self.linear(x) * float("nan")
 
     fn = boolean_function(3, 0)
-    with pytest.raises(NonFiniteLossError) as info:
-        train(Broken(), fn.task(), TrainConfig(epochs=3))
-    assert info.value.epoch == 1 and math.isnan(info.value.value)
+    result = train(Broken(), fn.task(), TrainConfig(epochs=3))
+    assert result.divergence.epoch == 1 and math.isnan(result.divergence.value)
+    assert result.epochs_run == 0 and not result.reached_target  # nothing non-finite is kept
 
 
 @pytest.fixture

@@ -1,0 +1,153 @@
+"""The Optuna objective of the Boolean width studies, one trial at a time or as a population.
+
+A Boolean study minimises hidden neurons subject to the constraint "learns f" (Optuna 5's
+`Trial.set_constraint`; feasible when the value is <= 0). Each trial trains r seeds under the
+rules of `study.boolean_trial.BooleanTrial`; this module only binds them to Optuna: suggest,
+report, store the outcome, and turn the verdict into a trial state.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from types import ModuleType
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from study import device as dev
+from study import interrupt
+from study.boolean_trial import BooleanTrial, Verdict, train_seeds
+from study.config import BooleanSettings
+from study.data import BooleanFunction, boolean_function
+from study.errors import TrialFailed
+from study.population import Member, train_population
+from study.trainer import EpochMetrics, TrainResult
+
+
+def record(trial: optuna.Trial, run: BooleanTrial, fn: BooleanFunction) -> Verdict:
+    """Store how a Boolean trial ended on its Optuna trial; return the verdict to act on.
+
+    A failed trial stores its reason; any other stores the outcome (user attributes) and the
+    constraint "learns f"."""
+    verdict = run.verdict()
+    if verdict.state == TrialState.FAIL:
+        trial.set_user_attr("fail_reason", verdict.reason)
+        return verdict
+    outcome = run.outcome()
+    for key, value in outcome.user_attrs(fn.input_bits, fn.output_bits).items():
+        trial.set_user_attr(key, value)
+    trial.set_constraint("learns_f", outcome.constraint)
+    return verdict
+
+
+class BooleanObjective:
+    """Optuna objective of a Boolean width study: returns neurons, sets the constraint."""
+
+    def __init__(
+        self, space: ModuleType, settings: BooleanSettings, device: str | torch.device = "auto"
+    ) -> None:
+        self.space = space
+        self.settings = settings
+        self.device = dev.resolve_device(device)
+        dev.limit_threads_for_tiny_models(self.device)
+        # the truth table is built once per process and lives on the device
+        self.fn = boolean_function(
+            settings.input_bits, settings.function_seed, settings.output_bits, self.device
+        )
+
+    def seeds_for(self, trial_number: int) -> list[int]:
+        """Initialisation seeds of a trial: distinct across trials, stored with the trial."""
+        return [trial_number * self.settings.seeds + i for i in range(self.settings.seeds)]
+
+    def trial(self, trial: optuna.Trial) -> BooleanTrial:
+        """The rules of this Optuna trial: its sampled candidate on its seeds."""
+        candidate = self.space.suggest(trial, self.settings)
+        return BooleanTrial(
+            candidate, self.seeds_for(trial.number), self.settings, report=trial.report
+        )
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        run = train_seeds(self.trial(trial), self.fn, watch=lambda: interrupt.check(trial))
+        verdict = record(trial, run, self.fn)
+        if verdict.state == TrialState.FAIL:
+            raise TrialFailed(verdict.reason)  # the study's `catch` fails it and goes on
+        if verdict.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(verdict.reason)
+        return verdict.value
+
+
+class PopulationBatch:
+    """Ask K trials at once, train all their seeds as one population, tell every result.
+
+    Optuna's heartbeat covers `study.optimize` only; here each asked trial's heartbeat is
+    recorded by hand (at ask and then every few seconds), so that a crash leaves trials that
+    the next run finds stale, fails, and re-enqueues with the same parameters.
+    """
+
+    def __init__(
+        self, space: ModuleType, settings: BooleanSettings, device: str | torch.device = "auto"
+    ) -> None:
+        self.objective = BooleanObjective(space, settings, device)
+        self.fn = self.objective.fn
+
+    def run(self, study: optuna.Study, size: int) -> list[optuna.trial.FrozenTrial]:
+        """One population of `size` trials: ask, train together, tell. Returns the told trials."""
+        storage = study._storage
+        heartbeat = getattr(storage, "record_heartbeat", None)
+        interval = storage.get_heartbeat_interval() if heartbeat is not None else None
+        if interval is None:
+            heartbeat = None
+        trials = []
+        with warnings.catch_warnings():
+            # ask/tell with a heartbeat storage: the heartbeat is recorded here, by hand, right
+            # after each ask (a RUNNING trial without any heartbeat would never turn stale)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            for _ in range(size):
+                trials.append(study.ask())
+                if heartbeat is not None:
+                    heartbeat(trials[-1]._trial_id)
+        beat_at = time.monotonic()
+        runs = [self.objective.trial(trial) for trial in trials]
+        # member i is seed k of trial j
+        owner = [(j, k) for j, run in enumerate(runs) for k in range(len(run.seeds))]
+        members = [
+            Member(runs[j].candidate.hidden_layer_profile, runs[j].config(k)) for j, k in owner
+        ]
+
+        def on_epoch(i: int, metrics: EpochMetrics) -> bool:
+            nonlocal beat_at
+            if heartbeat is not None and time.monotonic() - beat_at > interval / 2:
+                beat_at = time.monotonic()
+                for trial in trials:
+                    heartbeat(trial._trial_id)
+            j, k = owner[i]
+            return runs[j].over or runs[j].on_epoch(k, metrics)
+
+        def after_epoch(ended: dict[int, TrainResult]) -> set[int]:
+            interrupt.check()
+            for i, result in ended.items():
+                j, k = owner[i]
+                runs[j].finish(k, result)
+            # the other seeds of a trial that is over stop now
+            return {
+                i for i, (j, k) in enumerate(owner) if runs[j].over and not runs[j].finished(k)
+            }
+
+        try:
+            results = train_population(members, self.fn, on_epoch, after_epoch)
+        except interrupt.Interrupted:
+            for trial in trials:  # the whole population stops: fail its trials with the reason
+                trial.set_user_attr("fail_reason", interrupt.REASON)
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+        for i, result in enumerate(results):
+            j, k = owner[i]
+            runs[j].finish(k, result)
+        told = []
+        for trial, run in zip(trials, runs, strict=True):
+            trial.set_user_attr("population_size", len(members))
+            verdict = record(trial, run, self.fn)
+            told.append(study.tell(trial, verdict.value, state=verdict.state))
+        return told

@@ -1,0 +1,200 @@
+"""The report of a Boolean width study: its answer, budget, smallest feasible trials, and the
+figures neurons vs loss, success share vs width, best width over trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import pandas as pd
+
+from study.config import BOOLEAN_OPTIMIZER, BooleanSettings
+from study.studies import StudyInfo, best_feasible
+from study.tables import STATES, markdown_table, save_figure
+
+# ----------------------------------------------------------------------------------------------
+# Boolean studies
+
+
+def pareto_front(neurons: pd.Series, loss: pd.Series) -> pd.DataFrame:
+    """The non-dominated (neurons, loss) points, by increasing neurons (decreasing loss)."""
+    points = pd.DataFrame({"neurons": neurons, "median_best_loss": loss}).dropna()
+    points = points.sort_values(["neurons", "median_best_loss"])
+    best = points["median_best_loss"].cummin()
+    keep = points["median_best_loss"] < best.shift(1, fill_value=np.inf)
+    return points[keep.to_numpy()]
+
+
+def boolean_figures(frame: pd.DataFrame, settings: BooleanSettings, out: Path) -> list[Path]:
+    """Neurons vs best loss, success share vs width, best feasible width over trials."""
+    done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
+    if done.empty or "neurons" not in done:
+        return []
+    target = settings.target_loss
+    required = settings.required_share
+    done["median_best_loss"] = done["median_best_loss"].astype(float)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scatter = ax.scatter(
+        done["neurons"],
+        done["median_best_loss"],
+        c=done["success_share"].astype(float),
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=36,
+        edgecolors="k",
+        linewidths=0.4,
+    )
+    ax.axhline(target, color="crimson", linestyle="--", label=f"target loss {target:g}")
+    front = pareto_front(done["neurons"], done["median_best_loss"])
+    ax.step(
+        front["neurons"],
+        front["median_best_loss"],
+        where="post",
+        color="black",
+        linewidth=1.0,
+        label="Pareto front (no trial has fewer neurons and lower loss)",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("hidden neurons (sum of widths)")
+    ax.set_ylabel("median best full-table loss (mean BCE)")
+    ax.set_title("Hidden neurons vs best loss, one point per trial")
+    fig.colorbar(scatter, ax=ax, label="success share of seeds")
+    ax.legend(loc="center left", fontsize=8)
+    paths.append(save_figure(fig, out / "neurons_vs_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(done))
+    ax.scatter(
+        done["neurons"],
+        done["success_share"].astype(float) + jitter,
+        c=np.where(done["state"] == "PRUNED", "tab:gray", "tab:blue"),
+        s=30,
+    )
+    ax.axhline(required, color="crimson", linestyle="--", label=f"required share {required:.0%}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_xlabel("hidden neurons (sum of widths)")
+    ax.set_ylabel("share of seeds that learned f")
+    ax.set_title("Success share vs width (grey: pruned trials)")
+    ax.legend(loc="lower right")
+    paths.append(save_figure(fig, out / "success_share_vs_width.png"))
+
+    order = frame.sort_values("number")
+    best, history = None, []
+    for _, row in order.iterrows():
+        if row["state"] == "COMPLETE" and bool(row.get("learns_f")):
+            best = row["neurons"] if best is None else min(best, row["neurons"])
+        history.append(best)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(order["number"], [np.nan if b is None else b for b in history], where="post")
+    feasible = order[(order["state"] == "COMPLETE") & order.get("learns_f", False).astype(bool)]
+    ax.scatter(
+        feasible["number"], feasible["neurons"], s=14, color="tab:green", label="feasible trials"
+    )
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("hidden neurons")
+    ax.set_title("Best feasible width so far")
+    ax.legend(loc="upper right")
+    paths.append(save_figure(fig, out / "best_width_history.png"))
+    return paths
+
+
+def boolean_summary(
+    study: optuna.Study,
+    frame: pd.DataFrame,
+    info: StudyInfo,
+    command: str | None,
+    certification: str | None = None,
+) -> str:
+    counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
+    best = best_feasible(study)
+    s = info.settings
+    assert isinstance(s, BooleanSettings)
+    lines = [f"# Study `{study.study_name}`", ""]
+    doc = info.space.replace("-", " ")
+    lines += [
+        f"Question ({doc}): the least number of hidden ReLU neurons with which the network "
+        f"learns a random Boolean function {{0,1}}^{s.input_bits} -> "
+        f"{{0,1}}^{s.output_bits} (function seed {s.function_seed}) to a full-table "
+        f"mean BCE of at most {s.target_loss:g} with every bit right, on at least "
+        f"{s.required_share:.0%} of {s.seeds} initialisation seeds.",
+        "",
+        "## Answer",
+        "",
+    ]
+    if best is None:
+        lines.append("No feasible configuration found yet.")
+    else:
+        a = best.user_attrs
+        profile = "-".join(map(str, a["hidden_layer_profile"]))
+        lines += [
+            f"**{a['neurons']} hidden neurons** (profile [{profile}], {a['parameters']} "
+            f"parameters), trial {best.number}: learning rate "
+            f"{best.params['learning_rate']:.3g}, batch {best.params['batch_size']}, "
+            f"budget {best.params['epochs']} epochs; success share {a['success_share']:.0%}, "
+            f"median best loss {a['median_best_loss']:.3g}.",
+            "",
+            "This is an upper bound found by the search under the budget below, on "
+            f"{s.seeds} seeds; `study certify` retrains it, the next smaller configuration "
+            "and the runners-up on fresh seeds (see Certification).",
+        ]
+    lines += [
+        "",
+        "## Budget",
+        "",
+        f"- {BOOLEAN_OPTIMIZER.capitalize()}, fp32, full truth table ({2**s.input_bits} rows); "
+        f"learning rate {s.min_learning_rate:g}..{s.max_learning_rate:g} (log), batch sizes "
+        f"{list(s.batch_sizes)}, epochs {s.min_epochs}..{s.max_epochs} (log), stop at the target",
+        f"- widths {s.min_width}..{s.max_width} per layer, "
+        f"{s.min_layers}..{s.max_layers} hidden layers",
+        f"- {s.seeds} seeds per trial; early-stop rule: {'on' if s.prune else 'off'}",
+        f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
+    ]
+    if len(frame) and "device" in frame:
+        span = frame["datetime_complete"].max() - frame["datetime_start"].min()
+        population = (
+            f"; trained in populations of up to {int(frame['population_size'].max())} networks"
+            if "population_size" in frame and frame["population_size"].notna().any()
+            else ""
+        )
+        devices = ", ".join(sorted(set(frame["device"].dropna().astype(str))))
+        lines.append(
+            f"- wall time {span.total_seconds() / 60:.0f} min from the first trial's start to "
+            f"the last one's end, on {devices}{population}"
+        )
+    feasible = frame[(frame["state"] == "COMPLETE") & frame.get("learns_f", False).astype(bool)]
+    if len(feasible):
+        top = feasible.sort_values(["neurons", "median_best_loss"]).head(8)
+        cols = [c for c in top.columns if c.startswith("param_")]
+        shown = top[
+            ["number", "neurons", "parameters", "success_share", "median_best_loss", *cols]
+        ]
+        lines += [
+            "",
+            "## Smallest feasible trials",
+            "",
+            markdown_table(shown),
+            "",
+        ]
+    if certification is not None:
+        lines += ["", "## Certification", "", certification.strip(), ""]
+    lines += ["", "## Figures", ""]
+    for name, title in [
+        ("neurons_vs_loss.png", "Hidden neurons vs best loss"),
+        ("success_share_vs_width.png", "Success share vs width"),
+        ("best_width_history.png", "Best feasible width over trials"),
+    ]:
+        lines.append(f"![{title}]({name})")
+    if command:
+        lines += ["", f"Produced by: `{command}`"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,282 @@
+"""The report of an image study: its answer (and exported test accuracy), budget, best trials,
+and the figures learning rate vs accuracy, accuracy vs size, learning curves, training vs
+validation, parameter importances and the timeline."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import pandas as pd
+
+from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
+from study.studies import StudyInfo, best_feasible
+from study.tables import STATES, markdown_table, save_figure
+
+# ----------------------------------------------------------------------------------------------
+# Image studies (FashionMNIST, MNIST)
+
+
+def _histories(frame: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Per-trial learning curves (epoch, train/val loss and accuracy) from the stored history."""
+    curves = {}
+    if "history" not in frame:
+        return curves
+    for number, text in zip(frame["number"], frame["history"], strict=True):
+        if isinstance(text, str) and text:
+            curves[int(number)] = pd.DataFrame(json.loads(text))
+    return curves
+
+
+def image_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials with the columns the image figures use: optimiser, learning rate,
+    parameters, last validation and training accuracy, epochs run."""
+    done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
+    if done.empty:
+        return done
+    curves = _histories(done)
+    last = {n: c.iloc[-1] for n, c in curves.items() if len(c)}
+    done["val_accuracy"] = [last[n]["val_accuracy"] if n in last else np.nan for n in done.number]
+    done["train_accuracy"] = [
+        last[n]["train_accuracy"] if n in last else np.nan for n in done.number
+    ]
+    done["epochs_run"] = [len(curves.get(n, [])) for n in done.number]
+    done["learning_rate"] = done["learning_rate"].astype(float)
+    done["parameters"] = done["parameters"].astype(float)
+    return done
+
+
+def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[Path]:
+    """Learning rate vs validation accuracy, accuracy vs parameters, learning curves of the top
+    trials, training vs validation accuracy, parameter importances, timeline."""
+    done = image_frame(frame)
+    if done.empty:
+        return []
+    paths = []
+    complete = done["state"] == "COMPLETE"
+    floor = max(0.0, float(done["val_accuracy"].quantile(0.1)) - 0.02)
+
+    def accuracy_against(x: str, xlabel: str, title: str, filename: str, legend: str) -> Path:
+        """Last validation accuracy against column `x` (log scale); complete trials coloured
+        by optimiser, pruned ones as grey crosses."""
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, group in done[complete].groupby("param_optimizer"):
+            ax.scatter(group[x], group["val_accuracy"], s=34, label=name)
+        pruned = done[done["state"] == "PRUNED"]
+        if len(pruned):
+            ax.scatter(pruned[x], pruned["val_accuracy"], marker="x", s=30, color="tab:gray",
+                       label="pruned")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=floor)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation accuracy (last epoch)")
+        ax.set_title(title)
+        ax.legend(title="optimiser", loc=legend)
+        return save_figure(fig, out / filename)
+
+    paths.append(
+        accuracy_against(
+            "learning_rate",
+            "peak learning rate (log scale)",
+            "Learning rate vs validation accuracy, by optimiser",
+            "lr_vs_accuracy.png",
+            "lower left",
+        )
+    )
+    paths.append(
+        accuracy_against(
+            "parameters",
+            "trainable parameters (log scale)",
+            "Validation accuracy vs model size",
+            "accuracy_vs_parameters.png",
+            "lower right",
+        )
+    )
+
+    curves = _histories(done)
+    top = done[complete].sort_values("value", ascending=False).head(5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for number in done.number:
+        if int(number) in curves and number not in set(top.number):
+            c = curves[int(number)]
+            left.plot(c["epoch"], c["val_accuracy"], color="0.8", linewidth=0.8)
+    for number in top.number:
+        c = curves[int(number)]
+        line = left.plot(c["epoch"], c["val_accuracy"], linewidth=1.8, label=f"trial {number}")
+        color = line[0].get_color()
+        right.plot(c["epoch"], c["train_accuracy"], "--", color=color, linewidth=1.2)
+        right.plot(c["epoch"], c["val_accuracy"], color=color, linewidth=1.8)
+    left.set_ylim(bottom=floor)
+    left.set_xlabel("epoch")
+    left.set_ylabel("accuracy")
+    left.set_title("Validation accuracy per epoch (grey: other trials)")
+    right.legend(
+        handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right", fontsize=8
+    )
+    right.set_xlabel("epoch")
+    right.set_title("Top 5: training (dashed) vs validation (solid)")
+    paths.append(save_figure(fig, out / "learning_curves.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    finished = done[complete]
+    scatter = ax.scatter(
+        finished["train_accuracy"],
+        finished["val_accuracy"],
+        c=np.log10(finished["parameters"]),
+        cmap="viridis",
+        s=36,
+        edgecolors="k",
+        linewidths=0.4,
+    )
+    low = float(min(finished["train_accuracy"].min(), finished["val_accuracy"].min())) - 0.01
+    high = float(max(finished["train_accuracy"].max(), finished["val_accuracy"].max())) + 0.01
+    ax.plot([low, high], [low, high], color="crimson", linestyle="--", label="validation = train")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("training accuracy (running, last epoch)")
+    ax.set_ylabel("validation accuracy (last epoch)")
+    ax.set_title("Do training gains carry over? (complete trials)")
+    fig.colorbar(scatter, ax=ax, label="log10 parameters")
+    ax.legend(loc="upper left")
+    paths.append(save_figure(fig, out / "train_vs_validation.png"))
+
+    if int(complete.sum()) >= 4:
+        from optuna.visualization.matplotlib import plot_param_importances
+
+        with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
+            warnings.simplefilter("ignore")
+            importances = plot_param_importances(study)
+        fig = importances.figure
+        fig.set_size_inches(8, 5)
+        importances.set_title("", loc="left")  # Optuna's own title would overlap ours
+        importances.set_title("Parameter importances for validation accuracy (PED-ANOVA)")
+        importances.set_xlabel("importance (share of explained variance)")
+        importances.set_ylabel("parameter")
+        if importances.get_legend() is not None:
+            importances.get_legend().remove()
+        paths.append(save_figure(fig, out / "param_importances.png"))
+
+    from optuna.visualization.matplotlib import plot_timeline
+
+    timeline = plot_timeline(study)
+    fig = timeline.figure
+    fig.set_size_inches(8, max(3.0, 0.18 * len(frame) + 1.5))
+    timeline.set_title("", loc="left")
+    timeline.set_title("Timeline of trials (complete vs pruned)")
+    timeline.set_xlabel("wall-clock time")
+    timeline.set_ylabel("trial number")
+    paths.append(save_figure(fig, out / "timeline.png"))
+    return paths
+
+
+IMAGE_FIGURES = [
+    ("lr_vs_accuracy.png", "Learning rate vs validation accuracy"),
+    ("accuracy_vs_parameters.png", "Validation accuracy vs parameters"),
+    ("learning_curves.png", "Learning curves of the top trials"),
+    ("train_vs_validation.png", "Training vs validation accuracy"),
+    ("param_importances.png", "Parameter importances"),
+    ("timeline.png", "Timeline of complete and pruned trials"),
+]
+
+
+def image_summary(
+    study: optuna.Study,
+    frame: pd.DataFrame,
+    info: StudyInfo,
+    command: str | None,
+    export: dict[str, Any] | None = None,
+) -> str:
+    counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
+    s = info.settings
+    assert isinstance(s, ImageSettings)
+    model = "convolutional networks" if info.space.endswith("cnn") else "multilayer perceptrons"
+    dataset = IMAGE_DATASETS[s.dataset]
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
+        f"Question: which training (optimiser, learning rate, schedule, batch size, epochs, "
+        f"weight decay) and which architecture give {model} the best accuracy on {dataset}? "
+        f"Objective: accuracy on {s.validation_size} validation images held out of the "
+        f"training set (split seed {s.split_seed}), after the last epoch; a median pruner "
+        "stops trials below the median of earlier ones. The test set is not used in the search.",
+        "",
+        "## Answer",
+        "",
+    ]
+    best = best_feasible(study)
+    if best is None:
+        lines.append("No complete trial yet.")
+    else:
+        a = best.user_attrs
+        described = ImageCandidate.from_dict(a["config"]).describe()
+        baseline = " (the study's enqueued baseline: the search did not beat it)"
+        lines.append(
+            f"**Validation accuracy {best.value:.4f}**, trial {best.number}"
+            f"{baseline if a.get('baseline') else ''} ({a['parameters']:,} parameters, "
+            f"{a['seconds_per_epoch']:.1f} s per epoch on {a['device']}): {described}."
+        )
+        if export is not None:
+            lines += [
+                "",
+                f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
+                f"test images, evaluated once, after `study export` retrained this configuration "
+                f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
+                f"on {export['device']}); weights `model.pt`, config `config.json`, metrics "
+                "`metrics.json` in this directory.",
+            ]
+    lines += [
+        "",
+        "## Budget",
+        "",
+        f"- epochs {s.min_epochs}..{s.max_epochs} per trial, training seed {s.seed}",
+        f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running"
+        + (f", {counts['WAITING']} waiting (re-queued)" if counts["WAITING"] else ""),
+    ]
+    failed = frame[frame["state"] == "FAIL"]
+    if len(failed) and "fail_reason" in failed:
+        lines += [
+            f"  - trial {n} failed: {r}"
+            for n, r in zip(failed.number, failed.fail_reason, strict=True)
+        ]
+    done = image_frame(frame)
+    if len(done):
+        span = frame["datetime_complete"].max() - frame["datetime_start"].min()
+        devices = ", ".join(sorted(set(done["device"].dropna().astype(str))))
+        lines.append(
+            f"- {int(done['epochs_run'].sum())} epochs trained in all; wall time "
+            f"{span.total_seconds() / 60:.0f} min from the first trial's start to the last "
+            f"one's end, on {devices}"
+        )
+        top = done[done["state"] == "COMPLETE"].sort_values("value", ascending=False).head(8)
+        shown = pd.DataFrame(
+            {
+                "trial": top["number"],
+                "val_accuracy": top["value"].round(4),
+                "train_accuracy": top["train_accuracy"].round(4),
+                "parameters": top["parameters"].astype(int),
+                "epochs": top["epochs_run"],
+                "s/epoch": top["seconds_per_epoch"].astype(float).round(1),
+                "configuration": [
+                    ImageCandidate.from_dict(json.loads(c)).describe()
+                    + (" (baseline)" if b is True else "")
+                    for c, b in zip(
+                        top["config"], top.get("baseline", [None] * len(top)), strict=True
+                    )
+                ],
+            }
+        )
+        lines += ["", "## Best trials", "", markdown_table(shown), ""]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{title}]({name})" for name, title in IMAGE_FIGURES]
+    if command:
+        lines += ["", f"Produced by: `{command}`"]
+    return "\n".join(lines) + "\n"

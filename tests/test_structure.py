@@ -1,0 +1,183 @@
+"""The structure the rest relies on: no import cycles, one place that knows a study's kind and
+settings, and `study run` flags generated from the settings dataclasses."""
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search_spaces import SPACES, get_space
+from study.cli import build_parser, settings_overrides
+from study.config import SETTINGS_OF_KIND, BooleanSettings, ImageSettings, field_docs
+from study.errors import ConfigError
+from study.runner import run_study, study_settings
+from study.studies import describe, load
+from tests.test_boolean_study import TINY, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at any depth, lazy imports included)."""
+    modules = {}
+    for package in ("study", "search_spaces"):
+        for path in (ROOT / package).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:  # `from study import device`: the module study.device
+                    sub = f"{node.module}.{alias.name}"
+                    targets.add(sub if sub in modules else node.module)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles_in_the_packages():
+    graph = project_imports()
+    assert {"study.population", "study.boolean_trial", "study.report_image"} <= set(graph)
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycle = [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # configuration does not import the training engine; the trainer knows nothing of Optuna
+    assert "study.trainer" not in graph["study.config"]
+    assert not any(m.startswith("study.") and "objective" in m for m in graph["study.trainer"])
+
+
+@pytest.mark.parametrize("kind", sorted(SETTINGS_OF_KIND))
+def test_every_setting_has_a_one_line_docstring_and_a_flag(kind):
+    cls = SETTINGS_OF_KIND[kind]
+    docs = field_docs(cls)
+    assert set(docs) == {f.name for f in fields(cls)}
+    assert all(doc and "\n" not in doc for doc in docs.values())
+    parser = build_parser("boolean-shallow" if kind == "boolean" else "fashion-mlp")
+    run = parser._subparsers._group_actions[0].choices["run"]
+    flags = {option for action in run._actions for option in action.option_strings}
+    for f in fields(cls):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+
+
+@pytest.mark.parametrize(
+    ("name", "flag", "default"),
+    [
+        ("boolean-deep", "--max-width", "[default: 128]"),
+        ("boolean-deep", "--min-layers", "[default: 2]"),
+        ("boolean-shallow", "--max-width", "[default: 256]"),
+        ("fashion-cnn", "--max-epochs", "[default: 15]"),
+        ("fashion-mlp", "--min-epochs", "[default: 10]"),
+    ],
+)
+def test_run_help_shows_the_chosen_studys_defaults(name, flag, default):
+    done = cli("run", name, "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    start = text.index(f"{flag} N ")
+    end = text.find(" --", start + len(flag))  # the next flag's entry
+    assert default in text[start : end if end > 0 else None]
+
+
+def test_flags_map_to_the_settings_fields():
+    args = build_parser("boolean-shallow").parse_args(
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "1",
+            "--max-width",
+            "9",
+            "--no-prune",
+            "--batch-sizes",
+            "8,16",
+            "--function-seed",
+            "4",
+        ]
+    )
+    assert settings_overrides(args) == {
+        "max_width": 9,
+        "prune": False,
+        "batch_sizes": (8, 16),
+        "function_seed": 4,
+    }
+    settings = study_settings("boolean-shallow", settings_overrides(args))
+    assert settings == BooleanSettings(max_width=9, prune=False, batch_sizes=(8, 16),
+                                       function_seed=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ["boolean-shallow", "--dataset", "mnist"],
+            "--dataset does not apply to boolean-shallow, a Boolean width study",
+        ),
+        (["boolean-deep", "--data-dir", "x"], "--data-dir does not apply to boolean-deep"),
+        (
+            ["fashion-mlp", "--population", "4"],
+            "--population does not apply to fashion-mlp, an image study",
+        ),
+        (["fashion-cnn", "--max-width", "8"], "--max-width does not apply to fashion-cnn"),
+    ],
+)
+def test_a_flag_of_another_kind_is_refused_in_one_line(tmp_path, args, named):
+    db = tmp_path / "s.db"
+    done = cli("run", args[0], "--trials", "1", "--storage", f"sqlite:///{db}", *args[1:])
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
+    assert not db.exists()
+
+
+def test_describe_gives_the_typed_settings_of_new_and_old_stores(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = run_study("boolean-shallow", trials=1, storage=storage, device="cpu",
+                      settings=TINY, progress=False)  # fmt: skip
+    info = describe(study)
+    assert (info.space, info.kind) == ("boolean-shallow", "boolean")
+    assert info.settings == study_settings("boolean-shallow", TINY)
+    assert isinstance(info.settings, BooleanSettings)
+    # a store written before the `space` attribute: the space's name under `kind`
+    old = optuna.create_study(storage=storage, study_name="old-cnn")
+    old.set_user_attr("kind", "fashion-cnn")
+    old.set_user_attr("settings", get_space("fashion-cnn").base_settings().identity())
+    info = describe(old)
+    assert (info.space, info.kind) == ("fashion-cnn", "image")
+    assert info.settings == ImageSettings(min_epochs=6, max_epochs=15)
+    # every space declares a kind that has a settings class
+    assert {get_space(n).KIND for n in SPACES} == set(SETTINGS_OF_KIND)
+
+
+def test_commands_of_the_other_kind_say_what_the_study_is(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_study("boolean-shallow", trials=1, storage=storage, device="cpu", settings=TINY,
+              progress=False)  # fmt: skip
+    image = optuna.create_study(storage=storage, study_name="images")
+    image.set_user_attr("space", "fashion-mlp")
+    image.set_user_attr("kind", "image")
+    image.set_user_attr("settings", ImageSettings().identity())
+    done = cli("certify", "images", "--storage", storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is an image study (fashion-mlp)" in done.stderr and "study export" in done.stderr
+    done = cli("export", "boolean-shallow", "--storage", storage)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is a Boolean width study (boolean-shallow)" in done.stderr
+    assert "study certify" in done.stderr
+    with pytest.raises(ConfigError, match="not a Boolean width study"):
+        load("images", storage, kind="boolean", command="certify")
