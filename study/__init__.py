@@ -6,7 +6,13 @@ Run a study from a script::
     study = run_study("boolean-shallow", trials=20, storage="sqlite:///results/studies.db")
 """
 
+import warnings
+
 from study.errors import ConfigError, DataError, StorageError, StudyError
+
+# in a notebook without ipywidgets, tqdm (imported by Optuna) warns with a path of this machine;
+# progress bars still work as text
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 __all__ = ["ConfigError", "DataError", "StorageError", "StudyError", "run_study"]
 

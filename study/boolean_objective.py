@@ -8,8 +8,6 @@ report, store the outcome, and turn the verdict into a trial state.
 
 from __future__ import annotations
 
-import time
-import warnings
 from types import ModuleType
 
 import optuna
@@ -79,11 +77,10 @@ class BooleanObjective:
 
 
 class PopulationBatch:
-    """Ask K trials at once, train all their seeds as one population, tell every result.
+    """Train K asked trials at once: all their seeds as one population, then tell every result.
 
-    Optuna's heartbeat covers `study.optimize` only; here each asked trial's heartbeat is
-    recorded by hand (at ask and then every few seconds), so that a crash leaves trials that
-    the next run finds stale, fails, and re-enqueues with the same parameters.
+    The runner asks the trials (exact totals) and beats their heartbeats; a trial that is over
+    (a seed diverged, or its required share is out of reach) stops its other seeds at once.
     """
 
     def __init__(
@@ -92,23 +89,10 @@ class PopulationBatch:
         self.objective = BooleanObjective(space, settings, device)
         self.fn = self.objective.fn
 
-    def run(self, study: optuna.Study, size: int) -> list[optuna.trial.FrozenTrial]:
-        """One population of `size` trials: ask, train together, tell. Returns the told trials."""
-        storage = study._storage
-        heartbeat = getattr(storage, "record_heartbeat", None)
-        interval = storage.get_heartbeat_interval() if heartbeat is not None else None
-        if interval is None:
-            heartbeat = None
-        trials = []
-        with warnings.catch_warnings():
-            # ask/tell with a heartbeat storage: the heartbeat is recorded here, by hand, right
-            # after each ask (a RUNNING trial without any heartbeat would never turn stale)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            for _ in range(size):
-                trials.append(study.ask())
-                if heartbeat is not None:
-                    heartbeat(trials[-1]._trial_id)
-        beat_at = time.monotonic()
+    def train(
+        self, study: optuna.Study, trials: list[optuna.Trial]
+    ) -> list[optuna.trial.FrozenTrial]:
+        """Sample, train together and tell `trials` (asked, RUNNING); returns the told trials."""
         runs = [self.objective.trial(trial) for trial in trials]
         # member i is seed k of trial j
         owner = [(j, k) for j, run in enumerate(runs) for k in range(len(run.seeds))]
@@ -117,11 +101,6 @@ class PopulationBatch:
         ]
 
         def on_epoch(i: int, metrics: EpochMetrics) -> bool:
-            nonlocal beat_at
-            if heartbeat is not None and time.monotonic() - beat_at > interval / 2:
-                beat_at = time.monotonic()
-                for trial in trials:
-                    heartbeat(trial._trial_id)
             j, k = owner[i]
             return runs[j].over or runs[j].on_epoch(k, metrics)
 

@@ -14,25 +14,62 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from study import device as dev
-from study.boolean_trial import BooleanTrial, CandidateOutcome
 from study.config import BooleanCandidate, BooleanSettings
-from study.data import boolean_function
 from study.errors import StudyError
-from study.population import Member, train_population
-from study.studies import best_feasible, load
+from study.studies import CERTIFICATION_ATTR, best_feasible, load
 from study.tables import markdown_table
 
 FRESH_SEED_OFFSET = 1_000_000
 """Certification seeds start here: disjoint from every seed a search trial uses."""
 
 
+SHOWN = [
+    "role",
+    "trial",
+    "hidden_layer_profile",
+    "neurons",
+    "parameters",
+    "success_share",
+    "median_best_loss",
+    "max_best_loss",
+    "learns_f",
+]
+
+
 @dataclass(frozen=True)
 class Certification:
+    """A certification: one row per retrained configuration. It is stored with the study it
+    certifies (`record`), so that a report shows the certification of its own store only."""
+
     study_name: str
     settings: BooleanSettings
-    outcomes: list[CandidateOutcome]
     table: pd.DataFrame
+    command: str | None = None
+
+    def record(self) -> dict:
+        """The JSON-able form stored as the study's `certification` user attribute."""
+        rows = self.table.astype(object).where(self.table.notna(), None).to_dict("records")
+        return {"first_seed": FRESH_SEED_OFFSET, "rows": rows, "command": self.command}
+
+    @classmethod
+    def from_record(cls, study_name: str, settings: BooleanSettings, record: dict):
+        table = pd.DataFrame(record["rows"])
+        table["trial"] = table["trial"].astype("Int64")  # neighbours have no trial of their own
+        return cls(study_name, settings, table, record.get("command"))
+
+    def body(self) -> str:
+        """The certification as markdown, without a title (a report embeds it)."""
+        s = self.settings
+        return (
+            f"Retrained on {self.table['seeds'].iloc[0]} fresh initialisation seeds "
+            f"(seeds {FRESH_SEED_OFFSET}+), same learning rate, batch size and epoch budget as "
+            "the trial, no early-stop rule. A configuration learns f when at least "
+            f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
+            "with every bit right.\n\n"
+            + markdown_table(self.table[SHOWN])
+            + f"\n\n{self.verdict()}\n"
+            + (f"\nProduced by: `{self.command}`\n" if self.command else "")
+        )
 
     def certified(self) -> pd.Series | None:
         """The row with the fewest neurons that learned f on the fresh seeds (None if none)."""
@@ -106,6 +143,7 @@ def certify(
     device: str = "auto",
     top: int = 1,
     log=print,
+    command: str | None = None,
 ) -> Certification:
     """Retrain the best feasible configuration and its smaller neighbours on fresh seeds.
 
@@ -120,6 +158,11 @@ def certify(
         raise StudyError(f"seeds: must be at least 1, got {seeds}")
     if top < 1:
         raise StudyError(f"top: must be at least 1, got {top}")
+    from study import device as dev
+    from study.boolean_trial import BooleanTrial
+    from study.data import boolean_function
+    from study.population import Member, train_population
+
     study, info = load(study_name, storage, kind="boolean", command="certify")
     settings = info.settings
     device_ = dev.resolve_device(device)
@@ -154,12 +197,11 @@ def certify(
         for k in range(seeds)
     ]
     results = train_population(members, fn)
-    rows, outcomes = [], []
+    rows = []
     for r, ((role, candidate), run) in enumerate(zip(roles, runs, strict=True)):
         for k in range(seeds):
             run.finish(k, results[r * seeds + k])
         outcome = run.outcome()
-        outcomes.append(outcome)
         rows.append(
             {
                 "role": role,
@@ -180,38 +222,24 @@ def certify(
         )
     table = pd.DataFrame(rows)
     table["trial"] = table["trial"].astype("Int64")  # neighbours have no trial of their own
-    return Certification(study_name, settings, outcomes, table)
+    cert = Certification(study_name, settings, table, command)
+    study.set_user_attr(CERTIFICATION_ATTR, cert.record())  # stored with what it certifies
+    return cert
 
 
-def write_certification(cert: Certification, out_dir: Path, command: str | None = None) -> Path:
+def stored_certification(study, settings: BooleanSettings) -> Certification | None:
+    """The certification stored with `study` (None when it was never certified)."""
+    record = study.user_attrs.get(CERTIFICATION_ATTR)
+    if record is None:
+        return None
+    return Certification.from_record(study.study_name, settings, record)
+
+
+def write_certification(cert: Certification, out_dir: Path) -> Path:
     """Write certification.csv and certification.md under `out_dir`; return the .md path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cert.table.to_csv(out_dir / "certification.csv", index=False)
-    shown = cert.table[
-        [
-            "role",
-            "trial",
-            "hidden_layer_profile",
-            "neurons",
-            "parameters",
-            "success_share",
-            "median_best_loss",
-            "max_best_loss",
-            "learns_f",
-        ]
-    ]
-    s = cert.settings
-    text = (
-        f"# Certification of `{cert.study_name}`\n\n"
-        f"Retrained on {cert.table['seeds'].iloc[0]} fresh initialisation seeds "
-        f"(seeds {FRESH_SEED_OFFSET}+), same learning rate, batch size and epoch budget as the "
-        "trial, no early-stop rule. A configuration learns f when at least "
-        f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
-        "with every bit right.\n\n"
-        + markdown_table(shown)
-        + f"\n\n{cert.verdict()}\n"
-        + (f"\nProduced by: `{command}`\n" if command else "")
-    )
+    text = f"# Certification of `{cert.study_name}`\n\n{cert.body()}"
     path = out_dir / "certification.md"
     path.write_text(text)
     return path

@@ -6,6 +6,7 @@ User errors (`StudyError`) print one line `study: error: ...` and exit with stat
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -13,20 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from search_spaces import SPACES, get_space
-from study.config import IMAGE_DATASETS, SETTINGS_OF_KIND, field_docs
+from study import interrupt
+from study.config import IMAGE_DATASETS, MAX_SEEDS, SETTINGS_OF_KIND, field_docs
 from study.errors import ConfigError, StudyError
-from study.storage import DEFAULT_STORAGE
+from study.storage import DEFAULT_STORAGE, default_out, redact, storage_failure
 from study.studies import KINDS, PLURALS
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded_int(low: int, high: int):
+    """An argparse type: an integer from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded_int(1, 10**9)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -123,7 +135,28 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 
 def _command_line() -> str:
-    return "study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """This command as typed, with any storage password hidden: it goes into reports."""
+    shown = []
+    for argument in sys.argv[1:]:
+        flag, equals, value = argument.partition("=")
+        if "://" in argument:
+            argument = f"{flag}={redact(value)}" if equals and "://" in value else redact(argument)
+        shown.append(shlex.quote(argument))
+    return " ".join(["study", *shown])
+
+
+def _out_dir(given: str | None, name: str) -> Path:
+    """Where a command writes: --out, else results/runs/NAME; one line if it cannot be."""
+    out = Path(given) if given else default_out(name)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out: cannot create {out} ({error.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out: {out} is not writable")
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -164,22 +197,32 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"{a['hidden_layer_profile']} ({a['parameters']} parameters), trial {best.number}"
         )
     if args.report:
-        out = write_report(study.study_name, args.storage, args.report_dir, _command_line())
+        out = _out_dir(args.report_dir, study.study_name)
+        write_report(study.study_name, args.storage, out, _command_line())
         print(f"report: {out}/summary.md")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from study.report import write_report
+    from study.studies import load
 
-    out = write_report(args.name, args.storage, args.out, _command_line())
+    load(args.name, args.storage)  # one line for a missing store or study, before --out
+    out = write_report(args.name, args.storage, _out_dir(args.out, args.name), _command_line())
     print(f"report: {out}/summary.md")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from study.export import export_model
+    from study.studies import load
 
+    load(args.name, args.storage, kind="image", command="export")  # before --out is made
     done = export_model(
-        args.name, args.storage, args.out, args.device, args.data_dir, _command_line()
+        args.name,
+        args.storage,
+        _out_dir(args.out, args.name),
+        args.device,
+        args.data_dir,
+        _command_line(),
     )
     print(
         f"{args.name}: test accuracy {done.test_accuracy:.4f} (validation in the search "
@@ -191,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from study.export import predict, prediction_line
 
-    directory = Path(args.dir) if args.dir else Path("results") / args.name
+    directory = Path(args.dir) if args.dir else default_out(args.name)
     rows = predict(directory, args.index, args.image, args.data_dir, args.device)
     for row in rows:
         print(prediction_line(row))
@@ -205,7 +248,10 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
         from optuna_dashboard import run_server
     except ModuleNotFoundError:
         raise StudyError("dashboard: optuna-dashboard is not installed; pip install it") from None
-    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    print(
+        f"optuna-dashboard for {redact(args.storage)} on http://{args.host}:{args.port}/ "
+        "(Ctrl-C stops)"
+    )
     sys.stdout.flush()
     try:
         run_server(storage, host=args.host, port=args.port)
@@ -217,10 +263,19 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 def cmd_certify(args: argparse.Namespace) -> None:
     from study.certify import certify, write_certification
+    from study.studies import load
 
-    cert = certify(args.name, args.storage, seeds=args.seeds, device=args.device, top=args.top)
-    out = Path(args.out) if args.out else Path("results") / args.name
-    path = write_certification(cert, out, _command_line())
+    load(args.name, args.storage, kind="boolean", command="certify")  # before --out is made
+    out = _out_dir(args.out, args.name)
+    cert = certify(
+        args.name,
+        args.storage,
+        seeds=args.seeds,
+        device=args.device,
+        top=args.top,
+        command=_command_line(),
+    )
+    path = write_certification(cert, out)
     print(cert.table.drop(columns=["seconds"]).to_string(index=False))
     print(cert.verdict())
     print(f"certification: {path}")
@@ -299,15 +354,15 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="image studies: directory with the IDX files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--report", action="store_true", help="write results/NAME/ afterwards")
-    p.add_argument("--report-dir", help="where --report writes (default results/NAME)")
+    p.add_argument("--report", action="store_true", help="write the report afterwards")
+    p.add_argument("--report-dir", help="where --report writes (default results/runs/NAME)")
     add_settings_flags(p, name)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="write trials.csv, summary.md and figures of a study")
     p.add_argument("name", help="study name in the storage")
     _add_storage(p)
-    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.add_argument("--out", help="output directory (default results/runs/NAME)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -315,18 +370,18 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="study name in the storage")
     _add_storage(p)
-    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.add_argument("--out", help="output directory (default results/runs/NAME)")
     p.add_argument("--data-dir", help="directory with the IDX files")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify test images or PNG/JPEG files")
-    p.add_argument("name", help="the exported study (reads results/NAME/)")
+    p.add_argument("name", help="the exported study (reads results/runs/NAME/)")
     p.add_argument(
         "--index", type=int, nargs="+", metavar="I", help="test-set image numbers (0..9999)"
     )
     p.add_argument("--image", nargs="+", metavar="FILE", help="PNG or JPEG files")
-    p.add_argument("--dir", help="export directory (default results/NAME)")
+    p.add_argument("--dir", help="export directory (default results/runs/NAME)")
     p.add_argument("--data-dir", help="directory with the IDX files (for --index)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
@@ -334,21 +389,23 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("certify", help="retrain the smallest feasible width on fresh seeds")
     p.add_argument("name", help="study name in the storage")
     _add_storage(p)
-    p.add_argument("--seeds", type=_positive_int, default=10, help="fresh seeds per config")
+    p.add_argument(
+        "--seeds", type=_bounded_int(1, MAX_SEEDS), default=10, help="fresh seeds per config"
+    )
     p.add_argument(
         "--top",
-        type=_positive_int,
+        type=_bounded_int(1, 1000),
         default=1,
         help="also retrain the next smallest feasible configurations (TOP in all)",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="output directory (default results/NAME)")
+    p.add_argument("--out", help="output directory (default results/runs/NAME)")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("dashboard", help="browse a storage's studies in optuna-dashboard")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=_positive_int, default=8080, help="port (8080)")
+    p.add_argument("--port", type=_bounded_int(1, 65535), default=8080, help="port (8080)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
@@ -360,9 +417,13 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="trainer: timed epochs")
-    p.add_argument("--trials", type=_positive_int, default=32, help="boolean: configurations")
-    p.add_argument("--epochs", type=_positive_int, default=250, help="boolean: epochs each")
+    p.add_argument("--repeats", type=_bounded_int(1, 100), default=3, help="trainer: timed epochs")
+    p.add_argument(
+        "--trials", type=_bounded_int(1, 4096), default=32, help="boolean: configurations"
+    )
+    p.add_argument(
+        "--epochs", type=_bounded_int(1, 10**6), default=250, help="boolean: epochs each"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")
@@ -396,9 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupted:
-        print(f"study: {interrupted or 'interrupted'}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stopped:
+        print(f"study: {stopped or 'interrupted'}", file=sys.stderr)
+        return interrupt.exit_status(stopped)
+    except Exception as error:
+        failure = storage_failure(error, getattr(args, "storage", None))
+        if failure is None:
+            raise  # a bug: keep its traceback
+        print(f"study: error: {failure}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -50,6 +50,22 @@ def is_number(value: Any) -> bool:
     )
 
 
+MAX_SEED = 2**63 - 1
+SEED_RANGE = f"must be an integer from 0 to {MAX_SEED}"
+MAX_EPOCHS = 10_000_000
+"""Most epochs a Boolean trial may draw."""
+MAX_IMAGE_EPOCHS = 10_000
+MAX_SEEDS = 10_000
+"""Most initialisation seeds per Boolean trial (each is a network trained in full)."""
+MAX_WIDTH = 65_536
+MAX_LAYERS = 32
+
+
+def is_seed(value: Any) -> bool:
+    """A seed torch's generators accept."""
+    return is_int(value) and 0 <= value <= MAX_SEED
+
+
 def reject_unknown_fields(cls: type, values: Mapping[str, Any], what: str = "setting") -> None:
     """Raise a ConfigError naming the first key of `values` that is not a field of `cls`."""
     known = {f.name for f in fields(cls)}
@@ -158,7 +174,7 @@ class TrainConfig(Settings):
         )
         check(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
-        check(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        check(is_seed(self.seed), "seed", SEED_RANGE)
         check(
             self.target_loss is None or (is_number(self.target_loss) and self.target_loss > 0),
             "target_loss",
@@ -225,36 +241,48 @@ class BooleanSettings(Settings):
         def need(ok: bool, name: str, message: str) -> None:
             require(ok, name, getattr(self, name), message)
 
-        need(1 <= self.input_bits <= 16, "input_bits", "must be between 1 and 16")
-        need(self.output_bits >= 1, "output_bits", "must be at least 1")
-        need(self.function_seed >= 0, "function_seed", "must be >= 0")
-        need(0 < self.target_loss < 1, "target_loss", "must be in (0, 1)")
-        need(self.max_epochs >= 1, "max_epochs", "must be at least 1")
-        need(self.seeds >= 1, "seeds", "must be at least 1")
-        need(0 < self.required_share <= 1, "required_share", "must be in (0, 1]")
-        need(self.min_width >= 1, "min_width", "must be at least 1")
+        need(is_int(self.input_bits) and 1 <= self.input_bits <= 16, "input_bits",
+             "must be an integer from 1 to 16")  # fmt: skip
+        need(is_int(self.output_bits) and 1 <= self.output_bits <= 64, "output_bits",
+             "must be an integer from 1 to 64")  # fmt: skip
+        need(is_seed(self.function_seed), "function_seed", SEED_RANGE)
+        need(is_number(self.target_loss) and 0 < self.target_loss < 1, "target_loss",
+             "must be in (0, 1)")  # fmt: skip
+        need(is_int(self.max_epochs) and 1 <= self.max_epochs <= MAX_EPOCHS, "max_epochs",
+             f"must be an integer from 1 to {MAX_EPOCHS}")  # fmt: skip
+        need(is_int(self.seeds) and 1 <= self.seeds <= MAX_SEEDS, "seeds",
+             f"must be an integer from 1 to {MAX_SEEDS}")  # fmt: skip
+        need(is_number(self.required_share) and 0 < self.required_share <= 1, "required_share",
+             "must be in (0, 1]")  # fmt: skip
+        need(is_int(self.min_width) and self.min_width >= 1, "min_width", "must be at least 1")
         need(
-            self.max_width >= self.min_width,
+            is_int(self.max_width) and self.min_width <= self.max_width <= MAX_WIDTH,
             "max_width",
-            f"must be >= min_width={self.min_width} (inverted width bounds)",
+            f"must be an integer from min_width={self.min_width} to {MAX_WIDTH} "
+            "(inverted width bounds?)",
         )
-        need(self.min_layers >= 1, "min_layers", "must be at least 1")
+        need(is_int(self.min_layers) and self.min_layers >= 1, "min_layers", "must be at least 1")
         need(
-            self.max_layers >= self.min_layers,
+            is_int(self.max_layers) and self.min_layers <= self.max_layers <= MAX_LAYERS,
             "max_layers",
-            f"must be >= min_layers={self.min_layers}",
+            f"must be an integer from min_layers={self.min_layers} to {MAX_LAYERS}",
         )
-        need(self.min_learning_rate > 0, "min_learning_rate", "must be positive")
+        need(is_number(self.min_learning_rate) and 0 < self.min_learning_rate < 10,
+             "min_learning_rate", "must be in (0, 10)")  # fmt: skip
         need(
-            self.max_learning_rate >= self.min_learning_rate,
+            is_number(self.max_learning_rate)
+            and self.min_learning_rate <= self.max_learning_rate < 10,
             "max_learning_rate",
-            f"must be >= min_learning_rate={self.min_learning_rate}",
+            f"must be >= min_learning_rate={self.min_learning_rate} and below 10",
         )
         need(
-            len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
+            isinstance(self.batch_sizes, tuple)
+            and len(self.batch_sizes) > 0
+            and all(is_int(b) and 1 <= b <= 2**16 for b in self.batch_sizes),
             "batch_sizes",
-            "must be a non-empty list of positive sizes",
+            "must be a non-empty list of sizes from 1 to 65536",
         )
+        need(isinstance(self.prune, bool), "prune", "must be true or false")
 
     @property
     def required_successes(self) -> int:
@@ -347,15 +375,16 @@ class ImageSettings(Settings):
             require(ok, name, getattr(self, name), message)
 
         need(self.dataset in IMAGE_DATASETS, "dataset", f"must be one of {list(IMAGE_DATASETS)}")
-        need(self.validation_size >= 1, "validation_size", "must be at least 1")
-        need(self.split_seed >= 0, "split_seed", "must be >= 0")
-        need(self.min_epochs >= 1, "min_epochs", "must be at least 1")
+        need(is_int(self.validation_size) and self.validation_size >= 1, "validation_size",
+             "must be at least 1")  # fmt: skip
+        need(is_seed(self.split_seed), "split_seed", SEED_RANGE)
+        need(is_int(self.min_epochs) and self.min_epochs >= 1, "min_epochs", "must be at least 1")
         need(
-            self.max_epochs >= self.min_epochs,
+            is_int(self.max_epochs) and self.min_epochs <= self.max_epochs <= MAX_IMAGE_EPOCHS,
             "max_epochs",
-            f"must be >= min_epochs={self.min_epochs}",
+            f"must be an integer from min_epochs={self.min_epochs} to {MAX_IMAGE_EPOCHS}",
         )
-        need(self.seed >= 0, "seed", "must be >= 0")
+        need(is_seed(self.seed), "seed", SEED_RANGE)
 
 
 SETTINGS_OF_KIND: dict[str, type[Settings]] = {"boolean": BooleanSettings, "image": ImageSettings}

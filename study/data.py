@@ -140,6 +140,8 @@ IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+SPLITS = {"train": "train", "test": "t10k"}
+"""Each split and the prefix of its IDX files."""
 CLASS_NAMES = {
     "fashion-mnist": (
         "T-shirt/top",
@@ -236,7 +238,8 @@ def prepare_raw_files(
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     raw = root / cls.__name__ / "raw"
     sources = [raw, root, *SYSTEM_DIRS.get(name, ())]
-    missing = []
+    missing: list[str] = []
+    unpacked: list[Path] = []
     for filename in IDX_FILES:
         target = raw / filename
         if target.exists():
@@ -257,6 +260,7 @@ def prepare_raw_files(
             _unpack(found, target)
         except PermissionError as error:
             raise DataError(f"{raw}: not writable ({error}); pass another --data-dir") from None
+        unpacked.append(target)
     if missing and download:
         try:
             cls(str(root), train=True, download=True)
@@ -271,7 +275,65 @@ def prepare_raw_files(
         raise DataError(
             f"{cls.__name__}: {', '.join(missing)} not found in {root}; {_HOW_TO_GET[name]}"
         )
+    try:
+        for filename in IDX_FILES:
+            _check_idx(raw / filename)
+        check_identity(name, root)
+    except DataError:
+        for path in unpacked:  # what this call unpacked is not the dataset: leave nothing behind
+            path.unlink(missing_ok=True)
+        raise
     return root
+
+
+KNOWN_LABELS = {
+    ("mnist", "train"): (60_000, (5, 0, 4, 1, 9, 2, 1, 3, 1, 4)),
+    ("mnist", "test"): (10_000, (7, 2, 1, 0, 4, 1, 4, 9, 5, 9)),
+    ("fashion-mnist", "train"): (60_000, (9, 0, 0, 3, 0, 2, 7, 2, 5, 5)),
+    ("fashion-mnist", "test"): (10_000, (9, 2, 1, 1, 6, 1, 4, 6, 5, 7)),
+}
+"""Fingerprints of the original label files: count and first labels. Recognises the real
+datasets (and which split a file is) without refusing anyone's own data in the same format."""
+
+
+def _fingerprint(path: Path) -> tuple[int, tuple[int, ...]]:
+    with path.open("rb") as handle:
+        header = handle.read(8)
+        first = handle.read(10)
+    return int.from_bytes(header[4:8], "big"), tuple(first)
+
+
+def check_identity(name: str, root: Path) -> None:
+    """Refuse files that are recognisably another dataset or the other split: MNIST given as
+    FashionMNIST (or the reverse), training files given as test files (or the reverse)."""
+    raw = root / IMAGE_DATASETS[name] / "raw"
+    labels = {split: raw / f"{prefix}-labels-idx1-ubyte" for split, prefix in SPLITS.items()}
+    if labels["train"].read_bytes() == labels["test"].read_bytes():
+        raise DataError(f"{raw}: the training and the test label files are the same file")
+    for split, path in labels.items():
+        found = next((k for k, v in KNOWN_LABELS.items() if v == _fingerprint(path)), None)
+        if found is not None and found != (name, split):
+            other, other_split = found
+            raise DataError(
+                f"{path}: these are the {IMAGE_DATASETS[other]} {other_split} labels, not the "
+                f"{IMAGE_DATASETS[name]} {split} labels; check the files in {root}"
+            )
+
+
+def check_image_files(
+    name: str, data_dir: Path | str | None, validation_size: int
+) -> tuple[int, ...]:
+    """Before a study is created: the dataset's files are there, are what they claim to be, and
+    leave training images beside the validation split. Returns the training images' shape."""
+    root = prepare_raw_files(name, data_dir)
+    raw = root / IMAGE_DATASETS[name] / "raw"
+    shape = _check_idx(raw / "train-images-idx3-ubyte")
+    if not 0 < validation_size < shape[0]:
+        raise DataError(
+            f"validation_size: must be between 1 and {shape[0] - 1} (the dataset has "
+            f"{shape[0]} training images), got {validation_size}"
+        )
+    return shape
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import torch
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset, normalize_images
-from study.errors import ConfigError, DataError
+from study.errors import ConfigError, DataError, StudyError
 from study.image_objective import history_rows, prepare_model
-from study.studies import best_feasible, load
+from study.studies import EXPORT_ATTR, best_feasible, load
 from study.trainer import evaluate, train
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.json"
@@ -96,6 +97,7 @@ def export_model(
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     metrics = {
+        "trial": best.number,
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
         "validation_accuracy_in_search": best.value,
@@ -108,6 +110,7 @@ def export_model(
         "history": history_rows(result.history),
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    study.set_user_attr(EXPORT_ATTR, {k: v for k, v in metrics.items() if k != "history"})
     return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
 
 
@@ -123,17 +126,41 @@ def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.
     try:
         config = json.loads(config_path.read_text())
         candidate = ImageCandidate.from_dict(config)
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except (ValueError, KeyError, RuntimeError, EOFError) as error:
-        raise ConfigError(f"{directory}: unreadable export ({error}); export again") from None
-    model = candidate.build(tuple(config["image_shape"]), config["num_classes"])
-    try:
+        classes = [str(c) for c in config["class_names"]]
+        shape = tuple(int(d) for d in config["image_shape"])
+        num_classes = int(config["num_classes"])
+        ImageSettings.from_dict(config["settings"])
+        float(config["pixel_mean"]), float(config["pixel_std"])
+        if len(shape) != 3 or min(shape) < 1 or max(shape) > 4096 or num_classes != len(classes):
+            raise ValueError("image_shape, num_classes and class_names do not fit together")
+        model = candidate.build(shape, num_classes)
+    except (ValueError, KeyError, TypeError, AttributeError, StudyError) as error:
+        raise DataError(
+            f"{config_path}: not a usable export config ({type(error).__name__}: "
+            f"{_first_line(error)}); export again"
+        ) from None
+    try:  # weights only: a model file never runs code (a hostile pickle is refused)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the refusal below says what matters
+            state = torch.load(model_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise ConfigError(f"{model_path}: does not match {CONFIG_FILE} ({first})") from None
+    except Exception as error:  # unpickling, zip and shape errors come in many types
+        raise DataError(
+            f"{model_path}: not a usable model for {CONFIG_FILE} ({type(error).__name__}: "
+            f"{_first_line(error)}); export again"
+        ) from None
     target = dev.resolve_device(device)
     return model.to(target).eval(), config
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest picture `predict` reads (a 40-megapixel photo); anything larger is refused before
+it is decoded, so that a huge or hostile file cannot exhaust memory."""
 
 
 def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
@@ -146,11 +173,20 @@ def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
 
     try:
         with Image.open(path) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{path}: {opened.width}x{opened.height} pixels is too large (at most "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels); scale it down first"
+                )
             image = opened.convert("L")
     except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{path}: not a readable PNG/JPEG image ({error})") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: refused, too large to decode ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({_first_line(error)})") from None
+    if min(image.size) < 1:
+        raise DataError(f"{path}: the image is empty")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).float().mean()
     if border > 127:

@@ -7,13 +7,15 @@ and `study.report_image`, the shared tables `study.tables`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from study.report_boolean import boolean_figures, boolean_summary, pareto_front
+from study.certify import stored_certification
+from study.report_boolean import BOOLEAN_FIGURES, boolean_figures, boolean_summary, pareto_front
 from study.report_image import IMAGE_FIGURES, image_figures, image_frame, image_summary
-from study.studies import load
+from study.studies import EXPORT_ATTR, load
 from study.tables import markdown_table, trials_frame
+
+REPORT_FIGURES = [name for name, _ in BOOLEAN_FIGURES + IMAGE_FIGURES]
 
 __all__ = [
     "IMAGE_FIGURES",
@@ -37,18 +39,17 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     frame = trials_frame(study)
     frame.to_csv(out / "trials.csv", index=False)
+    for stale in REPORT_FIGURES:  # figures of an earlier report in this directory
+        (out / stale).unlink(missing_ok=True)
+    # everything shown comes from this study's store: its trials, its stored export and
+    # certification, never files lying in the output directory
     if info.kind == "image":
         image_figures(study, frame, out)
-        metrics = out / "metrics.json"  # written by `study export` into the same directory
-        export = json.loads(metrics.read_text()) if metrics.is_file() else None
+        export = study.user_attrs.get(EXPORT_ATTR)
         (out / "summary.md").write_text(image_summary(study, frame, info, command, export))
         return out
     boolean_figures(frame, info.settings, out)
-    # a certification written earlier into the same directory becomes part of the summary
-    cert_path = out / "certification.md"
-    certification = None
-    if cert_path.is_file():
-        certification = cert_path.read_text().split("\n", 1)[1]  # without its own title
-    summary = boolean_summary(study, frame, info, command, certification)
+    cert = stored_certification(study, info.settings)
+    summary = boolean_summary(study, frame, info, command, cert.body() if cert else None)
     (out / "summary.md").write_text(summary)
     return out

@@ -21,6 +21,13 @@ from study.tables import STATES, markdown_table, save_figure
 # Boolean studies
 
 
+BOOLEAN_FIGURES = [
+    ("neurons_vs_loss.png", "Hidden neurons vs best loss"),
+    ("success_share_vs_width.png", "Success share vs width"),
+    ("best_width_history.png", "Best feasible width over trials"),
+]
+
+
 def pareto_front(neurons: pd.Series, loss: pd.Series) -> pd.DataFrame:
     """The non-dominated (neurons, loss) points, by increasing neurons (decreasing loss)."""
     points = pd.DataFrame({"neurons": neurons, "median_best_loss": loss}).dropna()
@@ -189,12 +196,7 @@ def boolean_summary(
     if certification is not None:
         lines += ["", "## Certification", "", certification.strip(), ""]
     lines += ["", "## Figures", ""]
-    for name, title in [
-        ("neurons_vs_loss.png", "Hidden neurons vs best loss"),
-        ("success_share_vs_width.png", "Success share vs width"),
-        ("best_width_history.png", "Best feasible width over trials"),
-    ]:
-        lines.append(f"![{title}]({name})")
+    lines += [f"![{title}]({name})" for name, title in BOOLEAN_FIGURES]
     if command:
         lines += ["", f"Produced by: `{command}`"]
     return "\n".join(lines) + "\n"

@@ -224,13 +224,15 @@ def image_summary(
             f"{a['seconds_per_epoch']:.1f} s per epoch on {a['device']}): {described}."
         )
         if export is not None:
+            trial = export.get("trial", best.number)
+            changed = " (the best trial has changed since: export again)" * (trial != best.number)
             lines += [
                 "",
                 f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
-                f"test images, evaluated once, after `study export` retrained this configuration "
+                f"test images, evaluated once, after `study export` retrained trial {trial} "
                 f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
-                f"on {export['device']}); weights `model.pt`, config `config.json`, metrics "
-                "`metrics.json` in this directory.",
+                f"on {export['device']}){changed}; it saved the weights (`model.pt`), the "
+                "config (`config.json`) and these metrics (`metrics.json`).",
             ]
     lines += [
         "",

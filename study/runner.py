@@ -2,20 +2,21 @@
 
 `run_study("boolean-shallow", trials=20)` is the Python entry point behind `study run`;
 `workers=N` runs N processes on the same storage (one per visible GPU when there are several).
+Every process claims its trials through `study.claims`, so that the study ends with exactly
+the requested number of finished trials, and no trial of a dead process stays RUNNING.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
-import tempfile
+import sys
 import time
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -23,17 +24,52 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from search_spaces import get_space
-from study import interrupt
+from study import claims, interrupt
+from study import device as dev
 from study.boolean_objective import BooleanObjective, PopulationBatch
+from study.config import is_int
 from study.errors import ConfigError, StudyError, TrialFailed
 from study.image_objective import ImageObjective, image_pruner
-from study.storage import DEFAULT_STORAGE, open_storage
-from study.studies import FINISHED, best_feasible, bind, finished_trials
+from study.storage import (
+    DEFAULT_STORAGE,
+    HEARTBEAT_SECONDS,
+    open_storage,
+    sqlite_path,
+    study_names,
+)
+from study.studies import (
+    FINISHED,
+    KIND_ATTR,
+    SETTINGS_ATTR,
+    SPACE_ATTR,
+    best_feasible,
+    bind,
+    describe,
+    finished_trials,
+)
 
 __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_settings"]
 
 # heartbeat, retry and grouped TPE are marked experimental; they are used on purpose
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+MAX_POPULATION = 65_536
+"""Most trials one population may ask at once (each is r networks in memory)."""
+MAX_TRIALS = 1_000_000
+WORKER_MEMORY_BYTES = 1_500_000_000
+"""What one worker process may need (torch, a dataset on the device, its models): bounds
+--workers by this machine's memory."""
+POLL_SECONDS = 1.0
+
+
+def max_workers() -> int:
+    """Worker processes this machine can hold: 4 per core, and no more than its memory allows."""
+    cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 * cores * WORKER_MEMORY_BYTES
+    return max(1, min(4 * cores, memory // WORKER_MEMORY_BYTES))
 
 
 def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -59,6 +95,68 @@ def default_study_name(name: str, settings: Mapping[str, Any] | None = None) -> 
     return name
 
 
+def _check_arguments(
+    trials: Any, population: Any, workers: Any, sampler_seed: Any, study_name: Any
+) -> None:
+    """The run's own arguments, bounded before anything is opened or written."""
+    if not is_int(trials) or not 1 <= trials <= MAX_TRIALS:
+        raise ConfigError(f"trials: must be an integer from 1 to {MAX_TRIALS}, got {trials!r}")
+    if population is not None and not (is_int(population) and 1 <= population <= MAX_POPULATION):
+        raise ConfigError(
+            f"population: must be an integer from 1 to {MAX_POPULATION}, got {population!r}"
+        )
+    limit = max_workers()
+    if not is_int(workers) or not 1 <= workers <= limit:
+        raise ConfigError(
+            f"workers: must be an integer from 1 to {limit} on this machine "
+            f"({os.cpu_count()} cores; each worker is a process with its own torch and data), "
+            f"got {workers!r}"
+        )
+    top = 2**32 - 1 - (workers - 1)  # worker i samples with seed + i
+    if sampler_seed is not None and not (is_int(sampler_seed) and 0 <= sampler_seed <= top):
+        raise ConfigError(
+            f"sampler_seed: must be an integer from 0 to {top}, got {sampler_seed!r}"
+        )
+    if study_name is not None and (
+        not isinstance(study_name, str) or not study_name.strip() or len(study_name) > 500
+    ):
+        raise ConfigError(f"study_name: must be 1 to 500 characters, got {study_name!r}")
+
+
+def _resolve_settings(space_name: str, study_name: str, storage: str, overrides: dict):
+    """The settings to run with: the stored ones for an existing study (an explicit override
+    that contradicts them is refused), else the space's defaults with the overrides. Opens
+    nothing for writing."""
+    requested = study_settings(space_name, overrides)  # validates every given value
+    path = sqlite_path(storage)
+    if path is not None and not path.exists():
+        return requested  # a new store: a new study
+    rdb = open_storage(storage, heartbeat=False)
+    if study_name not in study_names(rdb):
+        return requested
+    study = optuna.load_study(study_name=study_name, storage=rdb)
+    if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(study.user_attrs):
+        return requested  # made with Optuna alone (e.g. to enqueue trials): adopted as new
+    info = describe(study)
+    if info.space != space_name:
+        raise ConfigError(
+            f"study {study_name!r} exists as a {info.space} study, not {space_name}; "
+            "use another --study-name"
+        )
+    stored = info.settings
+    conflicts = [
+        f"{key}={getattr(requested, key)!r} (stored {getattr(stored, key)!r})"
+        for key in sorted(overrides)
+        if getattr(requested, key) != getattr(stored, key)
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"study {study_name!r} exists with other fixed settings: {', '.join(conflicts)}; "
+            "leave them out to use the stored ones, or use another --study-name"
+        )
+    return stored
+
+
 def run_study(
     name: str,
     trials: int,
@@ -75,22 +173,25 @@ def run_study(
     """Create or resume study `study_name` (default: `name`) and run it to `trials` in total.
 
     Complete and pruned trials count towards `trials`; running it again with the same number
-    does nothing new. Fixed settings must match the stored ones. With `population` K, K
-    trials are asked at once and trained together (`study.population`). With `workers` N > 1,
-    N processes share the storage until the total is reached.
+    does nothing new. A new study takes the space's defaults with `settings` applied; an
+    existing one runs with its stored settings (`settings` may repeat them, not change them).
+    Everything is validated before anything is written. With `population` K, K trials are asked
+    at once and trained together (`study.population`). With `workers` N > 1, N processes share
+    the storage until the total is reached.
     """
-    if not isinstance(trials, int) or trials < 1:
-        raise ConfigError(f"trials: must be a positive integer, got {trials!r}")
-    if population is not None and population < 1:
-        raise ConfigError(f"population: must be a positive integer, got {population!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers: must be a positive integer, got {workers!r}")
+    _check_arguments(trials, population, workers, sampler_seed, study_name)
     space = get_space(name)
     if population and space.KIND != "boolean":
         raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
-    fixed = study_settings(name, settings)
-    study_name = study_name or default_study_name(name, settings)
-    rdb = open_storage(storage)
+    overrides = {k: v for k, v in (settings or {}).items() if v is not None}
+    study_name = study_name or default_study_name(name, overrides)
+    target = dev.resolve_device(device)
+    fixed = _resolve_settings(name, study_name, storage, overrides)
+    if space.KIND == "image":
+        from study.data import check_image_files
+
+        check_image_files(fixed.dataset, data_dir, fixed.validation_size)
+    rdb = open_storage(storage, create=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=rdb,
@@ -104,133 +205,132 @@ def run_study(
     if hasattr(space, "baseline") and not study.get_trials(deepcopy=False):
         # a new image study starts from its space's known-good baseline (Optuna's enqueue)
         study.enqueue_trial(space.baseline(fixed), user_attrs={"baseline": True})
-    if trials - finished_trials(study) <= 0:
-        return study
-    if workers > 1:
-        return _run_workers(
-            workers,
-            dict(
-                name=name,
-                trials=trials,
-                storage=storage,
-                study_name=study_name,
-                sampler_seed=sampler_seed,
-                device=device,
-                settings=dict(settings or {}),
-                population=population,
-                data_dir=data_dir,
-            ),
-            study,
-            trials,
-            progress,
-        )
+    if workers > 1 and trials > finished_trials(study):
+        arguments = dict(name=name, trials=trials, storage=storage, study_name=study_name,
+                         sampler_seed=sampler_seed, device=device, settings=overrides,
+                         population=population, data_dir=data_dir)  # fmt: skip
+        return _run_workers(workers, arguments, study, trials, progress)
     if population:
-        batch = PopulationBatch(space, fixed, device=device)
+        batch = PopulationBatch(space, fixed, device=target)
+        size, train = population, batch.train
     elif space.KIND == "image":
-        objective = ImageObjective(space, fixed, device=device, data_dir=data_dir)
+        objective = ImageObjective(space, fixed, device=target, data_dir=data_dir)
+        size, train = 1, _one_at_a_time(objective)
     else:
-        objective = BooleanObjective(space, fixed, device=device)
-    bar = _progress_bar(study, trials, progress)
-
-    def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if bar is not None:
-            bar.update(1 if trial.state in FINISHED else 0)
-            bar.set_postfix_str(_best_text(study))
-        if interrupt.requested():  # Ctrl-C between two epochs' checks: start no new trial
-            study.stop()
-
-    try:
-        with interrupt.deferred():
-            if population:
-                # a crashed population leaves RUNNING trials: fail them, re-enqueue their params
-                optuna.storages.fail_stale_trials(study)
-                # failed trials (a NaN loss, a crash) do not count: go on until the total is
-                # reached, but stop when a whole round finished nothing (no progress)
-                while (remaining := trials - finished_trials(study)) > 0:
-                    for trial in batch.run(study, min(population, remaining)):
-                        on_trial_end(study, trial)
-                    interrupt.check()
-                    if trials - finished_trials(study) == remaining:
-                        break
-            else:
-                _run_trials(study, objective, trials, storage, on_trial_end)
-    except interrupt.Interrupted:
-        raise interrupt.Interrupted(
-            f"interrupted: {finished_trials(study)} of {trials} trials of "
-            f"{study.study_name!r} are finished and stored; the running trial was failed "
-            "with its reason; run the same command again to continue"
-        ) from None
-    finally:
-        if bar is not None:
-            bar.close()
+        objective = BooleanObjective(space, fixed, device=target)
+        size, train = 1, _one_at_a_time(objective)
+    _drive(study, storage, trials, size, train, progress)
     return study
 
 
-CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+Train = Callable[[optuna.Study, list[optuna.Trial]], list[optuna.trial.FrozenTrial]]
+"""train(study, asked trials) -> the told trials (complete, pruned or failed)."""
 
 
-def _claim_lock_path(storage: str, study_name: str) -> Path:
-    """A lock file shared by every process of this machine that runs this study."""
-    if storage.startswith("sqlite:///"):
-        return Path(storage.removeprefix("sqlite:///") + ".lock")
-    digest = hashlib.sha1(f"{storage}\n{study_name}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"study-{digest}.lock"
+def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
+    """Run the objective on each asked trial and tell Optuna how it ended."""
 
-
-def _run_trials(
-    study: optuna.Study,
-    objective,
-    trials: int,
-    storage: str,
-    on_trial_end,
-    poll_seconds: float = 1.0,
-) -> None:
-    """Run trials one at a time until `trials` are finished, exactly, with any number of
-    processes on the same storage.
-
-    A process counts the finished and running trials and asks for a new one as one step under
-    a lock file, so that concurrent workers never start more trials than the total. When the
-    other trials still running would complete it, a worker waits: if one of them fails or its
-    process dies (its heartbeat goes stale), the worker runs a replacement. Failed trials do
-    not count; after as many failures in a row as the total, it gives up (no progress).
-    """
-    lock_path = _claim_lock_path(storage, study.study_name)
-    failures_in_a_row = 0
-    with lock_path.open("a") as lock_file:
-        held = False
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-                held = False
-
-        def claimed_objective(trial: optuna.Trial):
-            release()  # the trial exists (RUNNING): the next process may count it
-            return objective(trial)
-
-        while finished_trials(study) < trials and failures_in_a_row < trials:
-            interrupt.check()
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            held = True
+    def train(study: optuna.Study, asked: list[optuna.Trial]) -> list:
+        told = []
+        for trial in asked:
             try:
-                if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= trials:
-                    release()
-                    # the running trials of other processes would complete the study: wait;
-                    # fail the trials of dead processes (stale heartbeat) so they are redone
-                    optuna.storages.fail_stale_trials(study)
-                    time.sleep(poll_seconds)
+                value = objective(trial)
+            except optuna.TrialPruned:
+                told.append(study.tell(trial, state=TrialState.PRUNED))
+            except TrialFailed:  # its reason is stored: the study goes on
+                told.append(study.tell(trial, state=TrialState.FAIL))
+            except interrupt.Interrupted:  # its reason is stored: fail it, then stop
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                told.append(study.tell(trial, value))
+        return told
+
+    return train
+
+
+def _drive(
+    study: optuna.Study, url: str, total: int, size: int, train: Train, progress: bool
+) -> None:
+    """Claim up to `size` trials at a time and train them until `total` trials are finished.
+
+    When the missing trials are all running elsewhere, wait (saying so once): they finish, or
+    their process turns out dead and they are failed and re-queued. Stops when a whole round of
+    claims finished nothing `total` times in a row (no progress)."""
+    bar = _progress_bar(study, total, progress)
+    in_flight: list[optuna.Trial] = []
+    fruitless = 0
+    waiting_said = False
+    settle = 0.0
+    try:
+        with interrupt.deferred():
+            while True:
+                interrupt.check()
+                with claims.claim_lock(url, study._storage, study.study_name):
+                    claims.reap(study)
+                    free = total - claims.claimed(study)
+                    in_flight = claims.claim(study, min(size, free)) if free > 0 else []
+                if not in_flight:
+                    if finished_trials(study) >= total:
+                        # done; but a trial of another machine may still turn out dead: wait
+                        # until its heartbeat would be stale, then leave the rest to it
+                        elsewhere = claims.running_elsewhere(study)
+                        settle = settle or time.monotonic() + 3 * HEARTBEAT_SECONDS
+                        if not elsewhere or time.monotonic() > settle:
+                            break
+                    if not waiting_said:
+                        _say_waiting(study, total)
+                        waiting_said = True
+                    time.sleep(POLL_SECONDS)
                     continue
+                waiting_said = False
                 before = finished_trials(study)
-                study.optimize(
-                    claimed_objective,
-                    callbacks=[on_trial_end],
-                    n_trials=1,
-                    catch=(TrialFailed,),
-                )
-            finally:
-                release()
-            failures_in_a_row = 0 if finished_trials(study) > before else failures_in_a_row + 1
+                with claims.heartbeat(study, in_flight):
+                    told = train(study, in_flight)
+                in_flight = []
+                for trial in told:
+                    if bar is not None:
+                        bar.update(1 if trial.state in FINISHED else 0)
+                        bar.set_postfix_str(_best_text(study))
+                fruitless = 0 if finished_trials(study) > before else fruitless + 1
+                if fruitless >= total:
+                    break  # every claim failed (e.g. every trial diverges): no progress
+    except BaseException as error:
+        _abandon(study, in_flight, error)
+        if isinstance(error, KeyboardInterrupt):
+            raise interrupt.Interrupted(
+                f"{interrupt.describe(error)}: {finished_trials(study)} of {total} trials of "
+                f"{study.study_name!r} are finished and stored; the running trial was failed "
+                "with its reason; run the same command again to continue"
+            ) from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _abandon(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
+    """Fail the trials this process still runs, with the reason it stops (not re-queued: an
+    interrupted trial is sampled anew by the next run)."""
+    if not trials:
+        return
+    with interrupt.shielded():
+        reason = interrupt.reason_of(error)
+        for trial in trials:
+            with contextlib.suppress(Exception):  # already told, or the store is gone
+                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    claims.fail(study, trial._trial_id, reason, retry=False)
+
+
+def _say_waiting(study: optuna.Study, total: int) -> None:
+    running = claims.count(study, (TrialState.RUNNING,))
+    print(
+        f"study: {study.study_name}: waiting for {running} running trial(s) of other processes "
+        f"({finished_trials(study)} of {total} finished); a trial whose process died is failed "
+        f"and re-queued once its heartbeat is {2 * HEARTBEAT_SECONDS} s old",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def visible_gpus() -> list[str]:
@@ -251,9 +351,17 @@ def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
     return [gpus[i % len(gpus)] for i in range(workers)]
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM when its parent dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
     # out of the terminal's process group: Ctrl-C reaches the parent, which forwards it once
     os.setpgrp()
+    _die_with_parent()
     if gpu is not None:  # before this process touches CUDA: the worker sees one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if kwargs.get("sampler_seed") is not None:  # same seed in every worker: same samples
@@ -262,14 +370,16 @@ def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
         run_study(**kwargs, progress=False)
     except StudyError as error:
         raise SystemExit(f"worker {index}: {error}") from None
-    except interrupt.Interrupted:
-        raise SystemExit(130) from None
+    except interrupt.Interrupted as error:
+        raise SystemExit(interrupt.exit_status(error)) from None
 
 
 def _run_workers(
     workers: int, kwargs: dict[str, Any], study: optuna.Study, trials: int, progress: bool
 ) -> optuna.Study:
-    """Run `workers` processes of the same study; each stops once the total is reached."""
+    """Run `workers` processes of the same study; each stops once the total is reached. A
+    Ctrl-C or SIGTERM of this process is forwarded to them: they fail their running trials
+    with the reason and stop."""
     gpus = visible_gpus() if kwargs["device"] in ("auto", "cuda") else []
     context = multiprocessing.get_context("spawn")  # no forked CUDA or SQLite state
     processes = [
@@ -279,33 +389,36 @@ def _run_workers(
     bar = _progress_bar(study, trials, progress)
     for process in processes:
         process.start()
-    forwarded = False
+
+    def forward(signum: int) -> None:  # each worker fails its running trials and stops
+        for p in processes:
+            if p.pid is not None and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
+
     try:
-        with interrupt.deferred():
+        with interrupt.deferred(forward=forward):
             while any(p.is_alive() for p in processes):
-                if interrupt.requested() and not forwarded:
-                    forwarded = True  # each worker fails its running trial and stops
-                    for p in processes:
-                        if p.pid is not None and p.is_alive():
-                            os.kill(p.pid, signal.SIGINT)
                 for p in processes:
-                    p.join(timeout=1.0)
-                    if bar is not None:
-                        bar.n = min(trials, finished_trials(study))
-                        bar.set_postfix_str(_best_text(study))
-                        bar.refresh()
+                    p.join(timeout=0.5)
+                if bar is not None:
+                    bar.n = min(trials, finished_trials(study))
+                    bar.set_postfix_str(_best_text(study))
+                    bar.refresh()
     finally:
-        for p in processes:  # only after a second Ctrl-C or an error in this process
+        for p in processes:  # only after an error in this process
             if p.is_alive():
                 p.terminate()
                 p.join()
         if bar is not None:
             bar.close()
-    if forwarded:
+    forwarded = interrupt.received()
+    if forwarded is not None:
         raise interrupt.Interrupted(
-            f"interrupted: {finished_trials(study)} of {trials} trials of "
-            f"{study.study_name!r} are finished and stored; the workers failed their running "
-            "trials with the reason; run the same command again to continue"
+            f"{interrupt.SIGNAL_WORDS[forwarded]}: {finished_trials(study)} of {trials} trials "
+            f"of {study.study_name!r} are finished and stored; the workers failed their running "
+            "trials with the reason; run the same command again to continue",
+            signum=forwarded,
         )
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:

@@ -27,6 +27,11 @@ space's name here; `describe` reads both.)"""
 SETTINGS_ATTR = "settings"
 """Study user attribute: the fixed settings, as `Settings.identity()` writes them."""
 
+CERTIFICATION_ATTR = "certification"
+"""Study user attribute: the last `study certify` of a Boolean study (its table, command)."""
+EXPORT_ATTR = "export"
+"""Study user attribute: the last `study export` of an image study (test accuracy, ...)."""
+
 KINDS = {"boolean": "a Boolean width study", "image": "an image study"}
 PLURALS = {"boolean": "Boolean width studies", "image": "image studies"}
 COMMANDS = {

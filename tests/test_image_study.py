@@ -252,7 +252,7 @@ def exported(tmp_path_factory, images_dir):
     settings = {**FAST, "min_epochs": 3, "max_epochs": 3}
     tiny_study(tmp, images_dir, trials=2, settings=settings)
     storage = f"sqlite:///{tmp / 'images.db'}"
-    out = tmp / "results" / "fashion-mlp"
+    out = tmp / "results" / "runs" / "fashion-mlp"
     done = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None)
     return storage, out, done
 
@@ -319,7 +319,7 @@ def test_cli_export_and_predict(exported, images_dir, tmp_path):
 )
 def test_export_and_predict_bad_input_is_one_clear_line(exported, images_dir, args, expected):
     storage, out, _ = exported
-    run_dir = out.parent.parent
+    run_dir = out.parent.parent.parent
     optuna.create_study(storage=storage, study_name="tiny-bool", load_if_exists=True)
     optuna.load_study(study_name="tiny-bool", storage=storage).set_user_attr(
         "kind", "boolean-shallow"

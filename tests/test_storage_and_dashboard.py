@@ -41,7 +41,9 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_the_study(tmp_path):
             except Exception:  # the store is still being created
                 trials = []
             states = [t.state for t in trials]
-            if any(s.is_finished() for s in states) and states[-1].name == "RUNNING":
+            # mid-trial: a trial runs (its parameters sampled) after at least one finished
+            if (any(s.is_finished() for s in states) and states[-1].name == "RUNNING"
+                    and len(trials[-1].params) == 4):  # fmt: skip
                 break
         assert process.poll() is None, "the study finished before it could be killed"
         time.sleep(0.1)
@@ -72,8 +74,8 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_the_study(tmp_path):
 def test_two_workers_on_postgresql(tmp_path):
     name = f"pg-{os.getpid()}-{time.monotonic_ns()}"
     study = run_study("boolean-shallow", trials=6, storage=POSTGRES, study_name=name,
-                      sampler_seed=0, device="cpu", settings=TINY, progress=False,
-                      workers=2)  # fmt: skip
+                      sampler_seed=0, device="cpu", settings={**TINY, "min_width": 8},
+                      progress=False, workers=2)  # fmt: skip
     states = [t.state.name for t in study.get_trials()]
     assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}
     assert study.best_trial.user_attrs["neurons"] >= 1

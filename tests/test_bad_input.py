@@ -1,0 +1,221 @@
+"""Every user error is one line on stderr, a non-zero exit, and no change to any store.
+
+Each case runs the real `study` entry point (`study.cli.main`) in this process against a real
+SQLite store holding a small Boolean study and an image study record; a few cases that need a
+fresh process (signals, imports) live in test_runs.py."""
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from study.cli import main
+from study.config import ImageSettings
+from study.runner import run_study
+from tests.conftest import write_fake_dataset, write_idx
+from tests.test_boolean_study import TINY
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store with a tiny Boolean study and an image study record, an export directory, a
+    file where a directory is expected, FashionMNIST-like files, a huge PNG."""
+    tmp = tmp_path_factory.mktemp("world")
+    db = tmp / "store.db"
+    storage = f"sqlite:///{db}"
+    run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
+              progress=False, sampler_seed=0)  # fmt: skip
+    images = optuna.create_study(storage=storage, study_name="images")
+    images.set_user_attr("space", "fashion-mlp")
+    images.set_user_attr("kind", "image")
+    images.set_user_attr("settings", ImageSettings().identity())
+    (tmp / "a-file").write_text("not a directory")
+    # an export whose model file is garbage, one whose config is broken, one that is hostile
+    for name, model, config in [
+        ("garbage", b"\x00not a torch file", None),
+        ("badconfig", None, '{"architecture": {"type": "mlp"}, "train": {}}'),
+        ("hostile", pickle.dumps(Hostile()), None),
+    ]:
+        d = tmp / name
+        d.mkdir()
+        (d / "config.json").write_text(config or EXPORT_CONFIG)
+        torch.save({}, d / "model.pt")
+        if model is not None:
+            (d / "model.pt").write_bytes(model)
+    # training labels that are FashionMNIST's (first labels and count), asked for as MNIST
+    fashion = write_fake_dataset(tmp / "fashion", train=200, test=50)
+    labels = torch.zeros(60_000, dtype=torch.uint8)
+    labels[:10] = torch.tensor([9, 0, 0, 3, 0, 2, 7, 2, 5, 5])
+    write_idx(fashion / "train-labels-idx1-ubyte", labels)
+    same = write_fake_dataset(tmp / "same", train=200, test=200)
+    (same / "t10k-labels-idx1-ubyte").write_bytes((same / "train-labels-idx1-ubyte").read_bytes())
+    from PIL import Image
+
+    Image.new("L", (8000, 6000)).save(tmp / "huge.png")
+    return tmp, storage
+
+
+class Hostile:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/study-hostile-marker"),))
+
+
+EXPORT_CONFIG = (
+    '{"architecture": {"type": "mlp", "hidden_layer_profile": [8], "dropout": 0.0}, '
+    '"train": {}, "class_names": ["a", "b"], "image_shape": [1, 4, 4], "num_classes": 2, '
+    '"pixel_mean": 0.1, "pixel_std": 0.3, "settings": {}}'
+)
+
+RUN = ["run", "boolean-shallow", "--storage", "{storage}"]
+CASES = [
+    (["run", "boolean-shallow", "--trials", "0"], "--trials"),
+    (["run", "boolean-shallow", "--trials", "abc"], "--trials"),
+    ([*RUN, "--trials", "2", "--min-width", "20", "--max-width", "10"], "max_width"),
+    ([*RUN, "--trials", "2", "--device", "cuda:7"], "device"),
+    ([*RUN, "--trials", "2", "--device", "tpu"], "device"),
+    (["run", "boolean-shallow", "--trials", "2", "--storage", "not a url"], "malformed URL"),
+    (["run", "boolean-shallow", "--trials", "2", "--storage", "sqlite:///:memory:"], "in-memory"),
+    (["run", "boolean-shallow", "--trials", "2", "--storage", "sqlite://"], "in-memory"),
+    (
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "2",
+            "--storage",
+            "sqlite:////nonexistent-dir/sub/x.db",
+        ],
+        "does not exist",
+    ),
+    (
+        ["run", "boolean-shallow", "--trials", "2", "--storage", "sqlite:///{tmp}/a-file/x.db"],
+        "is not a directory",
+    ),
+    (
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "2",
+            "--storage",
+            "postgresql://u:hunter2@127.0.0.1:1/db",
+        ],
+        "cannot open postgresql://u:***@",
+    ),
+    (["run", "boolean-wide", "--trials", "2"], "invalid choice"),
+    ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "function_seed"),
+    ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
+    ([*RUN, "--trials", "2", "--target-loss", "0"], "target_loss"),
+    ([*RUN, "--trials", "2", "--target-loss", "nan"], "target_loss"),
+    ([*RUN, "--trials", "2", "--required-share", "1.5"], "required_share"),
+    ([*RUN, "--trials", "2", "--batch-sizes", "x"], "--batch-sizes"),
+    ([*RUN, "--trials", "2", "--batch-sizes", "0,8"], "--batch-sizes"),
+    ([*RUN, "--trials", "2", "--max-epochs", "0"], "max_epochs"),
+    ([*RUN, "--trials", "2", "--input-bits", "40"], "input_bits"),
+    ([*RUN, "--trials", "2", "--output-bits", "0"], "output_bits"),
+    ([*RUN, "--trials", "2", "--min-layers", "3", "--max-layers", "2"], "max_layers"),
+    ([*RUN, "--trials", "2", "--min-learning-rate", "0"], "min_learning_rate"),
+    ([*RUN, "--trials", "2", "--seeds", "0"], "seeds"),
+    ([*RUN, "--trials", "2", "--population", "0"], "--population"),
+    ([*RUN, "--trials", "2", "--workers", "0"], "--workers"),
+    ([*RUN, "--trials", "2", "--workers", "512"], "workers: must be"),
+    ([*RUN, "--trials", "2", "--sampler-seed", "-1"], "sampler_seed"),
+    ([*RUN, "--trials", "2", "--dataset", "mnist"], "--dataset does not apply"),
+    (
+        ["run", "fashion-mlp", "--trials", "2", "--storage", "{storage}", "--population", "4"],
+        "--population does not apply",
+    ),
+    (
+        ["run", "fashion-cnn", "--trials", "2", "--storage", "{storage}", "--max-width", "8"],
+        "--max-width does not apply",
+    ),
+    (
+        [
+            "run",
+            "fashion-mlp",
+            "--dataset",
+            "mnist",
+            "--trials",
+            "1",
+            "--storage",
+            "{storage}",
+            "--data-dir",
+            "{tmp}/nothing-here",
+        ],
+        "not found in",
+    ),
+    (
+        [
+            "run",
+            "fashion-mlp",
+            "--trials",
+            "1",
+            "--storage",
+            "{storage}",
+            "--validation-size",
+            "0",
+        ],
+        "validation_size",
+    ),
+    (
+        [
+            "run",
+            "fashion-mlp",
+            "--trials",
+            "1",
+            "--storage",
+            "{storage}",
+            "--study-name",
+            "boolean-shallow",
+        ],
+        "exists as a boolean-shallow study",
+    ),
+    (["report", "nope", "--storage", "{storage}"], "study 'nope' not found"),
+    (["report", "x", "--storage", "sqlite:///{tmp}/missing.db"], "no store at"),
+    (
+        ["report", "boolean-shallow", "--storage", "{storage}", "--out", "{tmp}/a-file"],
+        "not a directory",
+    ),
+    (["export", "boolean-shallow", "--storage", "{storage}"], "is a Boolean width study"),
+    (["certify", "images", "--storage", "{storage}"], "is an image study"),
+    (["certify", "boolean-shallow", "--storage", "{storage}", "--seeds", "0"], "--seeds"),
+    (["certify", "boolean-shallow", "--storage", "{storage}", "--top", "0"], "--top"),
+    (["dashboard", "--storage", "{storage}", "--port", "70000"], "--port"),
+    (["dashboard", "--storage", "sqlite:///{tmp}/missing.db"], "no store at"),
+    (["predict", "x", "--dir", "{tmp}/garbage", "--image", "{tmp}/huge.png"], "model.pt"),
+    (["predict", "x", "--dir", "{tmp}/badconfig", "--image", "{tmp}/huge.png"], "config.json"),
+    (["predict", "x", "--dir", "{tmp}/hostile", "--image", "{tmp}/huge.png"], "model.pt"),
+    (["predict", "x", "--dir", "{tmp}/nothing", "--index", "0"], "no exported model"),
+    (["data", "mnist", "--data-dir", "{tmp}/fashion"], "FashionMNIST train labels"),
+    (["data", "mnist", "--data-dir", "{tmp}/same"], "are the same file"),
+    (["bench", "boolean", "--trials", "0"], "--trials"),
+]
+
+
+def fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+@pytest.mark.parametrize(("argv", "expected"), CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_is_one_line_and_changes_no_store(world, capsys, argv, expected):
+    tmp, storage = world
+    argv = [a.format(storage=storage, tmp=tmp) for a in argv]
+    store = Path(storage.removeprefix("sqlite:///"))
+    before = {p: fingerprint(p) for p in tmp.rglob("*") if p.is_file()}
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expected in lines[0], lines[0]
+    assert "hunter2" not in err
+    after = {p: fingerprint(p) for p in tmp.rglob("*") if p.is_file()}
+    changed = {p for p in after if before.get(p) != after[p]} - {Path(f"{store}.lock")}
+    assert changed == set(), changed
+    assert not Path("/tmp/study-hostile-marker").exists()
