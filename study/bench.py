@@ -9,7 +9,10 @@ device-resident uint8 tensors. Both train on the same 60k images and evaluate on
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -169,6 +172,21 @@ def _tutorial_boolean_trial(fn, width: int, lr: float, batch: int, epochs: int, 
     return least, correct / count
 
 
+def _population_variants(device: torch.device, threads: int) -> list[tuple[str, str, int]]:
+    """(label, engine, threads) of the population runs a benchmark times side by side."""
+    from study import native
+
+    if device.type != "cpu":
+        return [("torch engine", "torch", 1)]
+    variants = []
+    if native.load() is not None:
+        variants.append(("native kernel, 1 thread", "native", 1))
+        if threads > 1:
+            variants.append((f"native kernel, {threads} threads", "native", threads))
+    variants.append(("torch engine, 1 thread", "torch", 1))
+    return variants
+
+
 def bench_boolean(
     trials: int = 32,
     epochs: int = 250,
@@ -180,7 +198,9 @@ def bench_boolean(
     """Train the same configurations three ways in one run; print trials/second and ratios.
 
     Widths are log-spaced from 16 to 256, one seed each, no early stop (every run does all
-    `epochs`, as the tutorial does). All three run on one thread on the CPU.
+    `epochs`, as the tutorial does). (a) and (b) run on one thread; (c), the population, runs
+    with each of its engines: the native kernel on one thread and on every core, and the
+    torch engine on one thread (on CUDA: the torch engine with CUDA graphs).
     """
     from study.config import BooleanCandidate
     from study.data import boolean_function
@@ -189,6 +209,7 @@ def bench_boolean(
 
     device = dev.resolve_device(device_name)
     threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
     if device.type == "cpu":
         torch.set_num_threads(1)
     fn = boolean_function(8, 0, device=device)
@@ -201,11 +222,13 @@ def bench_boolean(
     def member(c: BooleanCandidate, seed: int) -> Member:
         return Member(c.hidden_layer_profile, c.train_config(seed, None))  # no early stop
 
-    # warm-up, not timed: one short run through each path
+    variants = _population_variants(device, cores)
+    # warm-up, not timed: one short run through each path (and the kernel's build)
     warm = BooleanCandidate((16,), learning_rate, batch, 2)
     _tutorial_boolean_trial(fn, 16, learning_rate, batch, 2, 0)
     train(network(warm, 0), fn.task(), warm.train_config(0, None))
-    train_population([member(warm, 0)], fn)
+    for _, engine, n in variants:
+        train_population([member(warm, 0)], fn, engine=engine, threads=n)
 
     timings: dict[str, float] = {}
     final_losses: dict[str, list[float]] = {}
@@ -228,37 +251,255 @@ def bench_boolean(
     final_losses["sequential"] = [r.final.train_loss for r in sequential]
     log(f"(b) sequential trainer: {timings['sequential']:.1f} s for {trials} trials")
 
-    start = time.perf_counter()
-    population = train_population([member(c, seed) for seed, c in enumerate(candidates)], fn)
-    dev.synchronize(device)
-    timings["population"] = time.perf_counter() - start
-    final_losses["population"] = [r.final.train_loss for r in population]
-    log(f"(c) population trainer: {timings['population']:.1f} s for {trials} trials")
+    members = [member(c, seed) for seed, c in enumerate(candidates)]
+    for label, engine, n in variants:
+        start = time.perf_counter()
+        population = train_population(members, fn, engine=engine, threads=n)
+        dev.synchronize(device)
+        timings[label] = time.perf_counter() - start
+        final_losses[label] = [r.final.train_loss for r in population]
+        log(f"(c) population, {label}: {timings[label]:.1f} s for {trials} trials")
     torch.set_num_threads(threads)
 
     rate = {k: trials / v for k, v in timings.items()}
-    log(f"device: {dev.describe(device)} (1 thread on CPU); torch {torch.__version__}")
+    log(f"device: {dev.describe(device)} ({cores} cores); torch {torch.__version__}")
     log(
         f"{trials} trials, widths 16..256, {epochs} epochs, batch {batch}, Adam lr {learning_rate}"
     )
-    for key, label in [
-        ("tutorial", "(a) tutorial loop"),
-        ("sequential", "(b) sequential"),
-        ("population", "(c) population"),
-    ]:
+    for key in timings:
+        label = {"tutorial": "(a) tutorial loop", "sequential": "(b) sequential"}.get(
+            key, f"(c) {key}"
+        )
         log(
-            f"  {label:<20} {rate[key]:8.3f} trials/s   median final running loss "
+            f"  {label:<36} {rate[key]:8.3f} trials/s   median final running loss "
             f"{statistics.median(final_losses[key]):.3g}"
         )
-    log(
-        f"  (b)/(a) {rate['sequential'] / rate['tutorial']:.1f}x   "
-        f"(c)/(a) {rate['population'] / rate['tutorial']:.1f}x   "
-        f"(c)/(b) {rate['population'] / rate['sequential']:.1f}x"
-    )
+    log(f"  (b)/(a) {rate['sequential'] / rate['tutorial']:.1f}x")
+    for label, _, _ in variants:
+        log(
+            f"  (c)/(a) {rate[label] / rate['tutorial']:6.1f}x   (c)/(b) "
+            f"{rate[label] / rate['sequential']:6.1f}x   population: {label}"
+        )
+    best = variants[0][0]
     return {
         "tutorial_trials_per_second": rate["tutorial"],
         "sequential_trials_per_second": rate["sequential"],
-        "population_trials_per_second": rate["population"],
-        "population_vs_tutorial": rate["population"] / rate["tutorial"],
-        **{f"{k}_median_final_loss": statistics.median(v) for k, v in final_losses.items()},
+        "population_trials_per_second": rate[best],
+        "population_vs_tutorial": rate[best] / rate["tutorial"],
+        "tutorial_median_final_loss": statistics.median(final_losses["tutorial"]),
+        "sequential_median_final_loss": statistics.median(final_losses["sequential"]),
+        "population_median_final_loss": statistics.median(final_losses[best]),
+        **{f"seconds[{k}]": v for k, v in timings.items()},
     }
+
+
+def _peak_resident_bytes() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), or None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def bench_long(
+    members: int = 64,
+    epochs: int = 4000,
+    batch: int = 8,
+    learning_rate: float = 3e-3,
+    sequential_members: int = 2,
+    device_name: str = "auto",
+    log=print,
+) -> dict[str, float]:
+    """The long-budget workload: `members` networks of widths 48..96 for `epochs` epochs
+    (no early stop), as member-epochs per second of the sequential trainer (measured on
+    `sequential_members` of them) and of the population, side by side in one run; then the
+    memory a population needs per 1,000 members."""
+    from study.config import BooleanCandidate
+    from study.data import boolean_function
+    from study.models import build_boolean_net
+    from study.population import Member, train_population
+
+    device = dev.resolve_device(device_name)
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    fn = boolean_function(8, 0, device=device)
+    widths = [round(48 + 48 * i / max(1, members - 1)) for i in range(members)]
+    candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
+    population = [
+        Member(c.hidden_layer_profile, c.train_config(seed, None))
+        for seed, c in enumerate(candidates)
+    ]
+    variants = _population_variants(device, cores)
+    for _, engine, n in variants:  # warm-up and build, not timed
+        train_population(population[:1], fn, engine=engine, threads=n)
+    rates: dict[str, float] = {}
+    start = time.perf_counter()
+    for seed, c in enumerate(candidates[:sequential_members]):
+        net = build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
+        train(net, fn.task(), c.train_config(seed, None))
+    dev.synchronize(device)
+    rates["sequential"] = sequential_members * epochs / (time.perf_counter() - start)
+    log(f"(b) sequential trainer: {rates['sequential']:.0f} member-epochs/s "
+        f"({sequential_members} members x {epochs} epochs)")  # fmt: skip
+    for label, engine, n in variants:
+        start = time.perf_counter()
+        train_population(population, fn, engine=engine, threads=n)
+        dev.synchronize(device)
+        rates[label] = members * epochs / (time.perf_counter() - start)
+        log(f"(c) population, {label}: {rates[label]:.0f} member-epochs/s "
+            f"({members} members x {epochs} epochs)")  # fmt: skip
+    torch.set_num_threads(threads)
+    log(f"device: {dev.describe(device)} ({cores} cores); torch {torch.__version__}")
+    log(f"{members} members, widths 48..96, batch {batch}, Adam lr {learning_rate}, "
+        f"{epochs} epochs, no early stop")  # fmt: skip
+    for label, _, _ in variants:
+        log(f"  population / sequential per member-epoch: "
+            f"{rates[label] / rates['sequential']:6.1f}x   ({label})")  # fmt: skip
+    memory = _memory_per_thousand(device, variants[0][1], batch, learning_rate)
+    log(f"  memory per 1,000 members (widths 48..96): {memory / 2**20:.1f} MiB of training "
+        "state, plus 16 bytes per member and epoch of history (64 MiB per 1,000 members at "
+        "4,000 epochs)")  # fmt: skip
+    return {**{f"member_epochs_per_second[{k}]": v for k, v in rates.items()},
+            "bytes_per_thousand_members": memory}  # fmt: skip
+
+
+def _memory_per_thousand(device: torch.device, engine: str, batch: int, lr: float) -> float:
+    """Peak memory added by training 1,000 members for 10 epochs: device memory on CUDA,
+    peak resident memory on the CPU (measured in a fresh process, so that nothing else in
+    this one counts)."""
+    if device.type == "cuda":
+        from study.config import BooleanCandidate
+        from study.data import boolean_function
+        from study.population import Member, train_population
+
+        fn = boolean_function(8, 0, device=device)
+        members = [
+            Member(
+                (48 + 48 * i // 999,), BooleanCandidate((48,), lr, batch, 10).train_config(i, None)
+            )
+            for i in range(1000)
+        ]
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_population(members, fn, engine=engine)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    code = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from study.bench import _peak_resident_bytes\n"
+        "from study.config import BooleanCandidate\n"
+        "from study.data import boolean_function\n"
+        "from study.population import Member, train_population\n"
+        "fn = boolean_function(8, 0)\n"
+        f"members = [Member((48 + 48 * i // 999,), BooleanCandidate((48,), {lr}, {batch}, 10)"
+        ".train_config(i, None)) for i in range(1000)]\n"
+        "base = _peak_resident_bytes()\n"
+        f"train_population(members[:1], fn, engine={engine!r})\n"
+        "base = _peak_resident_bytes()\n"
+        f"train_population(members, fn, engine={engine!r})\n"
+        "print(_peak_resident_bytes() - base)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        return float("nan")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_step(
+    members: int = 32, width: int = 100, batch: int = 4, device_name: str = "cpu", log=print
+) -> dict[str, float]:
+    """The candidates for a faster population step, side by side on one group of `members`
+    one-hidden-layer networks of `width`, on one thread: the torch engine's eager step (the
+    hand-written backward and fused Adam), the same step written as one function and compiled
+    with `torch.compile` (Inductor; compile time reported apart), and the native kernel (whose
+    epoch also evaluates the whole table, an upper bound on its step). Microseconds per step
+    of the whole group."""
+    from torch.nn import functional as F
+
+    from study import native
+    from study.config import BooleanCandidate
+    from study.data import boolean_function
+    from study.population import Member, _Group, train_population
+
+    device = dev.resolve_device(device_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fn = boolean_function(8, 0, device=device)
+    config = BooleanCandidate((width,), 5e-3, batch, 1)
+    group_members = [Member((width,), config.train_config(s, None)) for s in range(members)]
+    group = _Group(group_members, list(range(members)), fn)
+    n = len(fn.inputs)
+    orders = torch.stack([torch.randperm(n, generator=g) for g in group.generators]).to(device)
+    x, y = fn.inputs[orders], fn.targets[orders]
+    slices = [(x[:, s : s + batch], y[:, s : s + batch]) for s in range(0, n, batch)]
+
+    def timed(step, repeats: int = 5) -> float:
+        for xs, ys in slices:  # warm-up
+            step(xs, ys)
+        dev.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for xs, ys in slices:
+                step(xs, ys)
+        dev.synchronize(device)
+        return (time.perf_counter() - start) / (repeats * len(slices)) * 1e6
+
+    results = {"eager": timed(group.train_step)}
+    log(f"torch engine, eager step:     {results['eager']:8.1f} us/step")
+
+    w1, b1 = group.layers()[0][0].clone(), group.layers()[0][1].clone()
+    w2, b2 = group.layers()[1][0].clone(), group.layers()[1][1].clone()
+    params = [w1, b1, w2, b2]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    lr = group.lr.clone().view(-1, 1, 1)
+    count = torch.zeros((), device=device)
+
+    def functional_step(xs, ys, w1, b1, w2, b2, moments, count, lr):
+        z = torch.baddbmm(b1, xs, w1)
+        h = z.clamp_min(0)
+        logits = torch.baddbmm(b2, h, w2)
+        loss = F.binary_cross_entropy_with_logits(logits, ys, reduction="none").mean(dim=(1, 2))
+        g2 = (torch.sigmoid(logits) - ys) / (ys.shape[1] * ys.shape[2])
+        g1 = torch.where(z > 0, torch.bmm(g2, w2.transpose(1, 2)), 0.0)
+        grads = (
+            torch.bmm(xs.transpose(1, 2), g1),
+            g1.sum(dim=1, keepdim=True),
+            torch.bmm(h.transpose(1, 2), g2),
+            g2.sum(dim=1, keepdim=True),
+        )
+        count += 1
+        for p, gr, (m, v) in zip((w1, b1, w2, b2), grads, moments, strict=True):
+            m.lerp_(gr, 0.1)
+            v.mul_(0.999).addcmul_(gr, gr, value=0.001)
+            p.sub_(lr * (m / (1 - 0.9**count)) / ((v / (1 - 0.999**count)).sqrt() + 1e-8))
+        return loss
+
+    compiled = torch.compile(functional_step, dynamic=False)
+    start = time.perf_counter()
+    compiled(*slices[0], w1, b1, w2, b2, moments, count, lr)
+    compile_seconds = time.perf_counter() - start
+
+    def compiled_step(xs, ys):
+        return compiled(xs, ys, w1, b1, w2, b2, moments, count, lr)
+
+    results["compiled"] = timed(compiled_step)
+    log(f"torch.compile (Inductor):     {results['compiled']:8.1f} us/step "
+        f"(compiling took {compile_seconds:.0f} s)")  # fmt: skip
+    if device.type == "cpu" and native.load() is not None:
+        epochs = 5
+        population = [Member((width,), BooleanCandidate((width,), 5e-3, batch, epochs)
+                             .train_config(s, None)) for s in range(members)]  # fmt: skip
+        train_population(population[:1], fn, engine="native")
+        start = time.perf_counter()
+        train_population(population, fn, engine="native", threads=1)
+        seconds = time.perf_counter() - start
+        results["native"] = seconds / (epochs * len(slices)) * 1e6
+        log(f"native kernel (with eval):    {results['native']:8.1f} us/step")
+    torch.set_num_threads(threads)
+    log(f"{members} members of width {width}, batch {batch}, one thread, "
+        f"{dev.describe(device)}; torch {torch.__version__}")  # fmt: skip
+    return results

@@ -84,10 +84,15 @@ class PopulationBatch:
     """
 
     def __init__(
-        self, space: ModuleType, settings: BooleanSettings, device: str | torch.device = "auto"
+        self,
+        space: ModuleType,
+        settings: BooleanSettings,
+        device: str | torch.device = "auto",
+        threads: int = 1,
     ) -> None:
         self.objective = BooleanObjective(space, settings, device)
         self.fn = self.objective.fn
+        self.threads = threads
 
     def train(
         self, study: optuna.Study, trials: list[optuna.Trial]
@@ -115,7 +120,9 @@ class PopulationBatch:
             }
 
         try:
-            results = train_population(members, self.fn, on_epoch, after_epoch)
+            results = train_population(
+                members, self.fn, on_epoch, after_epoch, threads=self.threads
+            )
         except interrupt.Interrupted:
             for trial in trials:  # the whole population stops: fail its trials with the reason
                 trial.set_user_attr("fail_reason", interrupt.REASON)

@@ -8,6 +8,7 @@ without the early-stop rule.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def certify(
         for (_, candidate), run in zip(roles, runs, strict=True)
         for k in range(seeds)
     ]
-    results = train_population(members, fn)
+    results = train_population(members, fn, threads=os.cpu_count() or 1)
     rows = []
     for r, ((role, candidate), run) in enumerate(zip(roles, runs, strict=True)):
         for k in range(seeds):

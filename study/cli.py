@@ -282,12 +282,16 @@ def cmd_certify(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from study.bench import bench_boolean, bench_trainer
+    from study.bench import bench_boolean, bench_long, bench_step, bench_trainer
 
     if args.what == "trainer":
         bench_trainer(args.data_dir, args.device, repeats=args.repeats)
+    elif args.what == "boolean":
+        bench_boolean(trials=args.trials, epochs=args.epochs or 250, device_name=args.device)
+    elif args.what == "long":
+        bench_long(members=args.members, epochs=args.epochs or 4000, device_name=args.device)
     else:
-        bench_boolean(trials=args.trials, epochs=args.epochs, device_name=args.device)
+        bench_step(device_name=args.device)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -411,9 +415,11 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "boolean"],
+        choices=["trainer", "boolean", "long", "step"],
         help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); boolean: tutorial "
-        "loop vs sequential vs population trainer",
+        "loop vs sequential vs population trainer; long: the long-budget workload "
+        "(member-epochs per second, memory per 1,000 members); step: the candidates for a "
+        "population step (eager, torch.compile, native kernel)",
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
@@ -422,7 +428,12 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
         "--trials", type=_bounded_int(1, 4096), default=32, help="boolean: configurations"
     )
     p.add_argument(
-        "--epochs", type=_bounded_int(1, 10**6), default=250, help="boolean: epochs each"
+        "--epochs",
+        type=_bounded_int(1, 10**6),
+        help="boolean: epochs each (250); long: epochs (4000)",
+    )
+    p.add_argument(
+        "--members", type=_bounded_int(1, 100_000), default=64, help="long: members (64)"
     )
     p.set_defaults(func=cmd_bench)
 

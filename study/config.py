@@ -319,6 +319,8 @@ class BooleanCandidate:
     """Truth-table rows per step."""
     epochs: int
     """Epoch budget (training stops early at the target)."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: per-step decay from the learning rate to 0 over the budget."""
 
     @property
     def neurons(self) -> int:
@@ -336,6 +338,7 @@ class BooleanCandidate:
             learning_rate=self.learning_rate,
             batch_size=self.batch_size,
             epochs=self.epochs,
+            lr_schedule=self.lr_schedule,
             seed=seed,
             target_loss=target_loss,
             mixed_precision=False,
@@ -343,8 +346,10 @@ class BooleanCandidate:
 
     def describe(self) -> str:
         profile = "-".join(str(w) for w in self.hidden_layer_profile)
+        schedule = " cosine" if self.lr_schedule == "cosine" else ""
         return (
-            f"[{profile}] lr={self.learning_rate:.3g} batch={self.batch_size} epochs={self.epochs}"
+            f"[{profile}] lr={self.learning_rate:.3g}{schedule} batch={self.batch_size} "
+            f"epochs={self.epochs}"
         )
 
 

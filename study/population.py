@@ -20,6 +20,7 @@ with `result.divergence` set, as the sequential trainer does.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,11 +31,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from study import device as dev
-from study import models
+from study import models, native
 from study.config import TrainConfig, mlp_parameters
 from study.data import BooleanFunction
 from study.errors import ConfigError
-from study.trainer import Divergence, EpochMetrics, TrainResult, target_met
+from study.trainer import Divergence, EpochMetrics, History, TrainResult, target_met
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -51,16 +52,14 @@ class Member:
     """Hidden widths, input side first."""
     config: TrainConfig
     """Its training; `config.seed` draws the initial weights and the shuffling order (as in
-    the sequential path). Adam at a constant rate without weight decay, nothing else."""
+    the sequential path). Adam without weight decay, at a constant rate or on the trainer's
+    per-step cosine schedule; nothing else."""
 
     def __post_init__(self) -> None:
         c = self.config
         refused = [
             f"optimizer {c.optimizer!r} (only adam)" if c.optimizer != "adam" else "",
             f"weight_decay {c.weight_decay}" if c.weight_decay != 0 else "",
-            f"lr_schedule {c.lr_schedule!r} (only constant)"
-            if c.lr_schedule != "constant"
-            else "",
         ]
         refused = [r for r in refused if r]
         if refused:
@@ -183,6 +182,13 @@ class _Group:
         self.step_count = torch.zeros((), device=device)
         self.scratch = torch.zeros_like(self.flat)
         self.lr = torch.tensor([m.config.learning_rate for m in members], device=device)
+        rows = len(fn.inputs)
+        self.cosine = torch.tensor([m.config.lr_schedule == "cosine" for m in members],
+                                   device=device)  # fmt: skip
+        self.total_steps = torch.tensor(
+            [float(_total_steps(m.config, rows)) for m in members], device=device
+        )
+        self.any_cosine = bool(self.cosine.any())
         self.generators = [torch.Generator().manual_seed(m.config.seed) for m in members]
         self.active = torch.ones(len(members), dtype=torch.bool, device=device)
         self.active_lr = self.lr.clone()
@@ -223,9 +229,10 @@ class _Group:
         return torch.baddbmm(b_out, h, w_out), inputs, pre_activations
 
     def set_active(self, active: Tensor) -> None:
-        """Freeze the members whose flag is False (their learning rate becomes 0)."""
-        self.active = active
-        self.active_lr = torch.where(active, self.lr, 0.0)
+        """Freeze the members whose flag is False (their learning rate becomes 0). In place:
+        a captured CUDA graph keeps reading the same tensors."""
+        self.active.copy_(active)
+        torch.mul(self.lr, self.active, out=self.active_lr)
 
     @torch.no_grad()
     def train_step(self, x: Tensor, y: Tensor) -> Tensor:
@@ -264,10 +271,14 @@ class _Group:
     def adam_step(self, grad: Tensor) -> None:
         """torch.optim.Adam's update with a learning rate per member; stopped members frozen:
         the unit-rate step for all members at once, then each row scaled by its own rate."""
+        rate = self.active_lr
+        if self.any_cosine:  # the trainer's schedule: step s at (1 + cos(pi min(s, T) / T)) / 2
+            done = torch.minimum(self.step_count, self.total_steps) / self.total_steps
+            rate = rate * torch.where(self.cosine, 0.5 * (1.0 + torch.cos(math.pi * done)), 1.0)
         self.step_count += 1
         self.scratch.zero_()
         adam_unit_step(self.scratch, grad, self.exp_avg, self.exp_avg_sq, self.step_count)
-        self.flat.addcmul_(self.scratch, self.active_lr[:, None])
+        self.flat.addcmul_(self.scratch, rate[:, None])
 
     def keep(self, rows: list[int]) -> None:
         """Drop every member but `rows` (positions in this group) from all tensors."""
@@ -280,10 +291,17 @@ class _Group:
         self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
         self.scratch = torch.zeros_like(self.exp_avg)
         self.lr = take(self.lr)
-        self.set_active(take(self.active))
+        self.cosine, self.total_steps = take(self.cosine), take(self.total_steps)
+        self.active, self.active_lr = take(self.active), take(self.active_lr)
         self.generators = [self.generators[r] for r in rows]
         self.indices = [self.indices[r] for r in rows]
         self._layers = self._make_layers()
+
+
+ENGINES = ("auto", "native", "torch")
+"""native: the C kernel on the CPU (`study.native`), every member its own shapes, no padding;
+torch: members grouped into batched tensors (any device; the CPU fallback); auto: native on
+the CPU when it can be built, else torch."""
 
 
 def train_population(
@@ -292,122 +310,340 @@ def train_population(
     on_epoch: MemberCallback | None = None,
     after_epoch: EpochHook | None = None,
     compact: bool = True,
+    engine: str = "auto",
+    threads: int = 1,
+    sync_every: int | None = None,
 ) -> list[TrainResult]:
     """Train every member; return one `TrainResult` per member, in the members' order.
 
-    Groups (same depth and batch size, see `plan_groups`) train one after another.
     `on_epoch` sees every member's metrics and may stop it; `after_epoch` may stop further
-    members (e.g. the other seeds of a trial that can no longer learn f).
+    members (e.g. the other seeds of a trial that can no longer learn f). The native engine
+    trains all members at once on `threads` threads; the torch engine trains groups (same depth
+    and batch size, see `plan_groups`) one after another, reading their metrics back every
+    `sync_every` epochs (default: every epoch on the CPU, `SYNC_EVERY_CUDA` on CUDA).
     """
-    results: dict[int, TrainResult] = {}
-    for indices in plan_groups(members, fn):
-        group = {i: members[i] for i in indices}
-        results.update(_train_group(group, fn, on_epoch, after_epoch, compact))
-    return [results[i] for i in range(len(members))]
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: must be one of {ENGINES}, got {engine!r}")
+    ledger = _Ledger(members, fn, on_epoch, after_epoch)
+    library = None
+    if engine != "torch" and fn.inputs.device.type == "cpu":
+        library = native.load()
+    if engine == "native" and library is None:
+        raise ConfigError("engine: the native kernel needs the CPU and a C compiler")
+    if library is not None:
+        _train_native(library, members, fn, ledger, threads)
+    else:
+        for indices in plan_groups(members, fn):
+            pending = [i for i in indices if i not in ledger.results]
+            if pending:
+                group = {i: members[i] for i in pending}
+                _train_group(group, fn, ledger, compact, sync_every)
+    return [ledger.results[i] for i in range(len(members))]
+
+
+class _Ledger:
+    """What both engines share: each member's history, the stop rules applied after every
+    epoch (target, budget, divergence, the callbacks), and the results."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        fn: BooleanFunction,
+        on_epoch: MemberCallback | None,
+        after_epoch: EpochHook | None,
+    ) -> None:
+        self.members, self.fn = members, fn
+        self.on_epoch, self.after_epoch = on_epoch, after_epoch
+        self.history = {i: History(m.config.learning_rate) for i, m in enumerate(members)}
+        self.results: dict[int, TrainResult] = {}
+        self.device = dev.describe(fn.inputs.device)
+
+    def finish(
+        self,
+        i: int,
+        seconds: float,
+        reached: bool,
+        stopped: bool,
+        divergence: Divergence | None = None,
+    ) -> TrainResult:
+        history = self.history[i]
+        self.results[i] = TrainResult(
+            history=history,
+            parameters=mlp_parameters(
+                self.fn.input_bits, self.members[i].hidden_layer_profile, self.fn.output_bits
+            ),
+            device=self.device,
+            seconds=history[-1].seconds if history else seconds,
+            reached_target=reached,
+            stopped_by_callback=stopped,
+            divergence=divergence,
+        )
+        return self.results[i]
+
+    def epoch(
+        self, epoch: int, seconds: float, rows: Sequence[tuple[int, float, float, float]]
+    ) -> set[int]:
+        """Record one epoch of the members in `rows` (index, train loss, eval loss, bit
+        accuracy); return the members that stop now."""
+        ended: dict[int, TrainResult] = {}
+        for i, train_loss, eval_loss, accuracy in rows:
+            config = self.members[i].config
+            if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
+                # this member alone diverged (members share no arithmetic): stop it, say why
+                bad = train_loss if not math.isfinite(train_loss) else eval_loss
+                ended[i] = self.finish(i, seconds, False, False, Divergence(epoch, bad))
+                continue
+            history = self.history[i]
+            history.append(train_loss, eval_loss, accuracy, seconds)
+            metrics = history[-1]  # as stored (float32), so that rules see what is kept
+            if target_met("binary", metrics, config.target_loss):
+                ended[i] = self.finish(i, seconds, True, False)
+            elif self.on_epoch is not None and self.on_epoch(i, metrics):
+                ended[i] = self.finish(i, seconds, False, True)
+            elif epoch >= config.epochs:
+                ended[i] = self.finish(i, seconds, False, False)
+        stopped: set[int] = set()
+        if self.after_epoch is not None:
+            for i in self.after_epoch(dict(ended)):
+                if i not in self.results and self.history.get(i):  # started, not yet ended
+                    self.finish(i, seconds, False, True)
+                    stopped.add(i)
+        return set(ended) | stopped
+
+
+def _total_steps(config: TrainConfig, rows: int) -> int:
+    """Optimiser steps of the whole budget: the cosine schedule's length."""
+    return config.epochs * math.ceil(rows / config.batch_size)
+
+
+class _NativeState:
+    """The native engine's state: every member's parameters and Adam moments in flat buffers,
+    its layer widths, learning rate, batch size and shuffling generator."""
+
+    def __init__(self, members: Sequence[Member], fn: BooleanFunction) -> None:
+        k = len(members)
+        self.members, self.rows = members, len(fn.inputs)
+        self.x = fn.inputs.float().contiguous()
+        self.y = fn.targets.float().contiguous()
+        self.dims = torch.zeros(k, native.MAX_DIMS, dtype=torch.int32)
+        self.ndims = torch.zeros(k, dtype=torch.int32)
+        sizes = []
+        for j, member in enumerate(members):
+            shape = [fn.input_bits, *member.hidden_layer_profile, fn.output_bits]
+            if len(shape) > native.MAX_DIMS:
+                raise ConfigError(f"hidden_layer_profile: at most {native.MAX_DIMS - 2} layers")
+            self.dims[j, : len(shape)] = torch.tensor(shape, dtype=torch.int32)
+            self.ndims[j] = len(shape)
+            sizes.append(
+                mlp_parameters(fn.input_bits, member.hidden_layer_profile, fn.output_bits)
+            )
+        self.offsets = torch.tensor([0, *itertools.accumulate(sizes)][:-1], dtype=torch.int64)
+        self.params = torch.empty(sum(sizes), dtype=torch.float32)
+        for j, member in enumerate(members):  # the sequential trainer's initial weights
+            net = models.build_boolean_net(
+                member.hidden_layer_profile, fn.input_bits, fn.output_bits, member.config.seed
+            )
+            blocks = [
+                t
+                for linear in net.modules()
+                if isinstance(linear, nn.Linear)
+                for t in (linear.weight.detach().T.flatten(), linear.bias.detach())
+            ]
+            self.params[self.offsets[j] : self.offsets[j] + sizes[j]] = torch.cat(blocks)
+        self.exp_avg, self.exp_avg_sq = (
+            torch.zeros_like(self.params),
+            torch.zeros_like(self.params),
+        )
+        self.steps = torch.zeros(k, dtype=torch.int64)
+        self.lr = torch.tensor([m.config.learning_rate for m in members], dtype=torch.float32)
+        self.cosine = torch.tensor(
+            [m.config.lr_schedule == "cosine" for m in members], dtype=torch.uint8
+        )
+        self.total_steps = torch.tensor([_total_steps(m.config, self.rows) for m in members])
+        self.batch = torch.tensor([m.config.batch_size for m in members], dtype=torch.int32)
+        self.generators = [torch.Generator().manual_seed(m.config.seed) for m in members]
+        self.active = torch.zeros(k, dtype=torch.uint8)
+        self.orders = torch.zeros(k, self.rows, dtype=torch.int64)
+        self.train_loss, self.eval_loss, self.accuracy = (torch.zeros(k) for _ in range(3))
+
+    def epoch(self, library, running: list[int], threads: int) -> list[tuple]:
+        """One epoch of the `running` members: (index, train loss, eval loss, accuracy) each."""
+        for i in running:  # each member's own seeded order, as the sequential trainer draws it
+            torch.randperm(self.rows, generator=self.generators[i], out=self.orders[i])
+        self.active.zero_()
+        self.active[running] = 1
+        buffers = (self.active, self.ndims, self.dims, self.offsets, self.params, self.exp_avg,
+                   self.exp_avg_sq, self.steps, self.lr, self.cosine, self.total_steps,
+                   self.batch)  # fmt: skip
+        outputs = (self.orders, self.train_loss, self.eval_loss, self.accuracy)
+        status = library.population_epoch(
+            len(self.members), *(t.data_ptr() for t in buffers), self.rows, self.x.data_ptr(),
+            self.y.data_ptr(), *(t.data_ptr() for t in outputs), threads,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("population kernel: out of memory")
+        tl, el, acc = self.train_loss.tolist(), self.eval_loss.tolist(), self.accuracy.tolist()
+        return [(i, tl[i], el[i], acc[i]) for i in running]
+
+
+def _train_native(
+    library, members: Sequence[Member], fn: BooleanFunction, ledger: _Ledger, threads: int
+) -> None:
+    """All members at once, one kernel call per epoch; a member that stops costs nothing."""
+    state = _NativeState(members, fn)
+    running = [i for i in range(len(members)) if i not in ledger.results]
+    started = time.perf_counter()
+    for epoch in range(1, max((m.config.epochs for m in members), default=0) + 1):
+        if not running:
+            break
+        rows = state.epoch(library, running, threads)
+        done = ledger.epoch(epoch, time.perf_counter() - started, rows)
+        running = [i for i in running if i not in done]
+
+
+SYNC_EVERY_CUDA = 16
+"""Epochs between two reads of a group's metrics on CUDA (one host sync each)."""
+
+
+class _GroupEpoch:
+    """One epoch of a torch-engine group as a fixed sequence of tensor operations on static
+    buffers: every step of every member, the evaluation on the whole table, the stop checks
+    on the device (target reached with every bit right, budget spent, loss not finite: the
+    member is frozen at once), and the epoch's metrics into `metrics`. Nothing in it reads a
+    value back to the host; on CUDA it is captured once as a CUDA graph and replayed."""
+
+    def __init__(self, group: _Group, configs: list[TrainConfig], fn: BooleanFunction) -> None:
+        device = fn.inputs.device
+        self.group, self.fn = group, fn
+        k, n = len(group), len(fn.inputs)
+        self.batch = configs[0].batch_size
+        self.orders = torch.zeros(k, n, dtype=torch.int64, device=device)
+        # targets compared in float64, as the host compares the stored float32 value
+        self.target = torch.tensor(
+            [-math.inf if c.target_loss is None else c.target_loss for c in configs],
+            dtype=torch.float64,
+            device=device,
+        )
+        self.budget = torch.tensor([c.epochs for c in configs], device=device)
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
+        self.metrics = torch.zeros(3, k, device=device)  # train loss, eval loss, accuracy
+        self.graph = None
+        self.cuda = device.type == "cuda"
+
+    @torch.no_grad()
+    def body(self) -> None:
+        group, fn, batch = self.group, self.fn, self.batch
+        n = len(fn.inputs)
+        x_epoch, y_epoch = fn.inputs[self.orders], fn.targets[self.orders]  # one gather
+        losses = [
+            group.train_step(x_epoch[:, s : s + batch], y_epoch[:, s : s + batch])
+            for s in range(0, n, batch)
+        ]
+        train_loss = torch.stack(losses).sum(dim=0) / len(losses)
+        logits = group.forward(fn.inputs)
+        targets = fn.targets.expand_as(logits)
+        eval_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(
+            dim=(1, 2)
+        )
+        accuracy = ((logits > 0) == (targets > 0.5)).float().mean(dim=(1, 2))
+        self.epoch += 1
+        finite = torch.isfinite(train_loss) & torch.isfinite(eval_loss)
+        reached = (eval_loss.double() <= self.target) & (accuracy == 1.0)
+        stop = ~finite | reached | (self.epoch >= self.budget)
+        group.active.logical_and_(~stop)
+        torch.mul(group.lr, group.active, out=group.active_lr)
+        self.metrics[0].copy_(train_loss)
+        self.metrics[1].copy_(eval_loss)
+        self.metrics[2].copy_(accuracy)
+
+    def run(self) -> None:
+        """One epoch: replay the captured graph on CUDA, run the operations elsewhere."""
+        if not self.cuda:
+            self.body()
+            return
+        if self.graph is None:
+            self.graph = self._capture()
+        self.graph.replay()
+
+    def _capture(self):
+        """Capture `body` as a CUDA graph. Capturing needs warm-up runs, which would train:
+        the state is saved before and put back after them."""
+        group = self.group
+        state = [group.flat, group.exp_avg, group.exp_avg_sq, group.step_count, group.active,
+                 group.active_lr, self.epoch, self.metrics]  # fmt: skip
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.body()
+        for t, value in zip(state, saved, strict=True):
+            t.copy_(value)
+        return graph
 
 
 def _train_group(
     members: dict[int, Member],
     fn: BooleanFunction,
-    on_epoch: MemberCallback | None,
-    after_epoch: EpochHook | None,
+    ledger: _Ledger,
     compact: bool,
-) -> dict[int, TrainResult]:
-    """Train one group (members by their index in the population); return their results."""
+    sync_every: int | None = None,
+) -> None:
+    """Train one group of the torch engine (members by their index in the population).
+
+    The stop checks run on the device; the host reads the metrics back every epoch on the CPU
+    and every `SYNC_EVERY_CUDA` epochs on CUDA, then applies the callbacks: a member stopped
+    by a callback at epoch e has its history end at e (the epochs it trained beyond are
+    dropped), so that results do not depend on how often the host looks.
+    """
     device = fn.inputs.device
-    indices = list(members)
-    group = _Group(list(members.values()), indices, fn)
-    configs = {i: m.config for i, m in members.items()}
-    batch = configs[indices[0]].batch_size
-    history: dict[int, list[EpochMetrics]] = {i: [] for i in indices}
-    results: dict[int, TrainResult] = {}
     n = len(fn.inputs)
-    steps_per_epoch = math.ceil(n / batch)
-    x_all, y_all = fn.inputs, fn.targets
-    describe = dev.describe(device)
+    group = _Group(list(members.values()), list(members), fn)
+    step = _GroupEpoch(group, [m.config for m in members.values()], fn)
+    if sync_every is None:
+        sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
+    # each member's seeded orders for `sync_every` epochs, drawn on the host (as the
+    # sequential trainer draws them) into pinned memory, copied without a sync
+    pinned = device.type == "cuda"
+    orders = torch.zeros(sync_every, len(group), n, dtype=torch.int64, pin_memory=pinned)
+    metrics = torch.zeros(sync_every, 3, len(group), device=device)
     dev.synchronize(device)
     started = time.perf_counter()
-
-    def finish(
-        i: int, reached: bool, stopped: bool, divergence: Divergence | None = None
-    ) -> TrainResult:
-        results[i] = TrainResult(
-            history=history[i],
-            parameters=mlp_parameters(
-                fn.input_bits, members[i].hidden_layer_profile, fn.output_bits
-            ),
-            device=describe,
-            seconds=history[i][-1].seconds if history[i] else time.perf_counter() - started,
-            reached_target=reached,
-            stopped_by_callback=stopped,
-            divergence=divergence,
-        )
-        return results[i]
-
-    for epoch in range(1, max(c.epochs for c in configs.values()) + 1):
-        # --- train: each member its own seeded order; batches gathered for all members at once
-        orders = torch.stack([torch.randperm(n, generator=g) for g in group.generators]).to(device)
-        # one gather per epoch: each member's rows in its own order, then plain slices
-        x_epoch, y_epoch = x_all[orders], y_all[orders]
-        step_losses = [
-            group.train_step(x_epoch[:, start : start + batch], y_epoch[:, start : start + batch])
-            for start in range(0, n, batch)
-        ]
-        loss_sum = torch.stack(step_losses).sum(dim=0)
-        # --- evaluate every member on the whole truth table
-        with torch.no_grad():
-            logits = group.forward(x_all)
-            targets = y_all.expand_as(logits)
-            eval_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(
-                dim=(1, 2)
-            )
-            accuracy = ((logits > 0) == (targets > 0.5)).float().mean(dim=(1, 2))
-        # .tolist(): host sync, once per epoch for the whole group
-        train_losses = (loss_sum / steps_per_epoch).tolist()
-        eval_losses, accuracies = eval_loss.tolist(), accuracy.tolist()
-        active = group.active.tolist()
+    epoch, last = 0, max(m.config.epochs for m in members.values())
+    while epoch < last:
+        chunk = min(sync_every, last - epoch)
+        for e in range(chunk):
+            for row, generator in enumerate(group.generators):
+                torch.randperm(n, generator=generator, out=orders[e, row])
+            step.orders.copy_(orders[e], non_blocking=True)
+            step.run()
+            metrics[e].copy_(step.metrics)
+        # .tolist(): the host sync, once per chunk of epochs for the whole group
+        values = metrics[:chunk].tolist()
         seconds = time.perf_counter() - started
-        ended: dict[int, TrainResult] = {}
-        for row, i in enumerate(group.indices):
-            if not active[row]:
-                continue
-            config = configs[i]
-            if not (math.isfinite(train_losses[row]) and math.isfinite(eval_losses[row])):
-                # this member alone diverged (members share no arithmetic): stop it, say why
-                bad = (
-                    train_losses[row] if not math.isfinite(train_losses[row]) else eval_losses[row]
-                )
-                ended[i] = finish(i, False, False, Divergence(epoch, bad))
-                continue
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_losses[row],
-                eval_loss=eval_losses[row],
-                eval_accuracy=accuracies[row],
-                train_accuracy=None,
-                seconds=seconds,
-                learning_rate=config.learning_rate,
-            )
-            history[i].append(metrics)
-            if target_met("binary", metrics, config.target_loss):
-                ended[i] = finish(i, True, False)
-            elif on_epoch is not None and on_epoch(i, metrics):
-                ended[i] = finish(i, False, True)
-            elif epoch >= config.epochs:
-                ended[i] = finish(i, False, False)
-        stopped = set()
-        if after_epoch is not None:
-            stopped = {i for i in after_epoch(dict(ended)) if i in members and i not in results}
-            for i in stopped:
-                finish(i, False, True)
-        if ended or stopped:
-            still_active = group.active.clone()
-            done = set(ended) | stopped
-            still_active[[row for row, i in enumerate(group.indices) if i in done]] = False
-            group.set_active(still_active)
-        still = group.active.nonzero().flatten().tolist()
+        done: set[int] = set()
+        for e in range(chunk):
+            train_losses, eval_losses, accuracies = values[e]
+            rows = [
+                (i, train_losses[row], eval_losses[row], accuracies[row])
+                for row, i in enumerate(group.indices)
+                if i not in ledger.results
+            ]
+            done |= ledger.epoch(epoch + e + 1, seconds, rows)
+        epoch += chunk
+        if done:  # members the callbacks stopped (the device froze the others already)
+            keep = torch.tensor([i not in ledger.results for i in group.indices], device=device)
+            group.set_active(group.active & keep)
+        still = [row for row, i in enumerate(group.indices) if i not in ledger.results]
         if not still:
             break
         if compact and len(still) < COMPACT_BELOW * len(group):
             group.keep(still)  # stop paying for members that have finished
-    return results
+            step = _GroupEpoch(group, [members[i].config for i in group.indices], fn)
+            step.epoch.fill_(epoch)
+            orders = torch.zeros(sync_every, len(group), n, dtype=torch.int64, pin_memory=pinned)
+            metrics = torch.zeros(sync_every, 3, len(group), device=device)

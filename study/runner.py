@@ -169,6 +169,7 @@ def run_study(
     population: int | None = None,
     workers: int = 1,
     data_dir: str | None = None,
+    threads: int | None = None,
 ) -> optuna.Study:
     """Create or resume study `study_name` (default: `name`) and run it to `trials` in total.
 
@@ -176,10 +177,13 @@ def run_study(
     does nothing new. A new study takes the space's defaults with `settings` applied; an
     existing one runs with its stored settings (`settings` may repeat them, not change them).
     Everything is validated before anything is written. With `population` K, K trials are asked
-    at once and trained together (`study.population`). With `workers` N > 1, N processes share
-    the storage until the total is reached.
+    at once and trained together (`study.population`) on `threads` CPU threads (default: this
+    machine's cores, shared among the workers). With `workers` N > 1, N processes share the
+    storage until the total is reached.
     """
     _check_arguments(trials, population, workers, sampler_seed, study_name)
+    if threads is not None and not (is_int(threads) and 1 <= threads <= 1024):
+        raise ConfigError(f"threads: must be an integer from 1 to 1024, got {threads!r}")
     space = get_space(name)
     if population and space.KIND != "boolean":
         raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
@@ -206,12 +210,14 @@ def run_study(
         # a new image study starts from its space's known-good baseline (Optuna's enqueue)
         study.enqueue_trial(space.baseline(fixed), user_attrs={"baseline": True})
     if workers > 1 and trials > finished_trials(study):
+        share = max(1, (os.cpu_count() or 1) // workers)  # the cores, shared among workers
         arguments = dict(name=name, trials=trials, storage=storage, study_name=study_name,
                          sampler_seed=sampler_seed, device=device, settings=overrides,
-                         population=population, data_dir=data_dir)  # fmt: skip
+                         population=population, data_dir=data_dir,
+                         threads=threads or share)  # fmt: skip
         return _run_workers(workers, arguments, study, trials, progress)
     if population:
-        batch = PopulationBatch(space, fixed, device=target)
+        batch = PopulationBatch(space, fixed, target, threads or os.cpu_count() or 1)
         size, train = population, batch.train
     elif space.KIND == "image":
         objective = ImageObjective(space, fixed, device=target, data_dir=data_dir)

@@ -40,8 +40,14 @@ def curves(result):
     return [m.eval_loss for m in result.history], [m.train_loss for m in result.history]
 
 
-@pytest.mark.parametrize("device_name", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_member_follows_the_sequential_trainer(device_name):
+ENGINES = ["native", "torch"]
+
+
+@pytest.mark.parametrize(
+    ("device_name", "engine"),
+    [("cpu", "native"), ("cpu", "torch"), pytest.param("cuda", "torch", marks=pytest.mark.cuda)],
+)
+def test_member_follows_the_sequential_trainer(device_name, engine):
     if device_name == "cuda" and not dev.cuda_available():
         pytest.skip("no CUDA device")
     fn = boolean_function(8, 0, device=dev.resolve_device(device_name))
@@ -51,7 +57,9 @@ def test_member_follows_the_sequential_trainer(device_name):
         train(network(c, fn, seed), fn.task(), c.train_config(seed, TARGET))
         for c, seed in [(narrow, 5), (wide, 6)]
     ]
-    population = train_population([member(narrow, 5, TARGET), member(wide, 6, TARGET)], fn)
+    population = train_population(
+        [member(narrow, 5, TARGET), member(wide, 6, TARGET)], fn, engine=engine
+    )
     for seq, pop in zip(sequential, population, strict=True):
         assert pop.epochs_run == seq.epochs_run
         seq_eval, seq_train = curves(seq)
@@ -69,8 +77,10 @@ def test_padded_member_equals_the_narrow_network_alone():
     fn = boolean_function(8, 1)
     narrow = BooleanCandidate((7, 5), 1e-2, 16, 10)
     wide = BooleanCandidate((30, 20), 5e-3, 16, 10)
-    alone = train_population([member(narrow, 3)], fn, compact=False)[0]
-    padded = train_population([member(narrow, 3), member(wide, 4)], fn, compact=False)
+    alone = train_population([member(narrow, 3)], fn, compact=False, engine="torch")[0]
+    padded = train_population(
+        [member(narrow, 3), member(wide, 4)], fn, compact=False, engine="torch"
+    )
     assert plan_groups([member(narrow, 3), member(wide, 4)], fn) == [[0, 1]]  # one group
     assert curves(padded[0])[0] == pytest.approx(curves(alone)[0], rel=1e-6, abs=1e-9)
 
@@ -113,11 +123,14 @@ def test_padded_units_have_no_effect_on_outputs_or_gradients():
         assert torch.allclose(g_b[0, :fan_out], linear.bias.grad, atol=1e-7)
 
 
-def test_members_stop_at_the_target_and_stopped_members_are_frozen():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_members_stop_at_the_target_and_stopped_members_are_frozen(engine):
     fn = boolean_function(3, 5, 3)
     fast = BooleanCandidate((16,), 5e-2, 8, 3000)
     slow = BooleanCandidate((16,), 2e-3, 8, 50)
-    results = train_population([member(fast, 0, TARGET), member(slow, 1, TARGET)], fn)
+    results = train_population(
+        [member(fast, 0, TARGET), member(slow, 1, TARGET)], fn, engine=engine
+    )
     assert results[0].reached_target and results[0].final.eval_loss <= 1e-3
     assert results[0].final.eval_accuracy == 1.0
     assert not results[1].reached_target and results[1].epochs_run == 50
@@ -125,7 +138,8 @@ def test_members_stop_at_the_target_and_stopped_members_are_frozen():
     assert results[0].epochs_run == seq.epochs_run
 
 
-def test_on_epoch_and_after_epoch_stop_members():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_on_epoch_and_after_epoch_stop_members(engine):
     fn = boolean_function(3, 5, 3)
     c = BooleanCandidate((8,), 1e-2, 8, 100)
     members = [member(c, s) for s in range(4)]
@@ -136,7 +150,7 @@ def test_on_epoch_and_after_epoch_stop_members():
     def after_epoch(finished):
         return {1} if 0 in finished else set()
 
-    results = train_population(members, fn, on_epoch, after_epoch)
+    results = train_population(members, fn, on_epoch, after_epoch, engine=engine)
     assert results[0].epochs_run == 3 and results[0].stopped_by_callback
     assert results[1].epochs_run == 3 and results[1].stopped_by_callback
     assert results[2].epochs_run == results[3].epochs_run == 100
@@ -286,11 +300,12 @@ def nan_for_seed(bad_seed):
     return build
 
 
-def test_a_diverging_member_stops_alone(monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_diverging_member_stops_alone(monkeypatch, engine):
     monkeypatch.setattr("study.models.build_boolean_net", nan_for_seed(1))
     fn = boolean_function(3, 5, 3)
     c = BooleanCandidate((8,), 1e-2, 8, 20)
-    results = train_population([member(c, 0), member(c, 1), member(c, 2)], fn)
+    results = train_population([member(c, 0), member(c, 1), member(c, 2)], fn, engine=engine)
     assert results[1].divergence is not None and results[1].epochs_run == 0
     assert results[0].epochs_run == results[2].epochs_run == 20
     assert all(torch.isfinite(torch.tensor(curves(r)[0])).all() for r in (results[0], results[2]))
@@ -345,10 +360,130 @@ def test_adam_unit_step_is_torch_adam_with_a_rate_per_member():
     [
         ({"optimizer": "sgd"}, "optimizer 'sgd'"),
         ({"weight_decay": 1e-4}, "weight_decay"),
-        ({"lr_schedule": "cosine"}, "lr_schedule 'cosine'"),
+        ({"optimizer": "adamw", "weight_decay": 1e-2}, "optimizer 'adamw'"),
     ],
 )
 def test_population_refuses_a_training_it_does_not_implement(change, named):
     config = BooleanCandidate((4,), 1e-2, 8, 10).train_config(0, None).replace(**change)
     with pytest.raises(ConfigError, match=rf"^population: .*{named}"):
         Member((4,), config)
+
+
+def stop_plan(results_seen):
+    """Callbacks that stop members at different epochs: member 1 at epoch 7 (on_epoch), and
+    member 3 once member 0 has ended (after_epoch)."""
+
+    def on_epoch(i, metrics):
+        results_seen.append((i, metrics.epoch))
+        return i == 1 and metrics.epoch == 7
+
+    def after_epoch(ended):
+        return {3} if 0 in ended else set()
+
+    return on_epoch, after_epoch
+
+
+@pytest.mark.parametrize("sync_every", [3, 16])
+def test_reading_metrics_back_every_few_epochs_changes_no_result(sync_every):
+    """The device-side stop checks (target, budget) and the callbacks applied at each readback
+    give the same results as looking every epoch: with padding and members that stop at
+    different epochs (target, budget, on_epoch, after_epoch). (Compaction is left out: a
+    batched product over fewer members may round differently, see the padding test.)"""
+    fn = boolean_function(3, 5, 3)
+    candidates = [
+        BooleanCandidate((16,), 5e-2, 8, 3000),  # reaches the target
+        BooleanCandidate((16,), 2e-3, 8, 40),  # stopped by on_epoch at 7
+        BooleanCandidate((9,), 3e-3, 8, 25),  # runs to its budget (padded to 16)
+        BooleanCandidate((12,), 1e-4, 8, 3000),  # stopped once member 0 has ended
+        BooleanCandidate((5,), 1e-3, 8, 33),
+    ]
+    members = [member(c, seed, TARGET) for seed, c in enumerate(candidates)]
+    runs = {}
+    for every in (1, sync_every):
+        seen = []
+        on_epoch, after_epoch = stop_plan(seen)
+        results = train_population(
+            members, fn, on_epoch, after_epoch, compact=False, engine="torch", sync_every=every
+        )
+        runs[every] = (results, seen)
+    (looked, seen_1), (chunked, seen_n) = runs[1], runs[sync_every]
+    assert seen_1 == seen_n  # the callbacks saw exactly the same epochs
+    assert looked[0].reached_target and looked[1].stopped_by_callback
+    assert looked[1].epochs_run == 7 and looked[2].epochs_run == 25
+    assert looked[3].stopped_by_callback
+    for a, b in zip(looked, chunked, strict=True):
+        assert (a.epochs_run, a.reached_target, a.stopped_by_callback) == (
+            b.epochs_run, b.reached_target, b.stopped_by_callback)  # fmt: skip
+        assert curves(a) == curves(b)  # the same operations on the same tensors
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not dev.cuda_available(), reason="no CUDA device")
+def test_cuda_graph_epochs_equal_eager_epochs_on_cuda():
+    """On CUDA the group epoch is a captured graph read back every 16 epochs; it must equal
+    the same engine run one epoch at a time."""
+    fn = boolean_function(8, 0, device=dev.resolve_device("cuda"))
+    members = [member(BooleanCandidate((w,), 1e-2, 8, 30), s, TARGET)
+               for s, w in enumerate((12, 40, 64, 33))]  # fmt: skip
+    graphed = train_population(members, fn, engine="torch")
+    one_by_one = train_population(members, fn, engine="torch", sync_every=1)
+    for a, b in zip(graphed, one_by_one, strict=True):
+        assert a.epochs_run == b.epochs_run
+        assert curves(a)[0] == pytest.approx(curves(b)[0], rel=1e-4)
+
+
+def test_without_a_compiler_the_population_falls_back_to_torch_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from study import native
+
+    monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.load.cache_clear()
+    try:
+        fn = boolean_function(3, 5, 3)
+        c = BooleanCandidate((8,), 1e-2, 8, 5)
+        results = train_population([member(c, 0), member(c, 1)], fn)  # auto: falls back
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "could not be built" in lines[0], lines
+        assert [r.epochs_run for r in results] == [5, 5]
+        torch_engine = train_population([member(c, 0), member(c, 1)], fn, engine="torch")
+        assert curves(results[0]) == curves(torch_engine[0])  # it is the torch engine
+        with pytest.raises(ConfigError, match="engine: the native kernel needs"):
+            train_population([member(c, 0)], fn, engine="native")
+    finally:
+        native.load.cache_clear()
+
+
+def test_the_native_kernel_trains_many_members_on_two_threads_as_on_one():
+    fn = boolean_function(8, 0)
+    members = [member(BooleanCandidate((w, w // 2), 1e-2, b, 6), s)
+               for s, (w, b) in enumerate([(30, 8), (12, 16), (50, 4), (7, 256)])]  # fmt: skip
+    one = train_population(members, fn, engine="native", threads=1)
+    two = train_population(members, fn, engine="native", threads=2)
+    for a, b in zip(one, two, strict=True):
+        assert curves(a) == curves(b)  # members share no arithmetic: threads change nothing
+    # and each follows the sequential trainer from the same weights and batch order
+    for m, result in zip(members, one, strict=True):
+        c = BooleanCandidate(m.hidden_layer_profile, 1e-2, m.config.batch_size, 6)
+        seq = train(network(c, fn, m.config.seed), fn.task(), m.config)
+        assert curves(result)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_cosine_schedule_follows_the_sequential_trainer(engine):
+    """The trainer's per-step cosine decay (LambdaLR over all steps of the budget), in both
+    engines, from the same weights and batch order."""
+    fn = boolean_function(8, 0)
+    candidates = [BooleanCandidate((20,), 2e-2, 16, 9), BooleanCandidate((33,), 1e-2, 64, 7)]
+    members = [
+        Member(c.hidden_layer_profile, c.train_config(s, None).replace(lr_schedule="cosine"))
+        for s, c in enumerate(candidates)
+    ]
+    population = train_population(members, fn, engine=engine)
+    for s, (c, m, pop) in enumerate(zip(candidates, members, population, strict=True)):
+        seq = train(network(c, fn, s), fn.task(), m.config)
+        assert seq.final.learning_rate < 1e-6  # decayed to ~0 over the budget
+        assert pop.epochs_run == seq.epochs_run
+        assert curves(pop)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
+        assert curves(pop)[1] == pytest.approx(curves(seq)[1], rel=1e-5)
