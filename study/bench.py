@@ -172,6 +172,17 @@ def _tutorial_boolean_trial(fn, width: int, lr: float, batch: int, epochs: int, 
     return least, correct / count
 
 
+def _boolean_setup(device_name: str):
+    """The device, f and the caller's thread count of a Boolean benchmark; from here on torch
+    runs on one thread (the caller restores the count)."""
+    from study.data import boolean_function
+
+    device = dev.resolve_device(device_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return device, boolean_function(8, 0, device=device), threads
+
+
 def _population_variants(device: torch.device, threads: int) -> list[tuple[str, str, int]]:
     """(label, engine, threads) of the population runs a benchmark times side by side."""
     from study import native
@@ -203,16 +214,11 @@ def bench_boolean(
     torch engine on one thread (on CUDA: the torch engine with CUDA graphs).
     """
     from study.config import BooleanCandidate
-    from study.data import boolean_function
     from study.models import build_boolean_net
     from study.population import Member, train_population
 
-    device = dev.resolve_device(device_name)
-    threads = torch.get_num_threads()
+    device, fn, threads = _boolean_setup(device_name)
     cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    fn = boolean_function(8, 0, device=device)
     widths = [round(16 * 16 ** (i / max(1, trials - 1))) for i in range(trials)]
     candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
 
@@ -318,16 +324,11 @@ def bench_long(
     `sequential_members` of them) and of the population, side by side in one run; then the
     memory a population needs per 1,000 members."""
     from study.config import BooleanCandidate
-    from study.data import boolean_function
     from study.models import build_boolean_net
     from study.population import Member, train_population
 
-    device = dev.resolve_device(device_name)
-    threads = torch.get_num_threads()
+    device, fn, threads = _boolean_setup(device_name)
     cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    fn = boolean_function(8, 0, device=device)
     widths = [round(48 + 48 * i / max(1, members - 1)) for i in range(members)]
     candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
     population = [
@@ -344,28 +345,40 @@ def bench_long(
         train(net, fn.task(), c.train_config(seed, None))
     dev.synchronize(device)
     rates["sequential"] = sequential_members * epochs / (time.perf_counter() - start)
-    log(f"(b) sequential trainer: {rates['sequential']:.0f} member-epochs/s "
-        f"({sequential_members} members x {epochs} epochs)")  # fmt: skip
+    log(
+        f"(b) sequential trainer: {rates['sequential']:.0f} member-epochs/s "
+        f"({sequential_members} members x {epochs} epochs)"
+    )
     for label, engine, n in variants:
         start = time.perf_counter()
         train_population(population, fn, engine=engine, threads=n)
         dev.synchronize(device)
         rates[label] = members * epochs / (time.perf_counter() - start)
-        log(f"(c) population, {label}: {rates[label]:.0f} member-epochs/s "
-            f"({members} members x {epochs} epochs)")  # fmt: skip
+        log(
+            f"(c) population, {label}: {rates[label]:.0f} member-epochs/s "
+            f"({members} members x {epochs} epochs)"
+        )
     torch.set_num_threads(threads)
     log(f"device: {dev.describe(device)} ({cores} cores); torch {torch.__version__}")
-    log(f"{members} members, widths 48..96, batch {batch}, Adam lr {learning_rate}, "
-        f"{epochs} epochs, no early stop")  # fmt: skip
+    log(
+        f"{members} members, widths 48..96, batch {batch}, Adam lr {learning_rate}, "
+        f"{epochs} epochs, no early stop"
+    )
     for label, _, _ in variants:
-        log(f"  population / sequential per member-epoch: "
-            f"{rates[label] / rates['sequential']:6.1f}x   ({label})")  # fmt: skip
+        log(
+            f"  population / sequential per member-epoch: "
+            f"{rates[label] / rates['sequential']:6.1f}x   ({label})"
+        )
     memory = _memory_per_thousand(device, variants[0][1], batch, learning_rate)
-    log(f"  memory per 1,000 members (widths 48..96): {memory / 2**20:.1f} MiB of training "
+    log(
+        f"  memory per 1,000 members (widths 48..96): {memory / 2**20:.1f} MiB of training "
         "state, plus 16 bytes per member and epoch of history (64 MiB per 1,000 members at "
-        "4,000 epochs)")  # fmt: skip
-    return {**{f"member_epochs_per_second[{k}]": v for k, v in rates.items()},
-            "bytes_per_thousand_members": memory}  # fmt: skip
+        "4,000 epochs)"
+    )
+    return {
+        **{f"member_epochs_per_second[{k}]": v for k, v in rates.items()},
+        "bytes_per_thousand_members": memory,
+    }
 
 
 def _memory_per_thousand(device: torch.device, engine: str, batch: int, lr: float) -> float:
@@ -422,13 +435,9 @@ def bench_step(
 
     from study import native
     from study.config import BooleanCandidate
-    from study.data import boolean_function
     from study.population import Member, _Group, train_population
 
-    device = dev.resolve_device(device_name)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fn = boolean_function(8, 0, device=device)
+    device, fn, threads = _boolean_setup(device_name)
     config = BooleanCandidate((width,), 5e-3, batch, 1)
     group_members = [Member((width,), config.train_config(s, None)) for s in range(members)]
     group = _Group(group_members, list(range(members)), fn)
@@ -487,12 +496,16 @@ def bench_step(
         return compiled(xs, ys, w1, b1, w2, b2, moments, count, lr)
 
     results["compiled"] = timed(compiled_step)
-    log(f"torch.compile (Inductor):     {results['compiled']:8.1f} us/step "
-        f"(compiling took {compile_seconds:.0f} s)")  # fmt: skip
+    log(
+        f"torch.compile (Inductor):     {results['compiled']:8.1f} us/step "
+        f"(compiling took {compile_seconds:.0f} s)"
+    )
     if device.type == "cpu" and native.load() is not None:
         epochs = 5
-        population = [Member((width,), BooleanCandidate((width,), 5e-3, batch, epochs)
-                             .train_config(s, None)) for s in range(members)]  # fmt: skip
+        population = [
+            Member((width,), BooleanCandidate((width,), 5e-3, batch, epochs).train_config(s, None))
+            for s in range(members)
+        ]
         train_population(population[:1], fn, engine="native")
         start = time.perf_counter()
         train_population(population, fn, engine="native", threads=1)
@@ -500,6 +513,81 @@ def bench_step(
         results["native"] = seconds / (epochs * len(slices)) * 1e6
         log(f"native kernel (with eval):    {results['native']:8.1f} us/step")
     torch.set_num_threads(threads)
-    log(f"{members} members of width {width}, batch {batch}, one thread, "
-        f"{dev.describe(device)}; torch {torch.__version__}")  # fmt: skip
+    log(
+        f"{members} members of width {width}, batch {batch}, one thread, "
+        f"{dev.describe(device)}; torch {torch.__version__}"
+    )
     return results
+
+
+def bench_pruners(
+    minutes: float = 15.0,
+    repeats: int = 2,
+    pruners: tuple[str, ...] = ("median", "hyperband"),
+    data_dir: Path | str | None = None,
+    log=print,
+) -> dict[str, list[float]]:
+    """fashion-mlp under the same time budget with each pruner, side by side: in each
+    repetition the pruners' studies run at the same time (one process and one thread each,
+    same sampler seed), on fresh stores; prints the best validation accuracy each reached."""
+    import tempfile
+
+    import optuna
+
+    best: dict[str, list[float]] = {p: [] for p in pruners}
+    trials: dict[str, list[int]] = {p: [] for p in pruners}
+    for repeat in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            processes = {}
+            for pruner in pruners:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "study.cli",
+                    "run",
+                    "fashion-mlp",
+                    "--trials",
+                    "1000",
+                    "--storage",
+                    f"sqlite:///{tmp}/{pruner}.db",
+                    "--pruner",
+                    pruner,
+                    "--sampler-seed",
+                    str(repeat),
+                    "--timeout",
+                    str(minutes * 60),
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                ] + (["--data-dir", str(data_dir)] if data_dir else [])
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                processes[pruner] = subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+            for pruner, process in processes.items():
+                _, err = process.communicate()
+                if process.returncode != 0:
+                    raise RuntimeError(f"{pruner}: {err.strip().splitlines()[-1]}")
+                study = optuna.load_study(
+                    study_name="fashion-mlp", storage=f"sqlite:///{tmp}/{pruner}.db"
+                )
+                finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+                complete = [t.value for t in finished if t.state.name == "COMPLETE"]
+                best[pruner].append(max(complete, default=float("nan")))
+                trials[pruner].append(len(finished))
+                log(
+                    f"repeat {repeat + 1}/{repeats}, {pruner}: best validation accuracy "
+                    f"{best[pruner][-1]:.4f} after {len(finished)} trials "
+                    f"({sum(t.state.name == 'PRUNED' for t in finished)} pruned)"
+                )
+    log(
+        f"fashion-mlp, {minutes:g} minutes per study, sampler seeds 0..{repeats - 1}, one "
+        "thread each, the pruners side by side"
+    )
+    for pruner in pruners:
+        log(
+            f"  {pruner:<20} best validation accuracy {statistics.mean(best[pruner]):.4f} "
+            f"(runs: {', '.join(f'{v:.4f}' for v in best[pruner])}; trials: "
+            f"{', '.join(map(str, trials[pruner]))})"
+        )
+    return best

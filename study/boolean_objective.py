@@ -8,6 +8,7 @@ report, store the outcome, and turn the verdict into a trial state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import optuna
@@ -93,6 +94,8 @@ class PopulationBatch:
         self.objective = BooleanObjective(space, settings, device)
         self.fn = self.objective.fn
         self.threads = threads
+        self.progress: Callable[[str], None] | None = None
+        """Told after epochs: how far the population is and how many networks still train."""
 
     def train(
         self, study: optuna.Study, trials: list[optuna.Trial]
@@ -105,7 +108,11 @@ class PopulationBatch:
             Member(runs[j].candidate.hidden_layer_profile, runs[j].config(k)) for j, k in owner
         ]
 
+        ended_so_far: set[int] = set()
+        epoch_of = [0]
+
         def on_epoch(i: int, metrics: EpochMetrics) -> bool:
+            epoch_of[0] = max(epoch_of[0], metrics.epoch)
             j, k = owner[i]
             return runs[j].over or runs[j].on_epoch(k, metrics)
 
@@ -115,19 +122,23 @@ class PopulationBatch:
                 j, k = owner[i]
                 runs[j].finish(k, result)
             # the other seeds of a trial that is over stop now
-            return {
+            stop = {
                 i for i, (j, k) in enumerate(owner) if runs[j].over and not runs[j].finished(k)
             }
+            ended_so_far.update(ended, stop)
+            if self.progress is not None:
+                self.progress(
+                    f"population of {len(members)}: epoch {epoch_of[0]}, "
+                    f"{len(members) - len(ended_so_far)} networks training"
+                )
+            return stop
 
         try:
             results = train_population(
                 members, self.fn, on_epoch, after_epoch, threads=self.threads
             )
-        except interrupt.Interrupted:
-            for trial in trials:  # the whole population stops: fail its trials with the reason
-                trial.set_user_attr("fail_reason", interrupt.REASON)
-                study.tell(trial, state=TrialState.FAIL)
-            raise
+        except (interrupt.Interrupted, interrupt.OutOfTime):
+            raise  # the runner fails the population's trials with the reason
         for i, result in enumerate(results):
             j, k = owner[i]
             runs[j].finish(k, result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from search_spaces import SPACES, get_space
 from study import interrupt
+from study.choices import SAMPLERS
 from study.config import IMAGE_DATASETS, MAX_SEEDS, SETTINGS_OF_KIND, field_docs
 from study.errors import ConfigError, StudyError
 from study.storage import DEFAULT_STORAGE, default_out, redact, storage_failure
@@ -41,14 +43,18 @@ def _bounded_int(low: int, high: int):
 _positive_int = _bounded_int(1, 10**9)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str, minimum: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    return _int_list(text, minimum=0)
 
 
 def _study_choices() -> list[str]:
@@ -177,6 +183,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         population=args.population,
         workers=args.workers,
         data_dir=args.data_dir,
+        timeout=args.timeout,
+        sampler=args.sampler,
+        pruner=args.pruner,
     )
     best = best_feasible(study)
     if best is None:
@@ -232,16 +241,46 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from study.export import predict, prediction_line
+    import tempfile
 
-    directory = Path(args.dir) if args.dir else default_out(args.name)
-    rows = predict(directory, args.index, args.image, args.data_dir, args.device)
+    from study.export import fetch_export, predict, prediction_line
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # the export stored with the study (Optuna's artifact store), or plain files
+        directory = (
+            Path(args.dir) if args.dir else fetch_export(args.name, args.storage, Path(tmp))
+        )
+        rows = predict(directory, args.index, args.image, args.data_dir, args.device)
     for row in rows:
         print(prediction_line(row))
 
 
+def cmd_list(args: argparse.Namespace) -> None:
+    from study.overview import format_list, list_studies
+
+    print(format_list(list_studies(args.storage)))
+
+
+def cmd_best(args: argparse.Namespace) -> None:
+    import json
+
+    from study.overview import best_of
+
+    record = best_of(args.name, args.storage)
+    if args.json:
+        print(json.dumps(record, indent=1, default=str))
+        return
+    best = record.get("best") or record.get("answer")
+    print(f"{args.name} ({record['kind']}):")
+    for key, value in (best or {}).items():
+        print(f"  {key}: {value}")
+    for key in ("certified", "export"):
+        if record.get(key):
+            print(f"  {key}: {record[key]}")
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from study.storage import open_storage
+    from study.storage import artifact_store, open_storage
 
     storage = open_storage(args.storage, heartbeat=False)  # one clear line for a bad store
     try:
@@ -254,7 +293,9 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     )
     sys.stdout.flush()
     try:
-        run_server(storage, host=args.host, port=args.port)
+        run_server(
+            storage, host=args.host, port=args.port, artifact_store=artifact_store(args.storage)
+        )
     except OSError as error:
         raise StudyError(
             f"dashboard: cannot listen on {args.host}:{args.port} ({error})"
@@ -281,13 +322,47 @@ def cmd_certify(args: argparse.Namespace) -> None:
     print(f"certification: {path}")
 
 
+def cmd_frontier(args: argparse.Namespace) -> None:
+    from study.frontier import Cell, Plan, run_cell
+
+    if args.action == "report":
+        from study.report_frontier import write_frontier_report
+
+        out = _out_dir(args.out, "frontier")
+        answers = Path(args.answers) if args.answers else out / "answers.json"
+        write_frontier_report(args.storage, out, answers, _command_line())
+        print(f"report: {out}/summary.md; answers: {answers}")
+        return
+    plan = Plan(
+        recipe_trials=args.recipe_trials,
+        recipe_seeds=args.recipe_seeds,
+        selection_seeds=args.selection_seeds,
+        heldout_seeds=args.heldout_seeds,
+        probe_neurons=args.probe,
+    )
+    log = (lambda *_: None) if args.quiet else print
+    for budget in args.budgets:
+        for depth in args.depths:
+            for function_seed in args.function_seeds:
+                cell = Cell(function_seed, depth, budget)
+                answer = run_cell(args.storage, cell, plan, args.threads, log)
+                print(
+                    f"{cell.name}: {answer['neurons']} neurons {answer['profile']} "
+                    f"({answer['parameters']} parameters), held-out "
+                    f"{answer['heldout_successes']}/{answer['heldout_seeds']} "
+                    f"(95% {answer['interval_95'][0]:.2f}..{answer['interval_95'][1]:.2f})"
+                )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    from study.bench import bench_boolean, bench_long, bench_step, bench_trainer
+    from study.bench import bench_boolean, bench_long, bench_pruners, bench_step, bench_trainer
 
     if args.what == "trainer":
         bench_trainer(args.data_dir, args.device, repeats=args.repeats)
     elif args.what == "boolean":
         bench_boolean(trials=args.trials, epochs=args.epochs or 250, device_name=args.device)
+    elif args.what == "pruners":
+        bench_pruners(minutes=args.minutes, repeats=args.repeats, data_dir=args.data_dir)
     elif args.what == "long":
         bench_long(members=args.members, epochs=args.epochs or 4000, device_name=args.device)
     else:
@@ -317,6 +392,7 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     """The `study` command; `name` (the study given to `study run`, when known) sets the
     defaults its help shows."""
     parser = _Parser(prog="study", description="Optuna studies over PyTorch trainings.")
+    parser.add_argument("--version", action="version", version=f"study {_version()}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
@@ -340,7 +416,24 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     )
     _add_storage(p)
     p.add_argument("--study-name", help="name in the storage (default: NAME)")
-    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler")
+    p.add_argument("--sampler-seed", type=int, help="seed of the sampler")
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        help="Optuna's sampler (tpe); stored with the study",
+    )
+    p.add_argument(
+        "--pruner",
+        help="image studies: median (default), hyperband, successive-halving or none; Boolean "
+        "studies: target-unreachable (default) or none; stored with the study",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time budget of this run: no trial starts after it, a running one stops at its "
+        "next epoch and is re-queued for the next run",
+    )
     p.add_argument(
         "--population",
         type=_positive_int,
@@ -380,12 +473,13 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify test images or PNG/JPEG files")
-    p.add_argument("name", help="the exported study (reads results/runs/NAME/)")
+    p.add_argument("name", help="the exported study (its model from the store's artifacts)")
+    _add_storage(p)
     p.add_argument(
         "--index", type=int, nargs="+", metavar="I", help="test-set image numbers (0..9999)"
     )
     p.add_argument("--image", nargs="+", metavar="FILE", help="PNG or JPEG files")
-    p.add_argument("--dir", help="export directory (default results/runs/NAME)")
+    p.add_argument("--dir", help="read the exported files from this directory instead")
     p.add_argument("--data-dir", help="directory with the IDX files (for --index)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
@@ -406,6 +500,41 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default results/runs/NAME)")
     p.set_defaults(func=cmd_certify)
 
+    p = sub.add_parser(
+        "frontier",
+        help="the budget frontier: fewest neurons per epoch budget and depth, held-out certified",
+    )
+    p.add_argument("action", choices=["run", "report"], help="run (resumes) or report")
+    _add_storage(p)
+    p.add_argument("--function-seeds", type=_seed_list, default=(0,), help="functions (0)")
+    p.add_argument("--depths", type=_int_list, default=(1, 2, 3, 4), help="hidden layers")
+    p.add_argument(
+        "--budgets",
+        type=_int_list,
+        default=(500, 2000, 8000, 16000),
+        help="epoch budgets (500,2000,8000,16000)",
+    )
+    p.add_argument("--recipe-trials", type=_bounded_int(1, 1000), default=16)
+    p.add_argument("--recipe-seeds", type=_bounded_int(1, 100), default=4)
+    p.add_argument("--selection-seeds", type=_bounded_int(1, 1000), default=10)
+    p.add_argument("--heldout-seeds", type=_bounded_int(20, 10_000), default=24)
+    p.add_argument("--probe", type=_bounded_int(1, 512), help="probe width of the recipe search")
+    p.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", help="report: directory (default results/runs/frontier)")
+    p.add_argument("--answers", help="report: answers file (default OUT/answers.json)")
+    p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser("list", help="the studies in a store: kind, trials by state, best value")
+    _add_storage(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("best", help="the best or certified configuration of a study")
+    p.add_argument("name", help="study name in the storage")
+    _add_storage(p)
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_best)
+
     p = sub.add_parser("dashboard", help="browse a storage's studies in optuna-dashboard")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
@@ -415,15 +544,21 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "boolean", "long", "step"],
+        choices=["trainer", "boolean", "long", "step", "pruners"],
         help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); boolean: tutorial "
         "loop vs sequential vs population trainer; long: the long-budget workload "
         "(member-epochs per second, memory per 1,000 members); step: the candidates for a "
-        "population step (eager, torch.compile, native kernel)",
+        "population step (eager, torch.compile, native kernel); pruners: median against "
+        "hyperband for fashion-mlp under one time budget",
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=_bounded_int(1, 100), default=3, help="trainer: timed epochs")
+    p.add_argument(
+        "--repeats",
+        type=_bounded_int(1, 100),
+        default=3,
+        help="trainer: timed epochs (3); pruners: repetitions",
+    )
     p.add_argument(
         "--trials", type=_bounded_int(1, 4096), default=32, help="boolean: configurations"
     )
@@ -435,6 +570,7 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--members", type=_bounded_int(1, 100_000), default=64, help="long: members (64)"
     )
+    p.add_argument("--minutes", type=float, default=15.0, help="pruners: minutes per study")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")
@@ -450,6 +586,15 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_data)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("study")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _study_of_run(argv: list[str]) -> str | None:
@@ -469,7 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stopped:
-        print(f"study: {stopped or 'interrupted'}", file=sys.stderr)
+        if _ending_the_process:  # a further Ctrl-C cannot cut the one line short
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+        print(f"study: {stopped or 'interrupted'}", file=sys.stderr, flush=True)
         return interrupt.exit_status(stopped)
     except Exception as error:
         failure = storage_failure(error, getattr(args, "storage", None))
@@ -480,5 +628,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+_ending_the_process = False
+
+
+def entry() -> None:
+    """The `study` command: `main`, then exit with its status."""
+    global _ending_the_process
+    _ending_the_process = True
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from optuna.artifacts import upload_artifact
 
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset, normalize_images
 from study.errors import ConfigError, DataError, StudyError
 from study.image_objective import history_rows, prepare_model
+from study.storage import artifact_store
 from study.studies import EXPORT_ATTR, best_feasible, load
 from study.trainer import evaluate, train
 
@@ -110,8 +112,45 @@ def export_model(
         "history": history_rows(result.history),
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    study.set_user_attr(EXPORT_ATTR, {k: v for k, v in metrics.items() if k != "history"})
+    # the same files in Optuna's artifact store, attached to the study (Optuna refuses to
+    # change a finished trial; the record names the trial): the dashboard shows them and
+    # `study predict NAME` reads them from there
+    store = artifact_store(storage)
+    artifacts = {
+        name: upload_artifact(
+            artifact_store=store, file_path=str(out / name), study_or_trial=study
+        )
+        for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
+    }
+    record = {k: v for k, v in metrics.items() if k != "history"}
+    study.set_user_attr(EXPORT_ATTR, {**record, "artifacts": artifacts})
     return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
+
+
+def fetch_export(name: str, storage: str, into: Path) -> Path:
+    """Download study `name`'s exported files from its store's artifact store into `into`."""
+    from optuna.artifacts import download_artifact
+
+    study, _ = load(name, storage, kind="image", command="predict")
+    record = study.user_attrs.get(EXPORT_ATTR) or {}
+    artifacts = record.get("artifacts")
+    if not artifacts:
+        raise ConfigError(
+            f"study {name!r} has no exported model in its store; run `study export {name}` "
+            "first (or pass --dir with the exported files)"
+        )
+    store = artifact_store(storage)
+    into.mkdir(parents=True, exist_ok=True)
+    for filename, artifact_id in artifacts.items():
+        target = into / filename
+        target.unlink(missing_ok=True)
+        try:
+            download_artifact(artifact_store=store, file_path=str(target), artifact_id=artifact_id)
+        except Exception as error:  # the store's files were moved or deleted
+            raise DataError(
+                f"{name}: exported {filename} missing from the artifact store ({error})"
+            ) from None
+    return into
 
 
 def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -7,7 +7,7 @@ every epoch to the study's pruner. `export.py` retrains the chosen configuration
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import optuna
@@ -23,14 +23,6 @@ from study.trainer import EpochMetrics, train
 
 class TrialOutOfMemory(TrialFailed):
     """A trial's model did not fit in device memory: that trial fails, the study goes on."""
-
-
-def image_pruner() -> optuna.pruners.BasePruner:
-    """Median rule: stop a trial whose validation accuracy after epoch k is below the median of
-    earlier trials at epoch k. Waits for 4 finished trials, never judges epochs 1-2, and judges
-    epoch k only when at least 3 earlier trials reached it (so that a long trial is not cut
-    near its end against a single earlier one)."""
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3, n_min_trials=3)
 
 
 def history_rows(result_history: Sequence[EpochMetrics]) -> list[dict[str, float]]:
@@ -83,6 +75,8 @@ class ImageObjective:
             split_seed=settings.split_seed,
         )
         self.task = self.dataset.search_task()
+        self.progress: Callable[[str], None] | None = None
+        """Told after every epoch (epoch k of E, validation accuracy, seconds per epoch)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         candidate = self.space.suggest(trial, self.settings)
@@ -98,6 +92,12 @@ class ImageObjective:
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
+            if self.progress is not None:
+                self.progress(
+                    f"trial {trial.number}: epoch {metrics.epoch}/{candidate.train.epochs}, "
+                    f"val {metrics.eval_accuracy:.4f}, "
+                    f"{metrics.seconds / metrics.epoch:.1f} s/epoch"
+                )
             interrupt.check(trial)
             trial.report(metrics.eval_accuracy, metrics.epoch)
             # the last epoch is done anyway: a trial that got there completes

@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 REASON = "interrupted by the user (SIGINT) before it finished"
@@ -30,6 +31,25 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = REASON, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class OutOfTime(Exception):
+    """The run's time budget (`--timeout`) is spent: stop at the next epoch boundary."""
+
+
+OUT_OF_TIME = "stopped by the run's time budget (--timeout) before it finished; re-queued"
+_deadline: list[float] = []
+
+
+def set_deadline(deadline: float | None) -> None:
+    """From now on `check` raises `OutOfTime` once `time.time()` passes `deadline`."""
+    _deadline.clear()
+    if deadline is not None:
+        _deadline.append(deadline)
+
+
+def out_of_time() -> bool:
+    return bool(_deadline) and time.time() >= _deadline[0]
 
 
 class Terminated(Interrupted):
@@ -53,11 +73,16 @@ def received() -> int | None:
 
 
 def check(trial=None) -> None:
-    """Raise `Interrupted` once a stop was requested, after storing the reason on `trial`."""
+    """Raise `Interrupted` once a stop was requested, or `OutOfTime` once the time budget is
+    spent, after storing the reason on `trial`."""
     if _requested.is_set():
         if trial is not None:
             trial.set_user_attr("fail_reason", REASON)
         raise Interrupted(REASON)
+    if out_of_time():
+        if trial is not None:
+            trial.set_user_attr("fail_reason", OUT_OF_TIME)
+        raise OutOfTime(OUT_OF_TIME)
 
 
 def reason_of(error: BaseException) -> str:
@@ -68,6 +93,8 @@ def reason_of(error: BaseException) -> str:
         return REASON
     if isinstance(error, KeyboardInterrupt):
         return AT_ONCE
+    if isinstance(error, OutOfTime):
+        return OUT_OF_TIME
     first = (str(error).strip().splitlines() or [""])[0]
     return f"stopped by an error: {type(error).__name__}: {first}"
 
@@ -76,7 +103,7 @@ def describe(error: BaseException) -> str:
     """How the command was stopped, for its one line."""
     if isinstance(error, Interrupted):
         return SIGNAL_WORDS.get(error.signum, "interrupted")
-    return "interrupted at once (second Ctrl-C)"
+    return AT_ONCE_LINE
 
 
 def exit_status(error: BaseException) -> int:
@@ -103,11 +130,11 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
         if _requested.is_set():
             raise KeyboardInterrupt  # second Ctrl-C: now
         _requested.set()
-        print(
-            "\nstudy: stopping after the current epoch (Ctrl-C again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+        # one write, so that a second Ctrl-C cannot split the line
+        sys.stderr.write(
+            "\nstudy: stopping after the current epoch (Ctrl-C again to stop at once)\n"
         )
+        sys.stderr.flush()
 
     def on_terminate(signum, frame) -> None:
         if forward is not None:
@@ -130,11 +157,23 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
     try:
         yield
     finally:
+        stopping = _requested.is_set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if stopping and forward is None and previous[signal.SIGINT] is signal.default_int_handler:
+            # the command is on its way out after a first Ctrl-C: another one is a second one
+            signal.signal(signal.SIGINT, _at_once)
         for h in handlers:
             h.removeFilter(quiet)
         _requested.clear()
+
+
+def _at_once(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt(AT_ONCE_LINE)
+
+
+AT_ONCE_LINE = "interrupted at once (second Ctrl-C)"
 
 
 @contextlib.contextmanager

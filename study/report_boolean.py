@@ -15,7 +15,7 @@ import pandas as pd
 
 from study.config import BOOLEAN_OPTIMIZER, BooleanSettings
 from study.studies import StudyInfo, best_feasible
-from study.tables import STATES, markdown_table, save_figure
+from study.tables import STATES, markdown_table, outside_legend, save_figure
 
 # ----------------------------------------------------------------------------------------------
 # Boolean studies
@@ -75,24 +75,27 @@ def boolean_figures(frame: pd.DataFrame, settings: BooleanSettings, out: Path) -
     ax.set_ylabel("median best full-table loss (mean BCE)")
     ax.set_title("Hidden neurons vs best loss, one point per trial")
     fig.colorbar(scatter, ax=ax, label="success share of seeds")
-    ax.legend(loc="center left", fontsize=8)
+    outside_legend(ax)
     paths.append(save_figure(fig, out / "neurons_vs_loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(done))
-    ax.scatter(
-        done["neurons"],
-        done["success_share"].astype(float) + jitter,
-        c=np.where(done["state"] == "PRUNED", "tab:gray", "tab:blue"),
-        s=30,
-    )
+    # jitter towards the inside, so that no point sits outside [0, 1]
+    share = done["success_share"].astype(float).to_numpy()
+    jitter = np.abs(np.random.default_rng(0).uniform(0.0, 0.025, len(done)))
+    jittered = np.where(share >= 0.5, share - jitter, share + jitter)
+    for state, color in (("COMPLETE", "tab:blue"), ("PRUNED", "tab:gray")):
+        mask = (done["state"] == state).to_numpy()
+        if mask.any():
+            ax.scatter(
+                done["neurons"][mask], jittered[mask], color=color, s=30, label=state.lower()
+            )
     ax.axhline(required, color="crimson", linestyle="--", label=f"required share {required:.0%}")
     ax.set_xscale("log")
-    ax.set_ylim(-0.08, 1.08)
+    ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("hidden neurons (sum of widths)")
     ax.set_ylabel("share of seeds that learned f")
-    ax.set_title("Success share vs width (grey: pruned trials)")
-    ax.legend(loc="lower right")
+    ax.set_title("Success share vs width")
+    outside_legend(ax)
     paths.append(save_figure(fig, out / "success_share_vs_width.png"))
 
     order = frame.sort_values("number")
@@ -110,7 +113,7 @@ def boolean_figures(frame: pd.DataFrame, settings: BooleanSettings, out: Path) -
     ax.set_xlabel("trial number")
     ax.set_ylabel("hidden neurons")
     ax.set_title("Best feasible width so far")
-    ax.legend(loc="upper right")
+    outside_legend(ax)
     paths.append(save_figure(fig, out / "best_width_history.png"))
     return paths
 
@@ -163,7 +166,8 @@ def boolean_summary(
         f"{list(s.batch_sizes)}, epochs {s.min_epochs}..{s.max_epochs} (log), stop at the target",
         f"- widths {s.min_width}..{s.max_width} per layer, "
         f"{s.min_layers}..{s.max_layers} hidden layers",
-        f"- {s.seeds} seeds per trial; early-stop rule: {'on' if s.prune else 'off'}",
+        f"- {s.seeds} seeds per trial; early-stop rule: {'on' if s.prune else 'off'}; sampler "
+        f"{study.user_attrs.get('run', {}).get('sampler', 'tpe')}",
         f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
     ]

@@ -12,14 +12,16 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures
+import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
 from study.studies import StudyInfo, best_feasible
-from study.tables import STATES, markdown_table, save_figure
+from study.tables import STATES, markdown_table, outside_legend, save_figure
 
 # ----------------------------------------------------------------------------------------------
 # Image studies (FashionMNIST, MNIST)
@@ -64,7 +66,7 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     complete = done["state"] == "COMPLETE"
     floor = max(0.0, float(done["val_accuracy"].quantile(0.1)) - 0.02)
 
-    def accuracy_against(x: str, xlabel: str, title: str, filename: str, legend: str) -> Path:
+    def accuracy_against(x: str, xlabel: str, title: str, filename: str) -> Path:
         """Last validation accuracy against column `x` (log scale); complete trials coloured
         by optimiser, pruned ones as grey crosses."""
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -72,14 +74,21 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
             ax.scatter(group[x], group["val_accuracy"], s=34, label=name)
         pruned = done[done["state"] == "PRUNED"]
         if len(pruned):
-            ax.scatter(pruned[x], pruned["val_accuracy"], marker="x", s=30, color="tab:gray",
-                       label="pruned")  # fmt: skip
+            ax.scatter(
+                pruned[x],
+                pruned["val_accuracy"],
+                marker="x",
+                s=30,
+                color="tab:gray",
+                label="pruned",
+            )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
         ax.set_ylim(bottom=floor)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy (last epoch)")
         ax.set_title(title)
-        ax.legend(title="optimiser", loc=legend)
+        outside_legend(ax, title="optimiser")
         return save_figure(fig, out / filename)
 
     paths.append(
@@ -88,7 +97,6 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
             "peak learning rate (log scale)",
             "Learning rate vs validation accuracy, by optimiser",
             "lr_vs_accuracy.png",
-            "lower left",
         )
     )
     paths.append(
@@ -97,7 +105,6 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
             "trainable parameters (log scale)",
             "Validation accuracy vs model size",
             "accuracy_vs_parameters.png",
-            "lower right",
         )
     )
 
@@ -149,30 +156,43 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
     paths.append(save_figure(fig, out / "train_vs_validation.png"))
 
     if int(complete.sum()) >= 4:
-        from optuna.visualization.matplotlib import plot_param_importances
-
         with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
             warnings.simplefilter("ignore")
-            importances = plot_param_importances(study)
-        fig = importances.figure
-        fig.set_size_inches(8, 5)
-        importances.set_title("", loc="left")  # Optuna's own title would overlap ours
-        importances.set_title("Parameter importances for validation accuracy (PED-ANOVA)")
-        importances.set_xlabel("importance (share of explained variance)")
-        importances.set_ylabel("parameter")
-        if importances.get_legend() is not None:
-            importances.get_legend().remove()
+            importances = optuna.importance.get_param_importances(study)
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(importances) + 1.5))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.set_xlabel("importance (share of explained variance, PED-ANOVA)")
+        ax.set_title("Parameter importances for validation accuracy")
         paths.append(save_figure(fig, out / "param_importances.png"))
 
-    from optuna.visualization.matplotlib import plot_timeline
-
-    timeline = plot_timeline(study)
-    fig = timeline.figure
-    fig.set_size_inches(8, max(3.0, 0.18 * len(frame) + 1.5))
-    timeline.set_title("", loc="left")
-    timeline.set_title("Timeline of trials (complete vs pruned)")
-    timeline.set_xlabel("wall-clock time")
-    timeline.set_ylabel("trial number")
+    # the timeline: one bar per trial from start to end, coloured by state; the legend names
+    # only the states that occur
+    timed = frame.dropna(subset=["datetime_start"]).sort_values("number")
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(timed) + 1.5)))
+    colors = {
+        "COMPLETE": "tab:blue",
+        "PRUNED": "tab:orange",
+        "FAIL": "tab:red",
+        "RUNNING": "tab:green",
+    }
+    now = pd.Timestamp.now()
+    for state, rows in timed.groupby("state"):
+        ends = rows["datetime_complete"].fillna(now)
+        ax.barh(
+            rows["number"],
+            (ends - rows["datetime_start"]).dt.total_seconds() / 86400,
+            left=mdates.date2num(rows["datetime_start"]),
+            height=0.7,
+            color=colors.get(state, "tab:gray"),
+            label=state.lower(),
+        )
+    ax.xaxis_date()
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+    ax.set_xlabel("wall-clock time")
+    ax.set_ylabel("trial number")
+    ax.set_title("Timeline of trials")
+    outside_legend(ax)
     paths.append(save_figure(fig, out / "timeline.png"))
     return paths
 
@@ -197,6 +217,7 @@ def image_summary(
     counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
     s = info.settings
     assert isinstance(s, ImageSettings)
+    run = {"sampler": "tpe", "pruner": "median", **study.user_attrs.get("run", {})}
     model = "convolutional networks" if info.space.endswith("cnn") else "multilayer perceptrons"
     dataset = IMAGE_DATASETS[s.dataset]
     lines = [
@@ -205,8 +226,8 @@ def image_summary(
         f"Question: which training (optimiser, learning rate, schedule, batch size, epochs, "
         f"weight decay) and which architecture give {model} the best accuracy on {dataset}? "
         f"Objective: accuracy on {s.validation_size} validation images held out of the "
-        f"training set (split seed {s.split_seed}), after the last epoch; a median pruner "
-        "stops trials below the median of earlier ones. The test set is not used in the search.",
+        f"training set (split seed {s.split_seed}), after the last epoch. Sampler "
+        f"{run['sampler']}, pruner {run['pruner']}. The test set is not used in the search.",
         "",
         "## Answer",
         "",

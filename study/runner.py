@@ -24,12 +24,12 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from search_spaces import get_space
-from study import claims, interrupt
+from study import choices, claims, interrupt
 from study import device as dev
 from study.boolean_objective import BooleanObjective, PopulationBatch
-from study.config import is_int
+from study.config import is_int, is_number
 from study.errors import ConfigError, StudyError, TrialFailed
-from study.image_objective import ImageObjective, image_pruner
+from study.image_objective import ImageObjective
 from study.storage import (
     DEFAULT_STORAGE,
     HEARTBEAT_SECONDS,
@@ -70,14 +70,6 @@ def max_workers() -> int:
     except (ValueError, OSError, AttributeError):
         memory = 4 * cores * WORKER_MEMORY_BYTES
     return max(1, min(4 * cores, memory // WORKER_MEMORY_BYTES))
-
-
-def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    """TPE: multivariate and grouped (the deep space is conditional on the layer count);
-    constant liar so that parallel workers do not all sample the same point."""
-    return optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=8
-    )
 
 
 def study_settings(name: str, overrides: Mapping[str, Any] | None = None):
@@ -123,20 +115,23 @@ def _check_arguments(
         raise ConfigError(f"study_name: must be 1 to 500 characters, got {study_name!r}")
 
 
-def _resolve_settings(space_name: str, study_name: str, storage: str, overrides: dict):
-    """The settings to run with: the stored ones for an existing study (an explicit override
-    that contradicts them is refused), else the space's defaults with the overrides. Opens
-    nothing for writing."""
+def _resolve_settings(space_name: str, study_name: str, storage: str, overrides: dict, run: dict):
+    """The settings and the run choices (sampler, pruner) to run with: the stored ones for an
+    existing study (an explicit one that contradicts them is refused), else the space's
+    defaults with the overrides. Opens nothing for writing."""
     requested = study_settings(space_name, overrides)  # validates every given value
+    kind = get_space(space_name).KIND
+    chosen = {"sampler": choices.DEFAULT_SAMPLER, "pruner": choices.DEFAULT_PRUNERS[kind]}
+    chosen.update({k: v for k, v in run.items() if v is not None})
     path = sqlite_path(storage)
     if path is not None and not path.exists():
-        return requested  # a new store: a new study
+        return requested, chosen  # a new store: a new study
     rdb = open_storage(storage, heartbeat=False)
     if study_name not in study_names(rdb):
-        return requested
+        return requested, chosen
     study = optuna.load_study(study_name=study_name, storage=rdb)
     if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(study.user_attrs):
-        return requested  # made with Optuna alone (e.g. to enqueue trials): adopted as new
+        return requested, chosen  # made with Optuna alone (e.g. to enqueue trials): adopted
     info = describe(study)
     if info.space != space_name:
         raise ConfigError(
@@ -144,17 +139,22 @@ def _resolve_settings(space_name: str, study_name: str, storage: str, overrides:
             "use another --study-name"
         )
     stored = info.settings
+    stored_run = {**chosen, **study.user_attrs.get(choices.RUN_ATTR, {})}
     conflicts = [
         f"{key}={getattr(requested, key)!r} (stored {getattr(stored, key)!r})"
         for key in sorted(overrides)
         if getattr(requested, key) != getattr(stored, key)
+    ] + [
+        f"{key}={value!r} (stored {stored_run[key]!r})"
+        for key, value in sorted(run.items())
+        if value is not None and value != stored_run[key]
     ]
     if conflicts:
         raise ConfigError(
             f"study {study_name!r} exists with other fixed settings: {', '.join(conflicts)}; "
             "leave them out to use the stored ones, or use another --study-name"
         )
-    return stored
+    return stored, stored_run
 
 
 def run_study(
@@ -170,6 +170,10 @@ def run_study(
     workers: int = 1,
     data_dir: str | None = None,
     threads: int | None = None,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
 ) -> optuna.Study:
     """Create or resume study `study_name` (default: `name`) and run it to `trials` in total.
 
@@ -179,18 +183,35 @@ def run_study(
     Everything is validated before anything is written. With `population` K, K trials are asked
     at once and trained together (`study.population`) on `threads` CPU threads (default: this
     machine's cores, shared among the workers). With `workers` N > 1, N processes share the
-    storage until the total is reached.
+    storage until the total is reached. With `timeout` (seconds), no trial starts after the
+    budget and a running one stops at its next epoch: it is failed with that reason and
+    re-queued for the next run (`deadline` is the same as an absolute `time.time()`).
+    `sampler` and `pruner` name Optuna's sampler and pruner (`study.choices`); they are stored
+    with a new study and kept when it resumes. A Boolean study's pruner is its own rule
+    (`target-unreachable`) or `none`, the same as its `prune` setting.
     """
     _check_arguments(trials, population, workers, sampler_seed, study_name)
+    if timeout is not None and not (is_number(timeout) and 0 < timeout <= 10**8):
+        raise ConfigError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+    if timeout is not None:
+        deadline = time.time() + timeout
     if threads is not None and not (is_int(threads) and 1 <= threads <= 1024):
         raise ConfigError(f"threads: must be an integer from 1 to 1024, got {threads!r}")
     space = get_space(name)
     if population and space.KIND != "boolean":
         raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
+    choices.check(sampler, pruner, space.KIND)
     overrides = {k: v for k, v in (settings or {}).items() if v is not None}
+    if space.KIND == "boolean" and pruner is not None:  # the Boolean rule is a setting
+        if overrides.get("prune", pruner != "none") != (pruner != "none"):
+            raise ConfigError(f"pruner: {pruner!r} contradicts prune={overrides['prune']!r}")
+        overrides["prune"] = pruner != "none"
     study_name = study_name or default_study_name(name, overrides)
     target = dev.resolve_device(device)
-    fixed = _resolve_settings(name, study_name, storage, overrides)
+    run = {"sampler": sampler, "pruner": pruner if space.KIND == "image" else None}
+    fixed, chosen = _resolve_settings(name, study_name, storage, overrides, run)
+    if space.KIND == "boolean":
+        chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
     if space.KIND == "image":
         from study.data import check_image_files
 
@@ -201,31 +222,50 @@ def run_study(
         storage=rdb,
         study_name=study_name,
         direction=getattr(space, "DIRECTION", "minimize"),
-        sampler=make_sampler(space.KIND, sampler_seed),
-        pruner=image_pruner() if space.KIND == "image" else None,
+        sampler=choices.make_sampler(chosen["sampler"], sampler_seed),
+        pruner=choices.make_image_pruner(chosen["pruner"], fixed)
+        if space.KIND == "image"
+        else None,
         load_if_exists=True,
     )
     bind(study, name, fixed)
+    if study.user_attrs.get(choices.RUN_ATTR) != chosen:
+        study.set_user_attr(choices.RUN_ATTR, chosen)
     if hasattr(space, "baseline") and not study.get_trials(deepcopy=False):
         # a new image study starts from its space's known-good baseline (Optuna's enqueue)
         study.enqueue_trial(space.baseline(fixed), user_attrs={"baseline": True})
     if workers > 1 and trials > finished_trials(study):
         share = max(1, (os.cpu_count() or 1) // workers)  # the cores, shared among workers
-        arguments = dict(name=name, trials=trials, storage=storage, study_name=study_name,
-                         sampler_seed=sampler_seed, device=device, settings=overrides,
-                         population=population, data_dir=data_dir,
-                         threads=threads or share)  # fmt: skip
+        arguments = dict(
+            name=name,
+            trials=trials,
+            storage=storage,
+            study_name=study_name,
+            sampler_seed=sampler_seed,
+            device=device,
+            settings=overrides,
+            population=population,
+            data_dir=data_dir,
+            threads=threads or share,
+            deadline=deadline,
+            sampler=sampler,
+            pruner=pruner,
+        )
         return _run_workers(workers, arguments, study, trials, progress)
     if population:
-        batch = PopulationBatch(space, fixed, target, threads or os.cpu_count() or 1)
-        size, train = population, batch.train
+        trainer = PopulationBatch(space, fixed, target, threads or os.cpu_count() or 1)
+        size, train = population, trainer.train
     elif space.KIND == "image":
-        objective = ImageObjective(space, fixed, device=target, data_dir=data_dir)
-        size, train = 1, _one_at_a_time(objective)
+        trainer = ImageObjective(space, fixed, device=target, data_dir=data_dir)
+        size, train = 1, _one_at_a_time(trainer)
     else:
-        objective = BooleanObjective(space, fixed, device=target)
-        size, train = 1, _one_at_a_time(objective)
-    _drive(study, storage, trials, size, train, progress)
+        trainer = BooleanObjective(space, fixed, device=target)
+        size, train = 1, _one_at_a_time(trainer)
+    interrupt.set_deadline(deadline)
+    try:
+        _drive(study, storage, trials, size, train, progress, trainer)
+    finally:
+        interrupt.set_deadline(None)
     return study
 
 
@@ -245,9 +285,8 @@ def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
                 told.append(study.tell(trial, state=TrialState.PRUNED))
             except TrialFailed:  # its reason is stored: the study goes on
                 told.append(study.tell(trial, state=TrialState.FAIL))
-            except interrupt.Interrupted:  # its reason is stored: fail it, then stop
-                study.tell(trial, state=TrialState.FAIL)
-                raise
+            except (interrupt.Interrupted, interrupt.OutOfTime):
+                raise  # `_drive` fails it with the reason and stops
             else:
                 told.append(study.tell(trial, value))
         return told
@@ -256,7 +295,13 @@ def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
 
 
 def _drive(
-    study: optuna.Study, url: str, total: int, size: int, train: Train, progress: bool
+    study: optuna.Study,
+    url: str,
+    total: int,
+    size: int,
+    train: Train,
+    progress: bool,
+    trainer=None,
 ) -> None:
     """Claim up to `size` trials at a time and train them until `total` trials are finished.
 
@@ -264,6 +309,8 @@ def _drive(
     their process turns out dead and they are failed and re-queued. Stops when a whole round of
     claims finished nothing `total` times in a row (no progress)."""
     bar = _progress_bar(study, total, progress)
+    if trainer is not None and bar is not None:
+        trainer.progress = _Note(bar, study)  # motion inside a trial
     in_flight: list[optuna.Trial] = []
     fruitless = 0
     waiting_said = False
@@ -301,6 +348,14 @@ def _drive(
                 fruitless = 0 if finished_trials(study) > before else fruitless + 1
                 if fruitless >= total:
                     break  # every claim failed (e.g. every trial diverges): no progress
+    except interrupt.OutOfTime as error:
+        _abandon(study, in_flight, error)
+        print(
+            f"study: {study.study_name}: time budget reached; {finished_trials(study)} of "
+            f"{total} trials finished; run again to continue",
+            file=sys.stderr,
+            flush=True,
+        )
     except BaseException as error:
         _abandon(study, in_flight, error)
         if isinstance(error, KeyboardInterrupt):
@@ -316,16 +371,18 @@ def _drive(
 
 
 def _abandon(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
-    """Fail the trials this process still runs, with the reason it stops (not re-queued: an
-    interrupted trial is sampled anew by the next run)."""
+    """Fail the trials this process still runs, with the reason it stops. A trial stopped by
+    the time budget is re-queued with its parameters; an interrupted one is sampled anew by
+    the next run."""
     if not trials:
         return
     with interrupt.shielded():
         reason = interrupt.reason_of(error)
+        retry = isinstance(error, interrupt.OutOfTime)
         for trial in trials:
             with contextlib.suppress(Exception):  # already told, or the store is gone
                 if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    claims.fail(study, trial._trial_id, reason, retry=False)
+                    claims.fail(study, trial._trial_id, reason, retry=retry)
 
 
 def _say_waiting(study: optuna.Study, total: int) -> None:
@@ -430,6 +487,20 @@ def _run_workers(
     if failed:
         raise StudyError(f"{', '.join(failed)} stopped with an error (see its message above)")
     return study
+
+
+class _Note:
+    """Progress inside a trial, on the trial bar: at most every half second, so that a note per
+    epoch costs training nothing measurable."""
+
+    def __init__(self, bar, study: optuna.Study) -> None:
+        self.bar, self.study, self.shown = bar, study, 0.0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.shown >= 0.5:
+            self.shown = now
+            self.bar.set_postfix_str(text)  # the best so far is back once the trial ends
 
 
 def _progress_bar(study: optuna.Study, total: int, enabled: bool):

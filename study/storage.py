@@ -41,6 +41,21 @@ def default_out(name: str) -> Path:
     return RUNS_DIR / name
 
 
+def artifact_store(url: str):
+    """Optuna's artifact store that belongs to store `url`: a directory beside an SQLite file
+    (`studies.db.artifacts/`); for a server, $STUDY_ARTIFACTS or results/runs/artifacts (a
+    directory every machine can reach, for many machines)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = sqlite_path(url)
+    if path is not None:
+        base = Path(f"{path}.artifacts")
+    else:
+        base = Path(os.environ.get("STUDY_ARTIFACTS", RUNS_DIR / "artifacts"))
+    base.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(base_path=str(base))
+
+
 def redact(url: str) -> str:
     """`url` with its password replaced by ***: the only form a URL is ever shown in."""
     from sqlalchemy.engine import make_url

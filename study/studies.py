@@ -60,6 +60,11 @@ class StudyInfo:
 
 def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
     attrs = study.user_attrs
+    if "frontier" in attrs or study.study_name.startswith("frontier-"):
+        raise StorageError(
+            f"study {study.study_name!r} is a cell of the budget frontier; "
+            "`study frontier report` reports the frontier"
+        )
     space = attrs.get(SPACE_ATTR)
     if space is None and attrs.get(KIND_ATTR) in SPACES:
         space = attrs[KIND_ATTR]  # a store written before the `space` attribute existed
@@ -69,6 +74,14 @@ def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
             f"stored with it; spaces: {', '.join(SPACES)})"
         )
     return space, get_space(space).KIND
+
+
+def kind_of(study: optuna.Study) -> str | None:
+    """boolean or image for a study of this tool, None for any other study in the store."""
+    try:
+        return _space_and_kind(study)[1]
+    except StorageError:
+        return None
 
 
 def describe(study: optuna.Study) -> StudyInfo:

@@ -17,6 +17,16 @@ import optuna
 import pandas as pd
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STYLE = {
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "font.size": 9,
+}
+"""One style for every figure of the reports."""
+plt.rcParams.update(STYLE)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -37,6 +47,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[key] = json.dumps(value) if isinstance(value, list | dict) else value
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def outside_legend(ax, **kwargs) -> None:
+    """The legend beside the plot, where it covers no point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, **kwargs)
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:

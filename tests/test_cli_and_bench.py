@@ -48,3 +48,14 @@ def test_bench_trainer_runs_both_pipelines(tmp_path):
     result = bench_trainer(source, "cpu", repeats=1, log=logged.append)
     assert result["tutorial_seconds"] > 0 and result["trainer_seconds"] > 0
     assert any("speed-up" in line for line in logged)
+
+
+def test_bench_pruners_runs_the_pruners_side_by_side(tmp_path):
+    from study.bench import bench_pruners
+
+    source = write_fake_dataset(tmp_path / "fashion", train=11_000, test=100)
+    logged = []
+    best = bench_pruners(minutes=0.25, repeats=1, data_dir=source, log=logged.append)
+    assert set(best) == {"median", "hyperband"}
+    assert all(len(v) == 1 for v in best.values())  # nan: no trial completed in the budget
+    assert any("hyperband" in line and "best validation accuracy" in line for line in logged)

@@ -290,6 +290,24 @@ def test_predict_by_index_and_from_a_png_round_trip(exported, images_dir, tmp_pa
     assert from_file["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)
 
 
+def test_predict_reads_the_export_from_the_stores_artifacts(exported, images_dir, tmp_path):
+    storage, out, _ = exported
+    study = optuna.load_study(study_name="fashion-mlp", storage=storage)
+    record = study.user_attrs["export"]
+    assert set(record["artifacts"]) == {"model.pt", "config.json", "metrics.json"}
+    from optuna.artifacts import get_all_artifact_meta
+
+    attached = {m.artifact_id for m in get_all_artifact_meta(study)}
+    assert set(record["artifacts"].values()) <= attached  # the dashboard lists them
+    assert record["trial"] == best_feasible(study).number
+    done = cli("predict", "fashion-mlp", "--storage", storage, "--index", "0", "5",
+               "--data-dir", str(images_dir), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from_files = cli("predict", "fashion-mlp", "--dir", str(out), "--index", "0", "5",
+                     "--data-dir", str(images_dir))  # fmt: skip
+    assert done.stdout == from_files.stdout and done.stdout.count('Predicted: "') == 2
+
+
 def test_cli_export_and_predict(exported, images_dir, tmp_path):
     storage, _, _ = exported
     out = tmp_path / "cli-export"
@@ -310,7 +328,8 @@ def test_cli_export_and_predict(exported, images_dir, tmp_path):
     [
         (["export", "nope"], "study 'nope' not found"),
         (["export", "tiny-bool"], "not an image study"),
-        (["predict", "nope", "--index", "0"], "no exported model"),
+        (["predict", "nope", "--index", "0"], "study 'nope' not found"),
+        (["predict", "fashion-mlp", "--dir", "no-such-dir", "--index", "0"], "no exported model"),
         (["predict", "fashion-mlp", "--index", "100"], "test images are numbered 0..99"),
         (["predict", "fashion-mlp", "--image", "missing.png"], "no such image file"),
         (["predict", "fashion-mlp", "--image", "config.json"], "not a readable PNG/JPEG"),
@@ -326,8 +345,8 @@ def test_export_and_predict_bad_input_is_one_clear_line(exported, images_dir, ar
     )
     if args[0] == "export":
         args = [*args, "--storage", storage]
-    else:
-        args = [*args, "--data-dir", str(images_dir)]
+    else:  # predict: the export stored with the study, in its store's artifacts
+        args = [*args, "--storage", storage, "--data-dir", str(images_dir)]
     if "--image" in args and "config.json" in args:
         args[args.index("config.json")] = str(out / "config.json")
     before = (out / "model.pt").read_bytes()

@@ -61,3 +61,42 @@ def test_sigint_fails_the_running_trial_and_the_same_command_continues(tmp_path)
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
     assert [t.state.name for t in study.trials].count("COMPLETE") == 3
     assert study.trials[0].value == before.value
+
+
+def test_a_second_ctrl_c_stops_at_once_inside_and_after_the_deferred_block():
+    """First SIGINT: a request, checked at the next epoch; second SIGINT: KeyboardInterrupt at
+    once, also while the command is already on its way out; later, Ctrl-C is plain again."""
+    import os
+
+    import pytest
+
+    from study import interrupt
+
+    # as in a terminal (a process started in the background may inherit SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _two_ctrl_c(interrupt, pytest, os)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _two_ctrl_c(interrupt, pytest, os) -> None:
+    with pytest.raises(KeyboardInterrupt) as stopped, interrupt.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert interrupt.requested()
+        with pytest.raises(interrupt.Interrupted):
+            interrupt.check()
+        os.kill(os.getpid(), signal.SIGINT)  # second one: at once
+        time.sleep(1)
+        raise AssertionError("the second Ctrl-C did not stop at once")
+    assert type(stopped.value) is KeyboardInterrupt
+    assert interrupt.describe(stopped.value) == interrupt.AT_ONCE_LINE
+    with pytest.raises(KeyboardInterrupt) as late:
+        with interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # after the block, while the command ends
+        time.sleep(1)
+    assert str(late.value) == interrupt.AT_ONCE_LINE
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -268,23 +268,29 @@ def test_a_run_with_nothing_left_to_do_still_fails_dead_trials(tmp_path):
     assert list(found.values()).count("WAITING") == 4  # re-queued for a run with a larger total
 
 
-def test_second_ctrl_c_stops_at_once_in_one_line_and_fails_the_trial(tmp_path):
+def test_two_quick_ctrl_c_end_in_one_line_whenever_the_second_lands(tmp_path):
+    """The second Ctrl-C may land inside an epoch, in the store writes that fail the trial or
+    while the process exits: every time, exit 130, one line, no trial left RUNNING."""
     db = tmp_path / "s.db"
     args = command(f"sqlite:///{db}", "--trials", "3", *SLOW_ARGS)
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: "RUNNING" in states(db).values(), process=process)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("study: interrupted at once"), stderr
-    assert "RUNNING" not in states(db).values()
+    for gap in (0.0, 0.05, 0.3):
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: "RUNNING" in states(db).values(), process=process)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, (gap, stderr)
+        assert "Traceback" not in stderr, stderr
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        assert lines[-1].startswith("study: interrupted"), stderr
+        assert "RUNNING" not in states(db).values()
     study = optuna.load_study(study_name="boolean-shallow", storage=f"sqlite:///{db}")
-    assert "second Ctrl-C" in study.trials[-1].user_attrs["fail_reason"]
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 3
+    assert all("Ctrl-C" in t.user_attrs["fail_reason"] or "SIGINT" in t.user_attrs["fail_reason"]
+               for t in failed)  # fmt: skip
 
 
 def test_sigterm_to_a_workers_parent_stops_its_workers(tmp_path):
@@ -380,7 +386,8 @@ def small_disk(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    # lazy: this process may still hold the store open through Optuna's engine
+    subprocess.run(["umount", "--lazy", str(disk)], check=False)
 
 
 def test_a_full_disk_is_said_in_one_line_and_the_store_survives(small_disk):

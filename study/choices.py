@@ -1,0 +1,72 @@
+"""The samplers and pruners a study may run with, by name (`study run --sampler/--pruner`).
+
+The choice is stored with the study (user attribute `run`) and shown in its report; a resumed
+study keeps it, and a flag that contradicts it is refused.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from study.config import ImageSettings
+from study.errors import ConfigError
+
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
+"""tpe: multivariate, grouped TPE with constant liar (the default); random; qmc (scrambled
+Sobol); cmaes and gp model the parameters every trial has (the rest of a conditional space is
+sampled at random)."""
+IMAGE_PRUNERS = ("median", "hyperband", "successive-halving", "none")
+BOOLEAN_PRUNERS = ("target-unreachable", "none")
+"""A Boolean trial's fate is its own distance to a fixed target: the rule `TargetUnreachable`
+(study.boolean_trial) or nothing."""
+DEFAULT_SAMPLER = "tpe"
+DEFAULT_PRUNERS = {"image": "median", "boolean": "target-unreachable"}
+RUN_ATTR = "run"
+
+
+def pruners_for(kind: str) -> tuple[str, ...]:
+    return IMAGE_PRUNERS if kind == "image" else BOOLEAN_PRUNERS
+
+
+def check(sampler: str | None, pruner: str | None, kind: str) -> None:
+    """One line for a sampler or pruner the study's kind does not have."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ConfigError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if pruner is not None and pruner not in pruners_for(kind):
+        raise ConfigError(
+            f"pruner: a {kind} study takes one of {', '.join(pruners_for(kind))}, got {pruner!r}"
+        )
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The sampler called `name`, seeded."""
+    if name == "tpe":  # grouped: the deep and image spaces are conditional on a layer count
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=8
+        )
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(
+            seed=seed, scramble=True, warn_independent_sampling=False
+        )
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=8, warn_independent_sampling=False
+        )
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=8)
+
+
+def make_image_pruner(name: str, settings: ImageSettings) -> optuna.pruners.BasePruner:
+    """The pruner called `name` for an image study (epochs are its resource)."""
+    if name == "median":
+        # waits for 4 finished trials, never judges epochs 1-2, and judges epoch k only when
+        # at least 3 earlier trials reached it
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3, n_min_trials=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=settings.max_epochs, reduction_factor=3
+        )
+    if name == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()

@@ -1,0 +1,122 @@
+"""What users of Optuna and Ray Tune expect: a time budget, sampler and pruner choices, list,
+best and --version, and progress inside a trial. Real subprocesses on real SQLite files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from tests.conftest import write_fake_dataset
+from tests.test_boolean_study import TINY_ARGS, cli
+
+SLOW = ["--no-prune", "--quiet", "--input-bits", "5", "--output-bits", "2", "--max-width", "16",
+        "--max-epochs", "2000", "--seeds", "2", "--batch-sizes", "8", "--device", "cpu",
+        "--min-learning-rate", "0.002", "--max-learning-rate", "0.0021"]  # fmt: skip
+
+
+def test_version():
+    done = cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith("study ")
+
+
+def test_timeout_stops_within_an_epoch_and_the_next_run_resumes(tmp_path):
+    storage = f"sqlite:///{tmp_path / 't.db'}"
+    args = ["run", "boolean-shallow", "--storage", storage, "--trials", "40", *SLOW]
+    started = time.monotonic()
+    done = cli(*args, "--timeout", "4")
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert "time budget reached" in done.stderr
+    # the budget, the start of the process (imports) and at most one epoch: well under 20 s
+    assert took < 20, took
+    trials = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert stopped and all("time budget" in t.user_attrs["fail_reason"] for t in stopped)
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert waiting and waiting[0].params == stopped[0].params  # re-queued for the next run
+    # the next run (a population this time) takes up the re-queued trial and goes on
+    again = cli(*args, "--timeout", "6", "--population", "3")
+    assert again.returncode == 0, again.stderr
+    trials = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    assert "RUNNING" not in {t.state.name for t in trials}
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    assert any(retried(t) == stopped[0].number for t in trials if t.state.name != "WAITING")
+
+
+@pytest.mark.parametrize("sampler", ["random", "qmc", "cmaes", "gp"])
+def test_a_sampler_is_stored_and_kept_on_resume(tmp_path, sampler):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    done = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, "--sampler",
+               sampler, *TINY_ARGS)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    assert study.user_attrs["run"]["sampler"] == sampler
+    again = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--quiet")
+    assert again.returncode == 0, again.stderr
+    refused = cli("run", "boolean-shallow", "--trials", "5", "--storage", storage,
+                  "--sampler", "tpe")  # fmt: skip
+    assert refused.returncode == 2 and f"sampler='tpe' (stored '{sampler}')" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_fake_dataset(tmp_path_factory.mktemp("images"), train=400, test=100)
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "successive-halving", "none", "median"])
+def test_an_image_pruner_is_stored_shown_and_used(tmp_path, images, pruner):
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    done = cli("run", "fashion-mlp", "--trials", "3", "--storage", storage, "--pruner", pruner,
+               "--data-dir", str(images), "--validation-size", "100", "--min-epochs", "2",
+               "--max-epochs", "3", "--device", "cpu", "--quiet", "--report",
+               "--report-dir", str(tmp_path / "r"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="fashion-mlp", storage=storage)
+    assert study.user_attrs["run"]["pruner"] == pruner
+    assert f"pruner {pruner}" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_a_pruner_of_the_other_kind_is_refused(tmp_path):
+    done = cli("run", "boolean-shallow", "--trials", "2", "--storage",
+               f"sqlite:///{tmp_path / 'x.db'}", "--pruner", "hyperband")  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "target-unreachable, none" in done.stderr and not (tmp_path / "x.db").exists()
+
+
+def test_list_and_best_read_the_store(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'l.db'}"
+    assert cli("run", "boolean-shallow", "--trials", "4", "--storage", storage,
+               *TINY_ARGS).returncode == 0  # fmt: skip
+    listed = cli("list", "--storage", storage)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.strip().splitlines()[:2]
+    assert header.split()[:3] == ["study", "kind", "trials"]
+    assert row.split()[:3] == ["boolean-shallow", "boolean", "4"]
+    best = cli("best", "boolean-shallow", "--storage", storage, "--json")
+    assert best.returncode == 0, best.stderr
+    record = json.loads(best.stdout)  # JSON that parses
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    assert record["kind"] == "boolean" and record["settings"]["input_bits"] == 3
+    if record["best"] is not None:
+        assert record["best"]["neurons"] == study.best_trial.user_attrs["neurons"]
+    missing = cli("best", "nope", "--storage", storage, "--json")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_progress_moves_inside_an_image_trial(tmp_path, images):
+    """One trial of several epochs: the bar shows epoch k of E, the validation accuracy and
+    seconds per epoch while the trial runs."""
+    storage = f"sqlite:///{tmp_path / 'm.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "run", "fashion-mlp", "--trials", "1", "--storage",
+         storage, "--data-dir", str(images), "--validation-size", "100", "--min-epochs", "6",
+         "--max-epochs", "6", "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "trial 0: epoch 1/6, val " in stderr and " s/epoch" in stderr, stderr
