@@ -128,8 +128,8 @@ class PopulationBatch:
             ended_so_far.update(ended, stop)
             if self.progress is not None:
                 self.progress(
-                    f"population of {len(members)}: epoch {epoch_of[0]}, "
-                    f"{len(members) - len(ended_so_far)} networks training"
+                    f"population of {len(members)} networks: epoch {epoch_of[0]}, "
+                    f"{len(members) - len(ended_so_far)} still training"
                 )
             return stop
 

@@ -1,7 +1,7 @@
 """The budget frontier: the fewest hidden neurons that learn f under an epoch budget.
 
 Success is close to monotone in width for a fixed training recipe, so each cell (function
-seed, depth, epoch budget) is answered in three stages, every evaluation stored as a trial:
+seed, depth, epoch budget) is answered in four stages, every evaluation stored as a trial:
 
 1. **recipe**: Optuna (TPE) searches Adam's learning rate, the batch size (up to the full
    table) and the schedule (constant or cosine) at a probe width, on `recipe_seeds` selection
@@ -9,11 +9,16 @@ seed, depth, epoch budget) is answered in three stages, every evaluation stored 
 2. **width**: with the best recipe, a k-ary search over the total hidden neurons finds the
    fewest that learn f on at least `required_rate` of `selection_seeds` selection seeds
    (study `<cell>`, stage "width");
-3. **held-out**: that width and the next smaller one are trained on `heldout_seeds` seeds that
-   played no part in 1 or 2 (stage "heldout"). The answer is the smallest width whose held-out
-   rate is at least `required_rate`, stated with an exact 95% interval; a width that fails
-   moves up by one neuron, on a fresh block of held-out seeds, so that no reported rate was
-   used to choose what it reports on.
+3. **held-out choice**: that width and the next smaller one are trained on `heldout_seeds`
+   seeds that played no part in 1 or 2 (stage "heldout"). The chosen width passes there
+   (rate at least `required_rate`) while the next smaller one fails; a width that fails moves
+   up by one neuron, one whose smaller neighbour also passes moves down, each move on a fresh
+   block of held-out seeds;
+4. **confirmation**: the chosen width is trained once more on a fresh block of
+   `heldout_seeds` seeds (stage "confirm"). The answer is stated with the rate of this block
+   and its exact 95% interval: a block that played no part in choosing the width. A width
+   that fails its confirmation is not stated; the next larger width goes through 3 and 4
+   again on fresh blocks.
 
 A deep cell spreads its neurons evenly over `depth` layers (the first layers take the
 remainder). Everything resumes: an evaluation already stored is read back, not retrained.
@@ -47,6 +52,12 @@ SELECTION_SEED = 2_000_000
 HELDOUT_SEED = 3_000_000
 """Held-out block j is HELDOUT_SEED + j * HELDOUT_BLOCK + i: never a selection seed."""
 HELDOUT_BLOCK = 10_000
+CONFIRM_BLOCK = 100
+"""Confirmation blocks are CONFIRM_BLOCK, CONFIRM_BLOCK + 1, ...: apart from choice blocks."""
+CHOICE_BLOCKS = 8
+"""Held-out blocks one choice (stage 3) may use; a later choice starts after them."""
+ATTEMPTS = 4
+"""Widths that may fail their confirmation before a cell gives up."""
 LEARNING_RATES = (1e-3, 1e-1)
 """Adam's learning-rate range of the recipe search (log scale)."""
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)
@@ -283,7 +294,7 @@ def _rate(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the three stages
+# the four stages
 
 
 def recipe_score(outcome: CandidateOutcome, budget: int) -> float:
@@ -406,13 +417,14 @@ def certify_heldout(
     settings: BooleanSettings,
     threads: int,
     log,
+    first_block: int = 0,
 ) -> dict:
-    """Stage 3: the width and the next smaller one on a block of held-out seeds. The answer is
+    """Stage 3: the width and the next smaller one on a block of held-out seeds. The choice is
     a width that passes on its block while the next smaller fails there. A width that fails
     moves up by one, one whose smaller neighbour also passes moves down by one; each move
     takes a fresh block, so that a reported rate never chose what it reports on."""
     passed: tuple[int, int] | None = None  # the last (width, block) that passed
-    for block in range(8):
+    for block in range(first_block, first_block + CHOICE_BLOCKS):
         trials = _heldout(
             study, cell, recipe, (neurons, neurons - 1), block, plan, settings, threads, log
         )
@@ -437,30 +449,78 @@ def certify_heldout(
                 "heldout_successes": successes,
                 "heldout_seeds": count,
             }
-            study.set_user_attr("answer", answer)
             return answer
         log(
             f"{cell.name}: {neurons} neurons learn f on {successes}/{count} held-out seeds; "
             "trying one more neuron on a fresh block"
         )
         neurons += 1
-    raise ConfigError(f"{cell.name}: no width settled on the held-out seeds in 8 blocks")
+    raise ConfigError(
+        f"{cell.name}: no width settled on the held-out seeds in {CHOICE_BLOCKS} blocks"
+    )
 
 
-def _heldout(study, cell, recipe, widths, block, plan, settings, threads, log) -> dict:
+CHOICE_KEYS = ("heldout_block", "heldout_successes", "heldout_seeds")
+
+
+def confirm(
+    study: optuna.Study,
+    cell: Cell,
+    recipe: Recipe,
+    choice: dict,
+    plan: Plan,
+    settings: BooleanSettings,
+    threads: int,
+    log,
+) -> dict:
+    """Stage 4: the chosen width on a fresh confirmation block; its rate is the one stated. A
+    width that fails is not stated: the next larger one is chosen and confirmed afresh."""
+    for attempt in range(ATTEMPTS):
+        neurons = choice["neurons"]
+        block = CONFIRM_BLOCK + attempt
+        trial = _heldout(
+            study, cell, recipe, (neurons,), block, plan, settings, threads, log, "confirm"
+        )[neurons]
+        successes, count = _rate(trial)
+        if successes >= math.ceil(plan.required_rate * count - 1e-9):
+            answer = {
+                **choice,
+                **_rates(trial),
+                "chosen_on": {k: choice[k] for k in CHOICE_KEYS},
+            }
+            study.set_user_attr("answer", answer)
+            log(
+                f"{cell.name}: answer {neurons} neurons, confirmed on {successes}/{count} fresh "
+                "held-out seeds"
+            )
+            return answer
+        log(
+            f"{cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of their "
+            "confirmation block; choosing again from one more neuron on fresh blocks"
+        )
+        choice = certify_heldout(
+            study, cell, recipe, neurons + 1, plan, settings, threads, log,
+            first_block=(attempt + 1) * CHOICE_BLOCKS,
+        )  # fmt: skip
+    raise ConfigError(f"{cell.name}: no width was confirmed in {ATTEMPTS} attempts")
+
+
+def _heldout(
+    study, cell, recipe, widths, block, plan, settings, threads, log, stage="heldout"
+) -> dict:
     """The held-out evaluations of `widths` on `block` (trained if not stored yet)."""
     seeds = tuple(HELDOUT_SEED + block * HELDOUT_BLOCK + i for i in range(plan.heldout_seeds))
 
     def stored() -> dict:
         return {
             t.params["neurons"]: t
-            for t in _stored(study, "heldout")
+            for t in _stored(study, stage)
             if t.user_attrs["block"] == block and Recipe.from_params(t.params) == recipe
         }
 
     done = stored()
     units = [
-        Unit("heldout", n, recipe, seeds, block, prune=False)
+        Unit(stage, n, recipe, seeds, block, prune=False)
         for n in widths
         if n >= 1 and n not in done
     ]
@@ -473,19 +533,29 @@ def _heldout(study, cell, recipe, widths, block, plan, settings, threads, log) -
 
 
 def _settle(study, cell, recipe, trial, smaller, settings, log) -> dict:
-    answer = _answer(cell, recipe, trial, smaller, settings)
-    study.set_user_attr("answer", answer)
+    choice = _answer(cell, recipe, trial, smaller, settings)
     log(
-        f"{cell.name}: answer {answer['neurons']} neurons, held-out "
-        f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
+        f"{cell.name}: chose {choice['neurons']} neurons, held-out "
+        f"{choice['heldout_successes']}/{choice['heldout_seeds']}"
     )
-    return answer
+    return choice
+
+
+def _rates(t) -> dict:
+    """A held-out evaluation's rate, exact 95% interval and seeds."""
+    successes, count = _rate(t)
+    low, high = clopper_pearson(successes, count)
+    return {
+        "heldout_successes": successes,
+        "heldout_seeds": count,
+        "interval_95": [round(low, 4), round(high, 4)],
+        "heldout_block": t.user_attrs["block"],
+        "heldout_first_seed": min(t.user_attrs["seeds"]),
+    }
 
 
 def _answer(cell: Cell, recipe: Recipe, trial, smaller, settings: BooleanSettings) -> dict:
     def summary(t) -> dict:
-        successes, count = _rate(t)
-        low, high = clopper_pearson(successes, count)
         neurons = t.params["neurons"]
         return {
             "profile": list(cell.profile(neurons)),
@@ -493,11 +563,7 @@ def _answer(cell: Cell, recipe: Recipe, trial, smaller, settings: BooleanSetting
             "parameters": mlp_parameters(
                 settings.input_bits, cell.profile(neurons), settings.output_bits
             ),
-            "heldout_successes": successes,
-            "heldout_seeds": count,
-            "interval_95": [round(low, 4), round(high, 4)],
-            "heldout_block": t.user_attrs["block"],
-            "heldout_first_seed": min(t.user_attrs["seeds"]),
+            **_rates(t),
         }
 
     return {
@@ -521,7 +587,7 @@ def run_cell(
     log=print,
     settings: BooleanSettings | None = None,
 ) -> dict:
-    """All three stages of one cell (resuming what is stored); returns its answer."""
+    """All four stages of one cell (resuming what is stored); returns its answer."""
     from study.storage import open_storage
 
     require(
@@ -545,4 +611,5 @@ def run_cell(
         {"function_seed": cell.function_seed, "depth": cell.depth, "budget": cell.budget},
     )
     neurons = search_width(study, cell, recipe, plan, settings, threads, log)
-    return certify_heldout(study, cell, recipe, neurons, plan, settings, threads, log)
+    choice = certify_heldout(study, cell, recipe, neurons, plan, settings, threads, log)
+    return confirm(study, cell, recipe, choice, plan, settings, threads, log)

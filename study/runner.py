@@ -350,12 +350,8 @@ def _drive(
                     break  # every claim failed (e.g. every trial diverges): no progress
     except interrupt.OutOfTime as error:
         _abandon(study, in_flight, error)
-        print(
-            f"study: {study.study_name}: time budget reached; {finished_trials(study)} of "
-            f"{total} trials finished; run again to continue",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not _in_worker:  # a parent of workers says it once for all of them
+            _say_out_of_time(study, total)
     except BaseException as error:
         _abandon(study, in_flight, error)
         if isinstance(error, KeyboardInterrupt):
@@ -368,6 +364,15 @@ def _drive(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _say_out_of_time(study: optuna.Study, total: int) -> None:
+    print(
+        f"study: {study.study_name}: time budget reached; {finished_trials(study)} of "
+        f"{total} trials finished; run again to continue",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _abandon(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
@@ -421,7 +426,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+_in_worker = False
+
+
 def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
+    global _in_worker
+    _in_worker = True
     # out of the terminal's process group: Ctrl-C reaches the parent, which forwards it once
     os.setpgrp()
     _die_with_parent()
@@ -486,6 +496,9 @@ def _run_workers(
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         raise StudyError(f"{', '.join(failed)} stopped with an error (see its message above)")
+    deadline = kwargs.get("deadline")
+    if deadline is not None and time.time() >= deadline and finished_trials(study) < trials:
+        _say_out_of_time(study, trials)
     return study
 
 

@@ -107,16 +107,49 @@ def test_list_and_best_read_the_store(tmp_path):
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
+def _progress_of(*args: str) -> str:
+    """stderr of a `study` command with its progress bar on (as in a wide terminal)."""
+    wide = {**os.environ, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "study.cli", *args]
+    done = subprocess.run(command, stderr=subprocess.PIPE, text=True, env=wide, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
 def test_progress_moves_inside_an_image_trial(tmp_path, images):
     """One trial of several epochs: the bar shows epoch k of E, the validation accuracy and
     seconds per epoch while the trial runs."""
-    storage = f"sqlite:///{tmp_path / 'm.db'}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "study.cli", "run", "fashion-mlp", "--trials", "1", "--storage",
-         storage, "--data-dir", str(images), "--validation-size", "100", "--min-epochs", "6",
-         "--max-epochs", "6", "--device", "cpu"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    stderr = _progress_of("run", "fashion-mlp", "--trials", "1", "--storage",
+                          f"sqlite:///{tmp_path / 'm.db'}", "--data-dir", str(images),
+                          "--validation-size", "100", "--min-epochs", "6", "--max-epochs", "6",
+                          "--device", "cpu")  # fmt: skip
     assert "trial 0: epoch 1/6, val " in stderr and " s/epoch" in stderr, stderr
+
+
+def test_progress_moves_inside_a_boolean_population(tmp_path):
+    slow = [a for a in SLOW if a != "--quiet"]
+    stderr = _progress_of("run", "boolean-shallow", "--trials", "4", "--population", "4",
+                          "--storage", f"sqlite:///{tmp_path / 'p.db'}", *slow)  # fmt: skip
+    # 4 trials of 2 seeds each: 8 networks
+    assert "population of 8 networks: epoch " in stderr and " still training" in stderr, stderr
+
+
+def test_timeout_with_workers_stops_every_worker_and_leaves_nothing_running(tmp_path):
+    """Trials far longer than the budget: whatever the workers run at the deadline is stopped
+    at its next epoch, failed with the reason and re-queued; the parent says so once."""
+    storage = f"sqlite:///{tmp_path / 'w.db'}"
+    long = [*SLOW[: SLOW.index("--max-epochs")], "--max-epochs", "100000",
+            *SLOW[SLOW.index("--max-epochs") + 2 :]]  # fmt: skip
+    started = time.monotonic()
+    done = cli("run", "boolean-shallow", "--storage", storage, "--trials", "8", "--workers",
+               "2", "--timeout", "15", *long)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    assert done.stderr.count("time budget reached") == 1, done.stderr
+    trials = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states, states
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    assert stopped, states
+    assert all("time budget" in t.user_attrs["fail_reason"] for t in stopped)
+    assert states.count("WAITING") == len(stopped)  # each re-queued with its parameters

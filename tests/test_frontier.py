@@ -9,6 +9,7 @@ import pytest
 
 from study.config import BooleanSettings
 from study.frontier import (
+    CONFIRM_BLOCK,
     HELDOUT_SEED,
     SELECTION_SEED,
     Cell,
@@ -51,10 +52,16 @@ def test_a_cell_is_answered_on_held_out_seeds(cell_store):
     assert answer["heldout_seeds"] >= 20 and answer["heldout_successes"] >= need
     low, high = answer["interval_95"]
     assert low < answer["heldout_successes"] / answer["heldout_seeds"] <= high
+    chosen = answer["chosen_on"]
+    assert chosen["heldout_successes"] >= need
     smaller = answer["next_smaller"]
     if smaller is not None and "next_smaller_fresh_block" not in answer:
         assert smaller["neurons"] == answer["neurons"] - 1
+        assert smaller["heldout_block"] == chosen["heldout_block"]
         assert smaller["heldout_successes"] < need  # the next smaller fails on the same block
+    # the stated rate is the confirmation block's: not the block that chose the width
+    assert answer["heldout_block"] >= CONFIRM_BLOCK > chosen["heldout_block"]
+    assert answer["heldout_first_seed"] == HELDOUT_SEED + answer["heldout_block"] * 10_000
     assert answer["parameters"] == (3 + 1) * answer["neurons"] + (answer["neurons"] + 1) * 3
     for key in ("study", "function_seed", "budget_epochs", "profile", "neurons", "recipe"):
         assert key in answer
@@ -69,7 +76,7 @@ def test_held_out_seeds_played_no_part_in_selection(cell_store):
     selection = {
         s
         for t in recipe.trials + study.trials
-        if t.user_attrs.get("stage") != "heldout"
+        if t.user_attrs.get("stage") not in ("heldout", "confirm")
         for s in t.user_attrs["seeds"]
     }
     heldout = {
@@ -78,12 +85,19 @@ def test_held_out_seeds_played_no_part_in_selection(cell_store):
         if t.user_attrs["stage"] == "heldout"
         for s in t.user_attrs["seeds"]
     }
+    confirmation = {
+        s
+        for t in study.trials
+        if t.user_attrs["stage"] == "confirm"
+        for s in t.user_attrs["seeds"]
+    }
     assert heldout and selection and not heldout & selection
+    assert confirmation and not confirmation & (heldout | selection)
     assert min(heldout) >= HELDOUT_SEED and max(selection) < HELDOUT_SEED
     assert min(selection) >= SELECTION_SEED
     assert len(recipe.trials) == PLAN.recipe_trials
     stages = {t.user_attrs["stage"] for t in study.trials}
-    assert stages == {"width", "heldout"}
+    assert stages == {"width", "heldout", "confirm"}
 
 
 def test_a_cell_resumes_without_training_again(cell_store):
@@ -117,6 +131,8 @@ def test_the_report_and_answers_json(cell_store, tmp_path):
     summary = (tmp_path / "r" / "summary.md").read_text()
     rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
     assert rate in summary and f"| {answer['neurons']} |" in " ".join(summary.split())
+    assert "## The answers (function seed 0)" in summary and "w_1 (1 layer)" in summary
+    assert "(not yet: 2, 3, 4)" in summary  # only one depth was run here
     assert (tmp_path / "r" / "frontier.png").stat().st_size > 10_000
 
 
@@ -135,3 +151,46 @@ def test_function_seed_zero_is_a_function_seed():
 
     args = build_parser().parse_args(["frontier", "run", "--function-seeds", "0,3"])
     assert args.function_seeds == (0, 3)
+
+
+def test_a_width_that_fails_its_confirmation_is_not_stated(monkeypatch):
+    """Confirmation of 5 neurons fails: 6 is chosen again on fresh blocks and confirmed on the
+    next confirmation block; the stated rate is that block's."""
+    from types import SimpleNamespace
+
+    from study import frontier
+
+    rates = {(5, CONFIRM_BLOCK): 17, (6, CONFIRM_BLOCK + 1): 23}
+    chosen_from = []
+
+    def fake_heldout(study, cell, recipe, widths, block, plan, settings, threads, log, stage):
+        assert stage == "confirm"
+        (n,) = widths
+        seeds = [HELDOUT_SEED + block * 10_000 + i for i in range(24)]
+        attrs = {"successes": rates[(n, block)], "seeds_planned": 24, "block": block,
+                 "seeds": seeds}  # fmt: skip
+        return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
+
+    def fake_choice(study, cell, recipe, neurons, plan, settings, threads, log, first_block=0):
+        chosen_from.append((neurons, first_block))
+        return {"neurons": neurons, "heldout_block": first_block, "heldout_successes": 22,
+                "heldout_seeds": 24}  # fmt: skip
+
+    monkeypatch.setattr(frontier, "_heldout", fake_heldout)
+    monkeypatch.setattr(frontier, "certify_heldout", fake_choice)
+    study = SimpleNamespace(set_user_attr=lambda key, value: None)
+    choice = {"neurons": 5, "heldout_block": 0, "heldout_successes": 22, "heldout_seeds": 24}
+    answer = frontier.confirm(study, Cell(0, 1, 300), None, choice, PLAN, TINY, 1, print)
+    assert chosen_from == [(6, frontier.CHOICE_BLOCKS)]  # chosen again on fresh blocks
+    assert answer["neurons"] == 6 and answer["heldout_successes"] == 23
+    assert answer["heldout_block"] == CONFIRM_BLOCK + 1
+    assert answer["chosen_on"]["heldout_block"] == frontier.CHOICE_BLOCKS
+
+
+def test_an_unconfirmed_answer_is_not_published(tmp_path):
+    from study.report_frontier import frontier_answers
+
+    storage = f"sqlite:///{tmp_path / 'u.db'}"
+    study = optuna.create_study(study_name="frontier-f5-d1-b100", storage=storage)
+    study.set_user_attr("answer", {"neurons": 7, "heldout_successes": 24, "heldout_seeds": 24})
+    assert frontier_answers(storage) == []
