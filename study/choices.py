@@ -21,7 +21,15 @@ BOOLEAN_PRUNERS = ("target-unreachable", "none")
 (study.boolean_trial) or nothing."""
 DEFAULT_SAMPLER = "tpe"
 DEFAULT_PRUNERS = {"image": "median", "boolean": "target-unreachable"}
+"""For new studies (image: set by `study bench pruners`, see results/bench/pruners-cpu.txt)."""
 RUN_ATTR = "run"
+BEFORE_CHOICES = {"image": "median", "boolean": "target-unreachable"}
+"""What a study stored before the choice existed ran with (TPE and these pruners)."""
+
+
+def stored_run(study: optuna.Study, kind: str) -> dict:
+    """The sampler and pruner a stored study runs with."""
+    return {"sampler": "tpe", "pruner": BEFORE_CHOICES[kind], **study.user_attrs.get(RUN_ATTR, {})}
 
 
 def pruners_for(kind: str) -> tuple[str, ...]:

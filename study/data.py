@@ -208,9 +208,10 @@ def _check_idx(path: Path) -> tuple[int, ...]:
 
 
 def _unpack(source: Path, target: Path) -> None:
-    """Copy or gunzip `source` to `target` atomically (never leave half a file behind)."""
+    """Copy or gunzip `source` to `target` atomically (never leave half a file behind); two
+    processes preparing the same directory at once each write their own partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         if source.suffix == ".gz":
             with gzip.open(source, "rb") as src, partial.open("wb") as dst:

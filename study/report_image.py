@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 from matplotlib.ticker import NullFormatter
 
+from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
 from study.studies import StudyInfo, best_feasible
 from study.tables import STATES, markdown_table, outside_legend, save_figure
@@ -217,7 +218,7 @@ def image_summary(
     counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
     s = info.settings
     assert isinstance(s, ImageSettings)
-    run = {"sampler": "tpe", "pruner": "median", **study.user_attrs.get("run", {})}
+    run = choices.stored_run(study, "image")
     model = "convolutional networks" if info.space.endswith("cnn") else "multilayer perceptrons"
     dataset = IMAGE_DATASETS[s.dataset]
     lines = [

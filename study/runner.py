@@ -139,7 +139,7 @@ def _resolve_settings(space_name: str, study_name: str, storage: str, overrides:
             "use another --study-name"
         )
     stored = info.settings
-    stored_run = {**chosen, **study.user_attrs.get(choices.RUN_ATTR, {})}
+    stored_run = choices.stored_run(study, kind)
     conflicts = [
         f"{key}={getattr(requested, key)!r} (stored {getattr(stored, key)!r})"
         for key in sorted(overrides)

@@ -59,3 +59,5 @@ def test_bench_pruners_runs_the_pruners_side_by_side(tmp_path):
     assert set(best) == {"median", "hyperband"}
     assert all(len(v) == 1 for v in best.values())  # nan: no trial completed in the budget
     assert any("hyperband" in line and "best validation accuracy" in line for line in logged)
+    assert any("searched trials only" in line for line in logged)
+    assert logged[-1].split("better: ")[1].split()[0] in ("median", "hyperband")

@@ -153,3 +153,22 @@ def test_timeout_with_workers_stops_every_worker_and_leaves_nothing_running(tmp_
     assert stopped, states
     assert all("time budget" in t.user_attrs["fail_reason"] for t in stopped)
     assert states.count("WAITING") == len(stopped)  # each re-queued with its parameters
+
+
+def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images):
+    """Whatever the default pruner of new studies, a stored study runs on as it was made."""
+    from study.runner import study_settings
+    from study.studies import bind
+
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    settings = {"validation_size": 100, "min_epochs": 2, "max_epochs": 2}
+    old = optuna.create_study(study_name="fashion-mlp", storage=storage, direction="maximize")
+    bind(old, "fashion-mlp", study_settings("fashion-mlp", settings))  # no "run" attribute
+    done = cli("run", "fashion-mlp", "--trials", "1", "--storage", storage, "--data-dir",
+               str(images), "--device", "cpu", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="fashion-mlp", storage=storage)
+    assert study.user_attrs["run"] == {"sampler": "tpe", "pruner": "median"}
+    refused = cli("run", "fashion-mlp", "--trials", "2", "--storage", storage, "--pruner",
+                  "hyperband")  # fmt: skip
+    assert refused.returncode == 2 and "(stored 'median')" in refused.stderr

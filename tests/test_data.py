@@ -133,3 +133,24 @@ def test_write_idx_round_trip(tmp_path):
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="unknown dataset"):
         prepare_raw_files("cifar", tmp_path)
+
+
+def test_processes_preparing_one_directory_at_once_all_succeed(tmp_path):
+    """Workers or side-by-side studies may unpack the same files at the same moment."""
+    import subprocess
+    import sys
+
+    source = write_fake_dataset(tmp_path / "fashion", train=3000, test=500, gz=True)
+    code = (
+        "import sys; from study.data import prepare_raw_files; "
+        "prepare_raw_files('fashion-mnist', sys.argv[1])"
+    )
+    command = [sys.executable, "-c", code, str(source)]
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+    assert not list(source.rglob("*.partial"))
+    root = prepare_raw_files("fashion-mnist", source)  # all there: nothing left to unpack
+    unpacked = root / "FashionMNIST" / "raw" / IDX_FILES[0]
+    assert unpacked.stat().st_size == 16 + 3000 * 28 * 28
