@@ -487,6 +487,7 @@ def confirm(
                 **choice,
                 **_rates(trial),
                 "chosen_on": {k: choice[k] for k in CHOICE_KEYS},
+                "all_heldout": _pooled(study, recipe, neurons),
             }
             study.set_user_attr("answer", answer)
             log(
@@ -539,6 +540,21 @@ def _settle(study, cell, recipe, trial, smaller, settings, log) -> dict:
         f"{choice['heldout_successes']}/{choice['heldout_seeds']}"
     )
     return choice
+
+
+def _pooled(study: optuna.Study, recipe: Recipe, neurons: int) -> dict:
+    """Every held-out seed (choice and confirmation blocks) this width was trained on."""
+    trials = [
+        t
+        for stage in ("heldout", "confirm")
+        for t in _stored(study, stage)
+        if t.params["neurons"] == neurons and Recipe.from_params(t.params) == recipe
+    ]
+    return {
+        "heldout_successes": sum(_rate(t)[0] for t in trials),
+        "heldout_seeds": sum(_rate(t)[1] for t in trials),
+        "blocks": sorted(t.user_attrs["block"] for t in trials),
+    }
 
 
 def _rates(t) -> dict:

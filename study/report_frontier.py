@@ -52,6 +52,11 @@ def _chosen(a: dict) -> str:
     return f"{chosen['heldout_successes']}/{chosen['heldout_seeds']}" if chosen else ""
 
 
+def _pooled(a: dict) -> str:
+    pooled = a.get("all_heldout")
+    return f"{pooled['heldout_successes']}/{pooled['heldout_seeds']}" if pooled else ""
+
+
 def frontier_table(answers: list[dict], function_seed: int = 0) -> pd.DataFrame:
     """One row per budget and depth of one function: the answer and the next smaller width."""
     rows = []
@@ -68,6 +73,7 @@ def frontier_table(answers: list[dict], function_seed: int = 0) -> pd.DataFrame:
                 "parameters": a["parameters"],
                 "confirmed (95%)": _rate(a),
                 "chosen on": _chosen(a),
+                "all held-out": _pooled(a),
                 "next smaller": f"{smaller['neurons']}: {_rate(smaller)}" if smaller else "",
                 "bits/parameter": round(a.get("table_bits", BITS) / a["parameters"], 2),
                 "recipe": f"lr {a['recipe']['learning_rate']:.3g}, batch "
@@ -231,7 +237,9 @@ def write_frontier_report(
         "by a k-ary search on selection seeds; the width chosen on a block of held-out seeds "
         "(it passes there, the next smaller width fails there: *chosen on*, *next smaller*); "
         "the stated rate and its exact 95% interval (*confirmed*) on a further fresh block that "
-        "played no part in any choice (`study.frontier`). Seeds: selection 2,000,000 + i, "
+        "played no part in any choice (`study.frontier`); *all held-out*: every held-out seed "
+        "the width was trained on, blocks of both kinds pooled (for information: it includes "
+        "the block that chose it). Seeds: selection 2,000,000 + i, "
         "held-out choice blocks 3,000,000 + 10,000 j + i, confirmation blocks 4,000,000 + "
         "10,000 j + i.",
         "",

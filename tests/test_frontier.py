@@ -62,6 +62,10 @@ def test_a_cell_is_answered_on_held_out_seeds(cell_store):
     # the stated rate is the confirmation block's: not the block that chose the width
     assert answer["heldout_block"] >= CONFIRM_BLOCK > chosen["heldout_block"]
     assert answer["heldout_first_seed"] == HELDOUT_SEED + answer["heldout_block"] * 10_000
+    pooled = answer["all_heldout"]
+    assert {answer["heldout_block"], chosen["heldout_block"]} <= set(pooled["blocks"])
+    assert pooled["heldout_seeds"] == answer["heldout_seeds"] * len(pooled["blocks"])
+    assert pooled["heldout_successes"] >= answer["heldout_successes"] + chosen["heldout_successes"]
     assert answer["parameters"] == (3 + 1) * answer["neurons"] + (answer["neurons"] + 1) * 3
     for key in ("study", "function_seed", "budget_epochs", "profile", "neurons", "recipe"):
         assert key in answer
@@ -177,6 +181,7 @@ def test_a_width_that_fails_its_confirmation_is_not_stated(monkeypatch):
                 "heldout_seeds": 24}  # fmt: skip
 
     monkeypatch.setattr(frontier, "_heldout", fake_heldout)
+    monkeypatch.setattr(frontier, "_pooled", lambda study, recipe, neurons: {})
     monkeypatch.setattr(frontier, "certify_heldout", fake_choice)
     study = SimpleNamespace(set_user_attr=lambda key, value: None)
     choice = {"neurons": 5, "heldout_block": 0, "heldout_successes": 22, "heldout_seeds": 24}
