@@ -52,6 +52,22 @@ def _chosen(a: dict) -> str:
     return f"{chosen['heldout_successes']}/{chosen['heldout_seeds']}" if chosen else ""
 
 
+def _next_smaller(a: dict) -> str:
+    """The next smaller width's rate on the block where it failed (the choice block, or the
+    fresh block it moved down to after passing on the choice block)."""
+    smaller = a.get("next_smaller")
+    if not smaller:
+        return ""
+    fresh = a.get("next_smaller_fresh_block")
+    if fresh:
+        return (
+            f"{smaller['neurons']}: {fresh['heldout_successes']}/{fresh['heldout_seeds']} on a "
+            f"fresh block ({smaller['heldout_successes']}/{smaller['heldout_seeds']} on the "
+            "choice block)"
+        )
+    return f"{smaller['neurons']}: {_rate(smaller)}"
+
+
 def _pooled(a: dict) -> str:
     pooled = a.get("all_heldout")
     return f"{pooled['heldout_successes']}/{pooled['heldout_seeds']}" if pooled else ""
@@ -63,7 +79,6 @@ def frontier_table(answers: list[dict], function_seed: int = 0) -> pd.DataFrame:
     for a in answers:
         if a["function_seed"] != function_seed:
             continue
-        smaller = a.get("next_smaller")
         rows.append(
             {
                 "budget": a["budget_epochs"],
@@ -74,7 +89,7 @@ def frontier_table(answers: list[dict], function_seed: int = 0) -> pd.DataFrame:
                 "confirmed (95%)": _rate(a),
                 "chosen on": _chosen(a),
                 "all held-out": _pooled(a),
-                "next smaller": f"{smaller['neurons']}: {_rate(smaller)}" if smaller else "",
+                "next smaller": _next_smaller(a),
                 "bits/parameter": round(a.get("table_bits", BITS) / a["parameters"], 2),
                 "recipe": f"lr {a['recipe']['learning_rate']:.3g}, batch "
                 f"{a['recipe']['batch_size']}, {a['recipe']['lr_schedule']}",
@@ -204,8 +219,11 @@ def frontier_figure(answers: list[dict], out: Path, function_seed: int = 0) -> P
         label = "1 hidden layer" if depth == 1 else f"{depth} hidden layers"
         left.plot(rows["budget"], rows["neurons"], marker="o", label=label)
         right.plot(rows["budget"], rows["parameters"], marker="o", label=label)
+    budgets = sorted(table["budget"].unique())
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("epoch budget")
         ax.grid(alpha=0.3)
     left.set_ylabel("fewest hidden neurons (held-out >= 90%)")

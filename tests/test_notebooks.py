@@ -115,3 +115,44 @@ def test_pareto_front_keeps_only_non_dominated_trials():
 
     front = pareto_front(pd.Series([5, 3, 8, 3, 10]), pd.Series([0.1, 0.5, 0.05, 0.4, 0.2]))
     assert front.values.tolist() == [[3, 0.4], [5, 0.1], [8, 0.05]]
+
+
+def _committed_text(notebook: str) -> str:
+    book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    return "\n".join(
+        str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+        + str(output.get("data", {}).get("text/html", ""))
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "notebook", ["00_foundations.ipynb", "01_boolean_width.ipynb", "02_fashion_mnist.ipynb"]
+)
+def test_committed_outputs_carry_no_warning_and_no_machine_path(notebook):
+    import re
+
+    text = _committed_text(notebook)
+    assert "Warning" not in text
+    assert not re.search(r"(/tmp/|/home/|/root/|/work/|/usr/)", text), notebook
+
+
+def test_the_headline_answers_agree_in_readme_notebook_and_answers_json():
+    """w_1 and w_2 at the largest budget of function seed 0, as results/answers.json states
+    them, are the numbers the README and notebook 01 show."""
+    import json
+
+    root = NOTEBOOKS.parent
+    answers = [a for a in json.loads((root / "results" / "answers.json").read_text())
+               if a["function_seed"] == 0]  # fmt: skip
+    budget = max(a["budget_epochs"] for a in answers if a["depth"] == 1)
+    w_1 = next(a for a in answers if a["depth"] == 1 and a["budget_epochs"] == budget)
+    deep = [a for a in answers if a["depth"] > 1 and a["budget_epochs"] == budget]
+    readme = (root / "README.md").read_text()
+    notebook = _committed_text("01_boolean_width.ipynb")
+    for answer in [w_1, *([min(deep, key=lambda a: a["neurons"])] if deep else [])]:
+        rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
+        assert f"**{answer['neurons']}** (" in readme and rate in readme
+        assert str(answer["neurons"]) in notebook and rate in notebook
