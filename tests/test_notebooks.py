@@ -156,3 +156,36 @@ def test_the_headline_answers_agree_in_readme_notebook_and_answers_json():
         rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
         assert f"**{answer['neurons']}** (" in readme and rate in readme
         assert str(answer["neurons"]) in notebook and rate in notebook
+
+
+def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
+    store, tmp_path, monkeypatch
+):
+    """Success shares stay within [0, 1] after jitter; the timeline's legend lists only the
+    states its trials have; every legend sits outside the axes (covers no point)."""
+    import optuna
+
+    from study import report_boolean, report_image, tables
+
+    storage, _, _ = store
+    shown = {}
+
+    def keep(fig, path):
+        shown[Path(path).name] = fig
+        return tables.save_figure(fig, path)
+
+    monkeypatch.setattr(report_boolean, "save_figure", keep)
+    monkeypatch.setattr(report_image, "save_figure", keep)
+    write_report("boolean-shallow", storage, tmp_path / "b")
+    write_report("fashion-mlp", storage, tmp_path / "i")
+    share = shown["success_share_vs_width.png"].axes[0]
+    ys = [y for c in share.collections for _, y in c.get_offsets()]
+    assert ys and all(0.0 <= y <= 1.0 for y in ys)
+    timeline = shown["timeline.png"].axes[0]
+    states = {t.state.name.lower() for t in optuna.load_study(
+        study_name="fashion-mlp", storage=storage).trials}  # fmt: skip
+    labels = {t.get_text() for t in timeline.get_legend().get_texts()}
+    assert labels == states
+    for name in ("success_share_vs_width.png", "timeline.png"):
+        legend = shown[name].axes[0].get_legend()
+        assert legend.get_bbox_to_anchor().x0 >= shown[name].axes[0].get_window_extent().x1 - 1
