@@ -281,7 +281,8 @@ def test_two_quick_ctrl_c_end_in_one_line_whenever_the_second_lands(tmp_path):
         time.sleep(gap)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 130, (gap, stderr)
+        # 130, or ended by SIGINT itself: the shell reports 130 for both
+        assert process.returncode in (130, -signal.SIGINT), (gap, stderr)
         assert "Traceback" not in stderr, stderr
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         assert lines[-1].startswith("study: interrupted"), stderr
