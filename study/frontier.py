@@ -85,6 +85,15 @@ class Cell:
         return tuple(base + (1 if i < rest else 0) for i in range(self.depth))
 
 
+PLAN_BOUNDS = {
+    "recipe_trials": (1, 1000),
+    "recipe_seeds": (1, 100),
+    "selection_seeds": (1, 1000),
+    "heldout_seeds": (20, 10_000),
+}
+"""The range of each count of a `Plan`."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """How thoroughly each stage works; the defaults are those of the reference runs."""
@@ -103,30 +112,10 @@ class Plan:
     """Width of the recipe search (default: `probe_for(cell)`)."""
 
     def __post_init__(self) -> None:
-        require(
-            is_int(self.recipe_trials) and 1 <= self.recipe_trials <= 1000,
-            "recipe_trials",
-            self.recipe_trials,
-            "must be from 1 to 1000",
-        )
-        require(
-            is_int(self.recipe_seeds) and 1 <= self.recipe_seeds <= 100,
-            "recipe_seeds",
-            self.recipe_seeds,
-            "must be from 1 to 100",
-        )
-        require(
-            is_int(self.selection_seeds) and 1 <= self.selection_seeds <= 1000,
-            "selection_seeds",
-            self.selection_seeds,
-            "must be from 1 to 1000",
-        )
-        require(
-            is_int(self.heldout_seeds) and 20 <= self.heldout_seeds <= 10_000,
-            "heldout_seeds",
-            self.heldout_seeds,
-            "must be from 20 to 10000",
-        )
+        for name, (low, high) in PLAN_BOUNDS.items():
+            value = getattr(self, name)
+            ok = is_int(value) and low <= value <= high
+            require(ok, name, value, f"must be from {low} to {high}")
         require(
             0 < self.required_rate <= 1, "required_rate", self.required_rate, "must be in (0, 1]"
         )
