@@ -5,7 +5,9 @@ first Ctrl-C only sets a flag, which the objectives check after every epoch (`ch
 running trial is then failed with `fail_reason` "interrupted" (failed trials do not count
 towards a study's total, so the next run of the same command redoes it) and the study stops.
 A second Ctrl-C, or a SIGTERM, stops at once: the runner fails the trials it was running with
-that reason before it exits (128 + the signal's number). A process that starts workers
+that reason before it exits (128 + the signal's number). Such a stop is also remembered, so
+that it is raised again at the next `check` when the handler's exception was swallowed where
+it landed (a finaliser, a library's `except BaseException`). A process that starts workers
 forwards both signals to them (`deferred(forward=...)`).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -61,6 +64,10 @@ class Terminated(Interrupted):
 
 _requested = threading.Event()
 _received: list[int] = []
+_raised: list[BaseException] = []
+"""What a handler raised at once (SIGTERM, a second Ctrl-C): raised again by every `check`, so
+that a handler's exception that lands where it is swallowed (a finaliser, a library's
+`except BaseException`) still stops the run at the next epoch boundary."""
 
 
 def requested() -> bool:
@@ -75,6 +82,10 @@ def received() -> int | None:
 def check(trial=None) -> None:
     """Raise `Interrupted` once a stop was requested, or `OutOfTime` once the time budget is
     spent, after storing the reason on `trial`."""
+    if _raised:
+        if trial is not None:
+            trial.set_user_attr("fail_reason", reason_of(_raised[-1]))
+        raise _raised[-1]
     if _requested.is_set():
         if trial is not None:
             trial.set_user_attr("fail_reason", REASON)
@@ -118,6 +129,7 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
     (`received`) and passed to `forward(signum)` (a parent of worker processes)."""
     _requested.clear()
     _received.clear()
+    _raised.clear()
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers live in the main thread only
         return
@@ -128,7 +140,8 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
             forward(signum)
             return
         if _requested.is_set():
-            raise KeyboardInterrupt  # second Ctrl-C: now
+            _raised.append(KeyboardInterrupt())
+            raise _raised[-1]  # second Ctrl-C: now
         _requested.set()
         # one write, so that a second Ctrl-C cannot split the line
         sys.stderr.write(
@@ -140,7 +153,8 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
         if forward is not None:
             on_interrupt(signum, frame)
             return
-        raise Terminated
+        _raised.append(Terminated())
+        raise _raised[-1]
 
     def quiet(record: logging.LogRecord) -> bool:
         # once a stop is requested, Optuna's "trial failed" warning (with a traceback) only
@@ -166,6 +180,7 @@ def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
         for h in handlers:
             h.removeFilter(quiet)
         _requested.clear()
+        _raised.clear()
 
 
 def _at_once(signum, frame) -> None:
@@ -174,6 +189,32 @@ def _at_once(signum, frame) -> None:
 
 
 AT_ONCE_LINE = "interrupted at once (second Ctrl-C)"
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs (a write that must not be cut in two, such as
+    creating a trial and recording its owner); a signal that arrived meanwhile is handled, by
+    the handler in force before the block, as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in arrived:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager

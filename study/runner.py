@@ -319,7 +319,9 @@ def _drive(
         with interrupt.deferred():
             while True:
                 interrupt.check()
-                with claims.claim_lock(url, study._storage, study.study_name):
+                # held: a signal between creating a trial and recording it as ours would leave
+                # it RUNNING with no owner to fail it
+                with interrupt.held(), claims.claim_lock(url, study._storage, study.study_name):
                     claims.reap(study)
                     free = total - claims.claimed(study)
                     in_flight = claims.claim(study, min(size, free)) if free > 0 else []

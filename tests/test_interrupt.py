@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+import pytest
 
 from tests.conftest import write_fake_dataset
 
@@ -100,3 +101,57 @@ def _two_ctrl_c(interrupt, pytest, os) -> None:
         time.sleep(1)
     assert str(late.value) == interrupt.AT_ONCE_LINE
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# the finaliser's exception is dropped on purpose: that is the case under test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_whose_exception_is_swallowed_still_stops_the_run():
+    """A handler's exception that lands in a finaliser (or a library's `except BaseException`)
+    is lost; the next `check` (every epoch) raises it again, so a SIGTERM forwarded to a worker
+    always stops it."""
+    import gc
+    import os
+
+    from study import interrupt
+
+    class Finalised:
+        def __del__(self):  # exceptions raised here are printed and dropped by Python
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the finaliser
+
+    with interrupt.deferred():
+        Finalised()  # collected at once: SIGTERM arrives inside __del__
+        gc.collect()
+        with pytest.raises(interrupt.Terminated):
+            interrupt.check()
+        with pytest.raises(interrupt.Terminated):  # and again, until the run has stopped
+            interrupt.check()
+    interrupt.check()  # a new block starts clean
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_inside_a_held_block_is_handled_when_the_block_ends():
+    """Creating a trial and recording its owner is one held block: a SIGTERM or Ctrl-C that
+    lands in it is handled right after it, never in the middle, and never lost."""
+    import os
+
+    from study import interrupt
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        finished = []
+        with pytest.raises(interrupt.Terminated), interrupt.deferred():
+            with interrupt.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                finished.append("block")  # not cut short
+            finished.append("after")  # not reached: the held SIGTERM is raised first
+        assert finished == ["block"]
+        with interrupt.deferred():
+            with interrupt.held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                assert not interrupt.requested()
+            assert interrupt.requested()  # a first Ctrl-C: a request, as outside the block
+    finally:
+        signal.signal(signal.SIGINT, inherited)
