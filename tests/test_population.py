@@ -487,3 +487,23 @@ def test_a_cosine_schedule_follows_the_sequential_trainer(engine):
         assert pop.epochs_run == seq.epochs_run
         assert curves(pop)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
         assert curves(pop)[1] == pytest.approx(curves(seq)[1], rel=1e-5)
+
+
+def test_without_vector_math_the_kernel_is_built_with_scalar_calls(tmp_path, monkeypatch, capsys):
+    """A C library without vector exp/log (not glibc): the kernel still builds, silently, and
+    trains as the sequential trainer does."""
+    from study import native
+
+    monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "VECTOR_MATH", ["-DSTUDY_VECTOR_MATH", "-lno-such-library"])
+    native.load.cache_clear()
+    try:
+        assert native.load() is not None
+        assert capsys.readouterr().err == ""
+        fn = boolean_function(8, 0)
+        c = BooleanCandidate((20,), 1e-2, 8, 6)
+        (result,) = train_population([member(c, 3)], fn, engine="native")
+        seq = train(network(c, fn, 3), fn.task(), member(c, 3).config)
+        assert curves(result)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
+    finally:
+        native.load.cache_clear()
