@@ -192,23 +192,31 @@ AT_ONCE_LINE = "interrupted at once (second Ctrl-C)"
 
 
 @contextlib.contextmanager
+def _stop_signals(handler) -> Iterator[dict]:
+    """SIGINT and SIGTERM go to `handler` within the block (main thread only: elsewhere nothing
+    changes and the block gets {}); yields the handlers in force before, restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield previous
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextlib.contextmanager
 def held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM while the block runs (a write that must not be cut in two, such as
     creating a trial and recording its owner); a signal that arrived meanwhile is handled, by
     the handler in force before the block, as soon as the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     arrived: list[int] = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: arrived.append(signum))
-        for s in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous: dict = {}
     try:
-        yield
+        with _stop_signals(lambda signum, frame: arrived.append(signum)) as previous:
+            yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         for signum in arrived:
             handler = previous[signum]
             if callable(handler):
@@ -220,12 +228,5 @@ def held() -> Iterator[None]:
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """Ignore SIGINT and SIGTERM while the block records why a run stopped."""
-    if threading.current_thread() is not threading.main_thread():
+    with _stop_signals(signal.SIG_IGN):
         yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
