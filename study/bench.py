@@ -198,6 +198,22 @@ def _population_variants(device: torch.device, threads: int) -> list[tuple[str, 
     return variants
 
 
+def _timed(device: torch.device, work):
+    """(seconds, what `work()` returned), the device synchronised on both sides."""
+    dev.synchronize(device)
+    start = time.perf_counter()
+    value = work()
+    dev.synchronize(device)
+    return time.perf_counter() - start, value
+
+
+def _no_early_stop(c, seed: int):
+    """A population member that trains all its epochs, as the tutorial does."""
+    from study.population import Member
+
+    return Member(c.hidden_layer_profile, c.train_config(seed, None))
+
+
 def bench_boolean(
     trials: int = 32,
     epochs: int = 250,
@@ -215,63 +231,58 @@ def bench_boolean(
     """
     from study.config import BooleanCandidate
     from study.models import build_boolean_net
-    from study.population import Member, train_population
+    from study.population import train_population
 
     device, fn, threads = _boolean_setup(device_name)
-    cores = os.cpu_count() or 1
     widths = [round(16 * 16 ** (i / max(1, trials - 1))) for i in range(trials)]
     candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
+    variants = _population_variants(device, os.cpu_count() or 1)
 
-    def network(c: BooleanCandidate, seed: int) -> nn.Module:
-        return build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
+    def sequential(c: BooleanCandidate, seed: int):
+        net = build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
+        return train(net, fn.task(), c.train_config(seed, None))
 
-    def member(c: BooleanCandidate, seed: int) -> Member:
-        return Member(c.hidden_layer_profile, c.train_config(seed, None))  # no early stop
-
-    variants = _population_variants(device, cores)
     # warm-up, not timed: one short run through each path (and the kernel's build)
     warm = BooleanCandidate((16,), learning_rate, batch, 2)
     _tutorial_boolean_trial(fn, 16, learning_rate, batch, 2, 0)
-    train(network(warm, 0), fn.task(), warm.train_config(0, None))
+    sequential(warm, 0)
     for _, engine, n in variants:
-        train_population([member(warm, 0)], fn, engine=engine, threads=n)
+        train_population([_no_early_stop(warm, 0)], fn, engine=engine, threads=n)
 
     timings: dict[str, float] = {}
     final_losses: dict[str, list[float]] = {}
-    dev.synchronize(device)
-    start = time.perf_counter()
-    final_losses["tutorial"] = [
-        _tutorial_boolean_trial(fn, w, learning_rate, batch, epochs, seed)[0]
+    timings["tutorial"], results = _timed(device, lambda: [
+        _tutorial_boolean_trial(fn, w, learning_rate, batch, epochs, seed)
         for seed, w in enumerate(widths)
-    ]
-    dev.synchronize(device)
-    timings["tutorial"] = time.perf_counter() - start
+    ])  # fmt: skip
+    final_losses["tutorial"] = [least for least, _ in results]
     log(f"(a) tutorial loop: {timings['tutorial']:.1f} s for {trials} trials")
-
-    start = time.perf_counter()
-    sequential = []
-    for seed, c in enumerate(candidates):
-        sequential.append(train(network(c, seed), fn.task(), c.train_config(seed, None)))
-    dev.synchronize(device)
-    timings["sequential"] = time.perf_counter() - start
-    final_losses["sequential"] = [r.final.train_loss for r in sequential]
+    timings["sequential"], results = _timed(
+        device, lambda: [sequential(c, seed) for seed, c in enumerate(candidates)]
+    )
+    final_losses["sequential"] = [r.final.train_loss for r in results]
     log(f"(b) sequential trainer: {timings['sequential']:.1f} s for {trials} trials")
-
-    members = [member(c, seed) for seed, c in enumerate(candidates)]
+    members = [_no_early_stop(c, seed) for seed, c in enumerate(candidates)]
     for label, engine, n in variants:
-        start = time.perf_counter()
-        population = train_population(members, fn, engine=engine, threads=n)
-        dev.synchronize(device)
-        timings[label] = time.perf_counter() - start
-        final_losses[label] = [r.final.train_loss for r in population]
+        timings[label], results = _timed(
+            device, lambda e=engine, n=n: train_population(members, fn, engine=e, threads=n)
+        )
+        final_losses[label] = [r.final.train_loss for r in results]
         log(f"(c) population, {label}: {timings[label]:.1f} s for {trials} trials")
     torch.set_num_threads(threads)
-
-    rate = {k: trials / v for k, v in timings.items()}
-    log(f"device: {dev.describe(device)} ({cores} cores); torch {torch.__version__}")
-    log(
+    workload = (
         f"{trials} trials, widths 16..256, {epochs} epochs, batch {batch}, Adam lr {learning_rate}"
     )
+    populations = [label for label, _, _ in variants]
+    return _boolean_ratios(device, workload, timings, final_losses, populations, log)
+
+
+def _boolean_ratios(device, workload, timings, final_losses, populations, log) -> dict:
+    """Print (and return) trials per second and the ratios of `bench_boolean`."""
+    trials = len(final_losses["tutorial"])
+    rate = {k: trials / v for k, v in timings.items()}
+    log(f"device: {dev.describe(device)} ({os.cpu_count() or 1} cores); torch {torch.__version__}")
+    log(workload)
     for key in timings:
         label = {"tutorial": "(a) tutorial loop", "sequential": "(b) sequential"}.get(
             key, f"(c) {key}"
@@ -281,12 +292,12 @@ def bench_boolean(
             f"{statistics.median(final_losses[key]):.3g}"
         )
     log(f"  (b)/(a) {rate['sequential'] / rate['tutorial']:.1f}x")
-    for label, _, _ in variants:
+    for label in populations:
         log(
             f"  (c)/(a) {rate[label] / rate['tutorial']:6.1f}x   (c)/(b) "
             f"{rate[label] / rate['sequential']:6.1f}x   population: {label}"
         )
-    best = variants[0][0]
+    best = populations[0]
     return {
         "tutorial_trials_per_second": rate["tutorial"],
         "sequential_trials_per_second": rate["sequential"],
@@ -325,35 +336,32 @@ def bench_long(
     memory a population needs per 1,000 members."""
     from study.config import BooleanCandidate
     from study.models import build_boolean_net
-    from study.population import Member, train_population
+    from study.population import train_population
 
     device, fn, threads = _boolean_setup(device_name)
     cores = os.cpu_count() or 1
     widths = [round(48 + 48 * i / max(1, members - 1)) for i in range(members)]
     candidates = [BooleanCandidate((w,), learning_rate, batch, epochs) for w in widths]
-    population = [
-        Member(c.hidden_layer_profile, c.train_config(seed, None))
-        for seed, c in enumerate(candidates)
-    ]
+    population = [_no_early_stop(c, seed) for seed, c in enumerate(candidates)]
     variants = _population_variants(device, cores)
     for _, engine, n in variants:  # warm-up and build, not timed
         train_population(population[:1], fn, engine=engine, threads=n)
-    rates: dict[str, float] = {}
-    start = time.perf_counter()
-    for seed, c in enumerate(candidates[:sequential_members]):
-        net = build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
-        train(net, fn.task(), c.train_config(seed, None))
-    dev.synchronize(device)
-    rates["sequential"] = sequential_members * epochs / (time.perf_counter() - start)
+
+    def sequential() -> None:
+        for seed, c in enumerate(candidates[:sequential_members]):
+            net = build_boolean_net(c.hidden_layer_profile, fn.input_bits, fn.output_bits, seed)
+            train(net, fn.task(), c.train_config(seed, None))
+
+    rates = {"sequential": sequential_members * epochs / _timed(device, sequential)[0]}
     log(
         f"(b) sequential trainer: {rates['sequential']:.0f} member-epochs/s "
         f"({sequential_members} members x {epochs} epochs)"
     )
     for label, engine, n in variants:
-        start = time.perf_counter()
-        train_population(population, fn, engine=engine, threads=n)
-        dev.synchronize(device)
-        rates[label] = members * epochs / (time.perf_counter() - start)
+        seconds, _ = _timed(
+            device, lambda e=engine, n=n: train_population(population, fn, engine=e, threads=n)
+        )
+        rates[label] = members * epochs / seconds
         log(
             f"(c) population, {label}: {rates[label]:.0f} member-epochs/s "
             f"({members} members x {epochs} epochs)"
@@ -364,6 +372,11 @@ def bench_long(
         f"{members} members, widths 48..96, batch {batch}, Adam lr {learning_rate}, "
         f"{epochs} epochs, no early stop"
     )
+    return _long_ratios(device, rates, variants, batch, learning_rate, log)
+
+
+def _long_ratios(device, rates: dict[str, float], variants, batch, learning_rate, log) -> dict:
+    """Print (and return) the ratios of `bench_long`, and the memory per 1,000 members."""
     for label, _, _ in variants:
         log(
             f"  population / sequential per member-epoch: "
@@ -431,11 +444,9 @@ def bench_step(
     with `torch.compile` (Inductor; compile time reported apart), and the native kernel (whose
     epoch also evaluates the whole table, an upper bound on its step). Microseconds per step
     of the whole group."""
-    from torch.nn import functional as F
-
     from study import native
     from study.config import BooleanCandidate
-    from study.population import Member, _Group, train_population
+    from study.population import Member, _Group
 
     device, fn, threads = _boolean_setup(device_name)
     config = BooleanCandidate((width,), 5e-3, batch, 1)
@@ -449,68 +460,20 @@ def bench_step(
     def timed(step, repeats: int = 5) -> float:
         for xs, ys in slices:  # warm-up
             step(xs, ys)
-        dev.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for xs, ys in slices:
-                step(xs, ys)
-        dev.synchronize(device)
-        return (time.perf_counter() - start) / (repeats * len(slices)) * 1e6
+        seconds, _ = _timed(device, lambda: [step(xs, ys) for _ in range(repeats)
+                                             for xs, ys in slices])  # fmt: skip
+        return seconds / (repeats * len(slices)) * 1e6
 
     results = {"eager": timed(group.train_step)}
     log(f"torch engine, eager step:     {results['eager']:8.1f} us/step")
-
-    w1, b1 = group.layers()[0][0].clone(), group.layers()[0][1].clone()
-    w2, b2 = group.layers()[1][0].clone(), group.layers()[1][1].clone()
-    params = [w1, b1, w2, b2]
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-    lr = group.lr.clone().view(-1, 1, 1)
-    count = torch.zeros((), device=device)
-
-    def functional_step(xs, ys, w1, b1, w2, b2, moments, count, lr):
-        z = torch.baddbmm(b1, xs, w1)
-        h = z.clamp_min(0)
-        logits = torch.baddbmm(b2, h, w2)
-        loss = F.binary_cross_entropy_with_logits(logits, ys, reduction="none").mean(dim=(1, 2))
-        g2 = (torch.sigmoid(logits) - ys) / (ys.shape[1] * ys.shape[2])
-        g1 = torch.where(z > 0, torch.bmm(g2, w2.transpose(1, 2)), 0.0)
-        grads = (
-            torch.bmm(xs.transpose(1, 2), g1),
-            g1.sum(dim=1, keepdim=True),
-            torch.bmm(h.transpose(1, 2), g2),
-            g2.sum(dim=1, keepdim=True),
-        )
-        count += 1
-        for p, gr, (m, v) in zip((w1, b1, w2, b2), grads, moments, strict=True):
-            m.lerp_(gr, 0.1)
-            v.mul_(0.999).addcmul_(gr, gr, value=0.001)
-            p.sub_(lr * (m / (1 - 0.9**count)) / ((v / (1 - 0.999**count)).sqrt() + 1e-8))
-        return loss
-
-    compiled = torch.compile(functional_step, dynamic=False)
-    start = time.perf_counter()
-    compiled(*slices[0], w1, b1, w2, b2, moments, count, lr)
-    compile_seconds = time.perf_counter() - start
-
-    def compiled_step(xs, ys):
-        return compiled(xs, ys, w1, b1, w2, b2, moments, count, lr)
-
+    compiled_step, compile_seconds = _compiled_step(group, slices[0])
     results["compiled"] = timed(compiled_step)
     log(
         f"torch.compile (Inductor):     {results['compiled']:8.1f} us/step "
         f"(compiling took {compile_seconds:.0f} s)"
     )
     if device.type == "cpu" and native.load() is not None:
-        epochs = 5
-        population = [
-            Member((width,), BooleanCandidate((width,), 5e-3, batch, epochs).train_config(s, None))
-            for s in range(members)
-        ]
-        train_population(population[:1], fn, engine="native")
-        start = time.perf_counter()
-        train_population(population, fn, engine="native", threads=1)
-        seconds = time.perf_counter() - start
-        results["native"] = seconds / (epochs * len(slices)) * 1e6
+        results["native"] = _native_step(fn, members, width, batch, len(slices))
         log(f"native kernel (with eval):    {results['native']:8.1f} us/step")
     torch.set_num_threads(threads)
     log(
@@ -518,6 +481,65 @@ def bench_step(
         f"{dev.describe(device)}; torch {torch.__version__}"
     )
     return results
+
+
+def _functional_step(xs, ys, w1, b1, w2, b2, moments, count, lr):
+    """One population step of one-hidden-layer members as a single function (for
+    `torch.compile`): forward, the written-out backward, Adam."""
+    from torch.nn import functional as F
+
+    z = torch.baddbmm(b1, xs, w1)
+    h = z.clamp_min(0)
+    logits = torch.baddbmm(b2, h, w2)
+    loss = F.binary_cross_entropy_with_logits(logits, ys, reduction="none").mean(dim=(1, 2))
+    g2 = (torch.sigmoid(logits) - ys) / (ys.shape[1] * ys.shape[2])
+    g1 = torch.where(z > 0, torch.bmm(g2, w2.transpose(1, 2)), 0.0)
+    grads = (
+        torch.bmm(xs.transpose(1, 2), g1),
+        g1.sum(dim=1, keepdim=True),
+        torch.bmm(h.transpose(1, 2), g2),
+        g2.sum(dim=1, keepdim=True),
+    )
+    count += 1
+    for p, gr, (m, v) in zip((w1, b1, w2, b2), grads, moments, strict=True):
+        m.lerp_(gr, 0.1)
+        v.mul_(0.999).addcmul_(gr, gr, value=0.001)
+        p.sub_(lr * (m / (1 - 0.9**count)) / ((v / (1 - 0.999**count)).sqrt() + 1e-8))
+    return loss
+
+
+def _compiled_step(group, first: tuple[torch.Tensor, torch.Tensor]):
+    """`_functional_step` compiled on copies of the group's parameters: (step, compile
+    seconds), the first call (which compiles) timed apart."""
+    (w1, b1), (w2, b2) = ((w.clone(), b.clone()) for w, b in group.layers())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (w1, b1, w2, b2)]
+    lr = group.lr.clone().view(-1, 1, 1)
+    count = torch.zeros((), device=lr.device)
+    compiled = torch.compile(_functional_step, dynamic=False)
+    start = time.perf_counter()
+    compiled(*first, w1, b1, w2, b2, moments, count, lr)
+    compile_seconds = time.perf_counter() - start
+
+    def step(xs, ys):
+        return compiled(xs, ys, w1, b1, w2, b2, moments, count, lr)
+
+    return step, compile_seconds
+
+
+def _native_step(fn, members: int, width: int, batch: int, steps_per_epoch: int) -> float:
+    """Microseconds per step of the native kernel on one thread (its epochs include the
+    evaluation of the whole table)."""
+    from study.config import BooleanCandidate
+    from study.population import train_population
+
+    epochs = 5
+    candidate = BooleanCandidate((width,), 5e-3, batch, epochs)
+    population = [_no_early_stop(candidate, s) for s in range(members)]
+    train_population(population[:1], fn, engine="native")  # warm-up
+    seconds, _ = _timed(
+        torch.device("cpu"), lambda: train_population(population, fn, engine="native", threads=1)
+    )
+    return seconds / (epochs * steps_per_epoch) * 1e6
 
 
 def bench_pruners(
@@ -530,62 +552,21 @@ def bench_pruners(
     """fashion-mlp under the same time budget with each pruner, side by side: in each
     repetition the pruners' studies run at the same time (one process and one thread each,
     same sampler seed), on fresh stores; prints the best validation accuracy each reached."""
-    import tempfile
-
-    import optuna
-
     best: dict[str, list[float]] = {p: [] for p in pruners}
     searched: dict[str, list[float]] = {p: [] for p in pruners}
     trials: dict[str, list[int]] = {p: [] for p in pruners}
     for repeat in range(repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            processes = {}
-            for pruner in pruners:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "study.cli",
-                    "run",
-                    "fashion-mlp",
-                    "--trials",
-                    "1000",
-                    "--storage",
-                    f"sqlite:///{tmp}/{pruner}.db",
-                    "--pruner",
-                    pruner,
-                    "--sampler-seed",
-                    str(repeat),
-                    "--timeout",
-                    str(minutes * 60),
-                    "--quiet",
-                    "--device",
-                    "cpu",
-                ] + (["--data-dir", str(data_dir)] if data_dir else [])
-                env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                processes[pruner] = subprocess.Popen(
-                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-                )
-            for pruner, process in processes.items():
-                _, err = process.communicate()
-                if process.returncode != 0:
-                    raise RuntimeError(f"{pruner}: {err.strip().splitlines()[-1]}")
-                study = optuna.load_study(
-                    study_name="fashion-mlp", storage=f"sqlite:///{tmp}/{pruner}.db"
-                )
-                finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-                complete = [t for t in finished if t.state.name == "COMPLETE"]
-                best[pruner].append(max((t.value for t in complete), default=float("nan")))
-                # the study's first trial is its space's known-good baseline (the same in
-                # every run): what the pruner changes is what the search finds besides it
-                found = [t.value for t in complete if not t.user_attrs.get("baseline")]
-                searched[pruner].append(max(found, default=float("nan")))
-                trials[pruner].append(len(finished))
-                log(
-                    f"repeat {repeat + 1}/{repeats}, {pruner}: best validation accuracy "
-                    f"{best[pruner][-1]:.4f} (searched trials only: {searched[pruner][-1]:.4f}) "
-                    f"after {len(finished)} trials "
-                    f"({sum(t.state.name == 'PRUNED' for t in finished)} pruned)"
-                )
+        for pruner, (top, found, finished, pruned) in _pruners_side_by_side(
+            pruners, repeat, minutes, data_dir
+        ).items():
+            best[pruner].append(top)
+            searched[pruner].append(found)
+            trials[pruner].append(finished)
+            log(
+                f"repeat {repeat + 1}/{repeats}, {pruner}: best validation accuracy "
+                f"{top:.4f} (searched trials only: {found:.4f}) after {finished} trials "
+                f"({pruned} pruned)"
+            )
     log(
         f"fashion-mlp, {minutes:g} minutes per study, sampler seeds 0..{repeats - 1}, one "
         "thread each, the pruners side by side"
@@ -605,6 +586,49 @@ def bench_pruners(
     )
     log(f"  better: {ranked[0]} (best accuracy, then searched trials only)")
     return best
+
+
+def _pruners_side_by_side(
+    pruners: tuple[str, ...], repeat: int, minutes: float, data_dir: Path | str | None
+) -> dict[str, tuple[float, float, int, int]]:
+    """One repetition: a fashion-mlp study per pruner, all at once on fresh stores; per pruner
+    (best accuracy, best of the searched trials, finished trials, pruned trials)."""
+    import tempfile
+
+    import optuna
+
+    outcome = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        processes = {}
+        for pruner in pruners:
+            command = [sys.executable, "-m", "study.cli", "run", "fashion-mlp", "--trials", "1000",
+                       "--storage", f"sqlite:///{tmp}/{pruner}.db", "--pruner", pruner,
+                       "--sampler-seed", str(repeat), "--timeout", str(minutes * 60), "--quiet",
+                       "--device", "cpu"]  # fmt: skip
+            command += ["--data-dir", str(data_dir)] if data_dir else []
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            processes[pruner] = subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        for pruner, process in processes.items():
+            _, err = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"{pruner}: {err.strip().splitlines()[-1]}")
+            study = optuna.load_study(
+                study_name="fashion-mlp", storage=f"sqlite:///{tmp}/{pruner}.db"
+            )
+            finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+            complete = [t for t in finished if t.state.name == "COMPLETE"]
+            # the study's first trial is its space's known-good baseline (the same in every
+            # run): what the pruner changes is what the search finds besides it
+            found = [t.value for t in complete if not t.user_attrs.get("baseline")]
+            outcome[pruner] = (
+                max((t.value for t in complete), default=float("nan")),
+                max(found, default=float("nan")),
+                len(finished),
+                sum(t.state.name == "PRUNED" for t in finished),
+            )
+    return outcome
 
 
 def _nan_low(value: float) -> float:

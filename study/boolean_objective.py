@@ -17,12 +17,10 @@ from optuna.trial import TrialState
 
 from study import device as dev
 from study import interrupt
-from study.boolean_trial import BooleanTrial, Verdict, train_seeds
+from study.boolean_trial import BooleanTrial, Verdict, train_seeds, train_together
 from study.config import BooleanSettings
 from study.data import BooleanFunction, boolean_function
 from study.errors import TrialFailed
-from study.population import Member, train_population
-from study.trainer import EpochMetrics, TrainResult
 
 
 def record(trial: optuna.Trial, run: BooleanTrial, fn: BooleanFunction) -> Verdict:
@@ -100,51 +98,14 @@ class PopulationBatch:
     def train(
         self, study: optuna.Study, trials: list[optuna.Trial]
     ) -> list[optuna.trial.FrozenTrial]:
-        """Sample, train together and tell `trials` (asked, RUNNING); returns the told trials."""
+        """Sample, train together and tell `trials` (asked, RUNNING); returns the told trials.
+        A stop (`interrupt.Stopped`) propagates: the runner fails the trials with its reason."""
         runs = [self.objective.trial(trial) for trial in trials]
-        # member i is seed k of trial j
-        owner = [(j, k) for j, run in enumerate(runs) for k in range(len(run.seeds))]
-        members = [
-            Member(runs[j].candidate.hidden_layer_profile, runs[j].config(k)) for j, k in owner
-        ]
-
-        ended_so_far: set[int] = set()
-        epoch_of = [0]
-
-        def on_epoch(i: int, metrics: EpochMetrics) -> bool:
-            epoch_of[0] = max(epoch_of[0], metrics.epoch)
-            j, k = owner[i]
-            return runs[j].over or runs[j].on_epoch(k, metrics)
-
-        def after_epoch(ended: dict[int, TrainResult]) -> set[int]:
-            interrupt.check()
-            for i, result in ended.items():
-                j, k = owner[i]
-                runs[j].finish(k, result)
-            # the other seeds of a trial that is over stop now
-            stop = {
-                i for i, (j, k) in enumerate(owner) if runs[j].over and not runs[j].finished(k)
-            }
-            ended_so_far.update(ended, stop)
-            if self.progress is not None:
-                self.progress(
-                    f"population of {len(members)} networks: epoch {epoch_of[0]}, "
-                    f"{len(members) - len(ended_so_far)} still training"
-                )
-            return stop
-
-        try:
-            results = train_population(
-                members, self.fn, on_epoch, after_epoch, threads=self.threads
-            )
-        except (interrupt.Interrupted, interrupt.OutOfTime):
-            raise  # the runner fails the population's trials with the reason
-        for i, result in enumerate(results):
-            j, k = owner[i]
-            runs[j].finish(k, result)
+        train_together(runs, self.fn, self.threads, watch=interrupt.check, progress=self.progress)
+        members = sum(len(run.seeds) for run in runs)
         told = []
         for trial, run in zip(trials, runs, strict=True):
-            trial.set_user_attr("population_size", len(members))
+            trial.set_user_attr("population_size", members)
             verdict = record(trial, run, self.fn)
             told.append(study.tell(trial, verdict.value, state=verdict.state))
         return told

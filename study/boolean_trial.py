@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from study import models
 from study.config import BooleanCandidate, BooleanSettings, TrainConfig
 from study.data import BooleanFunction
+from study.population import Member, train_population
 from study.trainer import Divergence, EpochMetrics, TrainResult, train
 
 
@@ -149,6 +150,8 @@ class CandidateOutcome:
             "learns_f": self.learns,
             "seconds": self.seconds,
             "device": runs[0].result.device if runs else "",
+            "engine": runs[0].result.engine if runs else "",
+            "threads": runs[0].result.threads if runs else 0,
         }
 
 
@@ -175,7 +178,8 @@ class BooleanTrial:
 
     A trainer asks `config(i)` for seed i's training, calls `on_epoch(i, metrics)` after each
     of its epochs (True: stop that seed), `finish(i, result)` when it ends, and stops the
-    remaining seeds once `over` is true. `verdict()` and `outcome()` say how the trial ended.
+    remaining seeds once `stops_others` is true. `verdict()` and `outcome()` say how the trial
+    ended.
     """
 
     def __init__(
@@ -185,14 +189,17 @@ class BooleanTrial:
         settings: BooleanSettings,
         *,
         prune: bool | None = None,
-        required: int | None = None,
+        decisive: bool = True,
         report: Reporter | None = None,
     ) -> None:
         self.candidate = candidate
         self.seeds = list(seeds)
         self.target_loss = settings.target_loss
         self.prune = settings.prune if prune is None else prune
-        self.required = settings.required_of(len(self.seeds)) if required is None else required
+        self.decisive = decisive
+        """Stop the remaining seeds once the trial is `over` (False: every seed trains on,
+        e.g. when every seed's loss is wanted, or a rate on fresh seeds is the evidence)."""
+        self.required = settings.required_of(len(self.seeds))
         self.report = report
         self.every = report_every(candidate.epochs)
         self._rules = [
@@ -233,6 +240,11 @@ class BooleanTrial:
             return True
         failures = sum(not r.reached_target for r in self._results.values())
         return self.prune and len(self.seeds) - failures < self.required
+
+    @property
+    def stops_others(self) -> bool:
+        """The seeds that still train should stop now (the trial is decisive and over)."""
+        return self.decisive and self.over
 
     def outcome(self) -> CandidateOutcome:
         """The seeds trained so far, in seed order, with the trial's success rule."""
@@ -278,6 +290,57 @@ def train_seeds(
 
         model = models.build_boolean_net(profile, fn.input_bits, fn.output_bits, seed)
         trial.finish(index, train(model, task, trial.config(index), on_epoch))
-        if trial.over:
+        if trial.stops_others:
             break  # the remaining seeds cannot change the verdict
     return trial
+
+
+def train_together(
+    trials: Sequence[BooleanTrial],
+    fn: BooleanFunction,
+    threads: int = 1,
+    watch: Callable[[], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """The population path: every seed of every trial is one member of a single population
+    (`study.population`), trained at once on `threads` CPU threads; the trials' rules decide
+    when a seed stops, and a trial that `stops_others` stops its remaining seeds at once.
+
+    `watch()` runs after every epoch (e.g. to honour a Ctrl-C); `progress` is told how far the
+    population is. Studies, the frontier and certification all train through here."""
+    owner = [(j, k) for j, trial in enumerate(trials) for k in range(len(trial.seeds))]
+    members = [
+        Member(trials[j].candidate.hidden_layer_profile, trials[j].config(k)) for j, k in owner
+    ]
+    ended: set[int] = set()
+    epoch = 0
+
+    def on_epoch(i: int, metrics: EpochMetrics) -> bool:
+        nonlocal epoch
+        epoch = max(epoch, metrics.epoch)
+        j, k = owner[i]
+        return trials[j].stops_others or trials[j].on_epoch(k, metrics)
+
+    def after_epoch(ended_now: dict[int, TrainResult]) -> set[int]:
+        if watch is not None:
+            watch()
+        for i, result in ended_now.items():
+            j, k = owner[i]
+            trials[j].finish(k, result)
+        stop = {
+            i
+            for i, (j, k) in enumerate(owner)
+            if trials[j].stops_others and not trials[j].finished(k)
+        }
+        ended.update(ended_now, stop)
+        if progress is not None:
+            progress(
+                f"population of {len(members)} networks: epoch {epoch}, "
+                f"{len(members) - len(ended)} still training"
+            )
+        return stop
+
+    results = train_population(members, fn, on_epoch, after_epoch, threads=threads)
+    for i, result in enumerate(results):
+        j, k = owner[i]
+        trials[j].finish(k, result)

@@ -160,9 +160,8 @@ def certify(
     if top < 1:
         raise StudyError(f"top: must be at least 1, got {top}")
     from study import device as dev
-    from study.boolean_trial import BooleanTrial
+    from study.boolean_trial import BooleanTrial, train_together
     from study.data import boolean_function
-    from study.population import Member, train_population
 
     study, info = load(study_name, storage, kind="boolean", command="certify")
     settings = info.settings
@@ -174,58 +173,56 @@ def certify(
     fn = boolean_function(
         settings.input_bits, settings.function_seed, settings.output_bits, device_
     )
-    best_candidate = candidate_from_trial(best)
-    fresh = [FRESH_SEED_OFFSET + i for i in range(seeds)]
-    required = settings.required_of(seeds)
-    roles = [("found", best_candidate)] + [
-        ("one fewer", c) for c in smaller_neighbours(best_candidate)
-    ]
-    trial_numbers = {"found": best.number}
-    for rank, trial in enumerate(runner_up_trials(study, best, top - 1), start=2):
-        roles.append((f"found #{rank}", candidate_from_trial(trial)))
-        trial_numbers[f"found #{rank}"] = trial.number
-    for _, candidate in roles:
+    roles = _roles(study, best, top)
+    for _, _, candidate in roles:
         log(f"training {candidate.describe()} on {seeds} fresh seeds")
     # every configuration x seed is one member of a single population, trained to its full
     # budget or the target (no early-stop rule: the rate on fresh seeds is the evidence)
+    fresh = [FRESH_SEED_OFFSET + i for i in range(seeds)]
     runs = [
-        BooleanTrial(candidate, fresh, settings, prune=False, required=required)
-        for _, candidate in roles
+        BooleanTrial(candidate, fresh, settings, prune=False, decisive=False)
+        for _, _, candidate in roles
     ]
-    members = [
-        Member(candidate.hidden_layer_profile, run.config(k))
-        for (_, candidate), run in zip(roles, runs, strict=True)
-        for k in range(seeds)
-    ]
-    results = train_population(members, fn, threads=os.cpu_count() or 1)
-    rows = []
-    for r, ((role, candidate), run) in enumerate(zip(roles, runs, strict=True)):
-        for k in range(seeds):
-            run.finish(k, results[r * seeds + k])
-        outcome = run.outcome()
-        rows.append(
-            {
-                "role": role,
-                "trial": None if role == "one fewer" else trial_numbers.get(role),
-                "hidden_layer_profile": "-".join(map(str, candidate.hidden_layer_profile)),
-                "neurons": candidate.neurons,
-                "parameters": candidate.parameters(fn.input_bits, fn.output_bits),
-                "learning_rate": candidate.learning_rate,
-                "batch_size": candidate.batch_size,
-                "epochs": candidate.epochs,
-                "seeds": seeds,
-                "success_share": outcome.success_share,
-                "median_best_loss": outcome.median_best_loss,
-                "max_best_loss": max(r.best_loss for r in outcome.runs),
-                "learns_f": outcome.learns,
-                "seconds": round(max(r.result.seconds for r in outcome.runs), 1),
-            }
-        )
-    table = pd.DataFrame(rows)
+    train_together(runs, fn, threads=os.cpu_count() or 1)
+    table = pd.DataFrame(
+        [_row(role, trial, run, fn) for (role, trial, _), run in zip(roles, runs, strict=True)]
+    )
     table["trial"] = table["trial"].astype("Int64")  # neighbours have no trial of their own
     cert = Certification(study_name, settings, table, command)
     study.set_user_attr(CERTIFICATION_ATTR, cert.record())  # stored with what it certifies
     return cert
+
+
+def _roles(study, best, top: int) -> list[tuple[str, int | None, BooleanCandidate]]:
+    """(role, trial number, configuration) of everything certification retrains: the best,
+    its smaller neighbours (no trial of their own) and the next `top - 1` runners-up."""
+    found = candidate_from_trial(best)
+    roles = [("found", best.number, found)]
+    roles += [("one fewer", None, c) for c in smaller_neighbours(found)]
+    for rank, trial in enumerate(runner_up_trials(study, best, top - 1), start=2):
+        roles.append((f"found #{rank}", trial.number, candidate_from_trial(trial)))
+    return roles
+
+
+def _row(role: str, trial: int | None, run, fn) -> dict:
+    """One row of the certification table: a configuration and how its fresh seeds did."""
+    candidate, outcome = run.candidate, run.outcome()
+    return {
+        "role": role,
+        "trial": trial,
+        "hidden_layer_profile": "-".join(map(str, candidate.hidden_layer_profile)),
+        "neurons": candidate.neurons,
+        "parameters": candidate.parameters(fn.input_bits, fn.output_bits),
+        "learning_rate": candidate.learning_rate,
+        "batch_size": candidate.batch_size,
+        "epochs": candidate.epochs,
+        "seeds": len(run.seeds),
+        "success_share": outcome.success_share,
+        "median_best_loss": outcome.median_best_loss,
+        "max_best_loss": max(r.best_loss for r in outcome.runs),
+        "learns_f": outcome.learns,
+        "seconds": round(max(r.result.seconds for r in outcome.runs), 1),
+    }
 
 
 def stored_certification(study, settings: BooleanSettings) -> Certification | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import os
 import socket
@@ -21,10 +22,13 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
+from study import interrupt
 from study.storage import file_lock, sqlite_path
 
 OWNER_ATTR = "study:owner"
@@ -90,6 +94,38 @@ def claim(study: optuna.Study, count: int) -> list[optuna.Trial]:
     return trials
 
 
+def claim_fixed(
+    study: optuna.Study,
+    params: list[dict[str, Any]],
+    distributions: dict[str, BaseDistribution],
+    user_attrs: list[dict[str, Any]],
+) -> list[optuna.Trial]:
+    """Create one RUNNING trial per entry of `params` (an evaluation fixed in advance, not
+    sampled), with its owner in the same write, and a first heartbeat."""
+    storage = study._storage
+    owner = this_process()
+    trials = []
+    for values, attrs in zip(params, user_attrs, strict=True):
+        template = FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.datetime.now(),
+            datetime_complete=None,
+            params=values,
+            distributions={name: distributions[name] for name in values},
+            user_attrs=attrs,
+            system_attrs={OWNER_ATTR: owner},
+            intermediate_values={},
+            trial_id=-1,
+        )
+        trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+        if heartbeat_interval(storage):
+            storage.record_heartbeat(trial_id)
+        trials.append(optuna.Trial(study, trial_id))
+    return trials
+
+
 @contextlib.contextmanager
 def _quiet_heartbeat_warning() -> Iterator[None]:
     import warnings
@@ -144,20 +180,42 @@ def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool = True) ->
     return True
 
 
-def reap(study: optuna.Study) -> int:
-    """Fail (and re-queue) the RUNNING trials whose process is gone: at once for a process of
-    this machine, after the heartbeat grace for one elsewhere. Returns how many."""
+def reap(study: optuna.Study, requeue: bool = True) -> int:
+    """Fail the RUNNING trials whose process is gone (and, with `requeue`, re-queue their
+    parameters): at once for a process of this machine, after the heartbeat grace for one
+    elsewhere. Returns how many."""
     storage = study._storage
     reaped = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if owner is not None and owner_alive(owner) is False:
             reason = DEAD_PROCESS.format(owner=describe_owner(owner))
-            reaped += fail(study, trial._trial_id, reason)
+            reaped += fail(study, trial._trial_id, reason, retry=requeue)
     if heartbeat_interval(storage):
         for trial_id in storage._get_stale_trial_ids(study._study_id):
-            reaped += fail(study, trial_id, STALE)
+            reaped += fail(study, trial_id, STALE, retry=requeue)
     return reaped
+
+
+def abandon(
+    study: optuna.Study,
+    trials: list[optuna.Trial],
+    error: BaseException,
+    requeue: bool | None = None,
+) -> None:
+    """Fail the trials this process still runs, with the reason it stops (`interrupt.reason_of`).
+    They are re-queued with their parameters when `requeue` says so (default: when the stop
+    says so, as the time budget does); otherwise the next run samples anew."""
+    if not trials:
+        return
+    with interrupt.shielded():
+        reason = interrupt.reason_of(error)
+        stop = interrupt.stop_of(error)
+        retry = (stop is not None and stop.requeue) if requeue is None else requeue
+        for trial in trials:
+            with contextlib.suppress(Exception):  # already told, or the store is gone
+                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    fail(study, trial._trial_id, reason, retry=retry)
 
 
 def running_elsewhere(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

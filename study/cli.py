@@ -1,6 +1,9 @@
 """The `study` command: the single list of subcommands. Thin: parse, call, print.
 
-User errors (`StudyError`) print one line `study: error: ...` and exit with status 2.
+The flags of `study run` and `study frontier run` are generated from the configuration
+dataclasses (`study.config`: a field's docstring is its help). User errors (`StudyError`)
+print one line `study: error: ...` (naming the flag where the error is one field's) and exit
+with status 2; a stopped command prints its one line and exits as `interrupt.ending` says.
 """
 
 from __future__ import annotations
@@ -10,17 +13,29 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import fields
+from collections.abc import Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 from search_spaces import SPACES, get_space
 from study import interrupt
-from study.choices import SAMPLERS
-from study.config import IMAGE_DATASETS, MAX_SEEDS, SETTINGS_OF_KIND, field_docs
+from study.config import (
+    IMAGE_DATASETS,
+    MAX_SEEDS,
+    SETTINGS_OF_KIND,
+    FrontierGrid,
+    FrontierPlan,
+    RunOptions,
+    Settings,
+    field_docs,
+)
 from study.errors import ConfigError, StudyError
 from study.storage import DEFAULT_STORAGE, default_out, redact, storage_failure
 from study.studies import KINDS, PLURALS
+
+# ----------------------------------------------------------------------------------------------
+# flags made from dataclass fields
 
 
 def _bounded_int(low: int, high: int):
@@ -40,70 +55,104 @@ def _bounded_int(low: int, high: int):
     return parse
 
 
-_positive_int = _bounded_int(1, 10**9)
-
-
-def _int_list(text: str, minimum: int = 1) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (the dataclass checks their range)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}")
     return values
 
 
-def _seed_list(text: str) -> tuple[int, ...]:
-    return _int_list(text, minimum=0)
-
-
-def _study_choices() -> list[str]:
-    return list(SPACES)
-
-
-def _flag_type(annotation: str) -> tuple[Any, str]:
-    """How a settings field is parsed on the command line (its dataclass validates the value),
-    and its metavar."""
-    if "tuple" in annotation:
-        return _int_list, "N,N,..."
-    return {"int": (int, "N"), "float": (float, "X"), "str": (str, "TEXT")}[annotation]
+PARSERS = {
+    "int": (int, "N"),
+    "float": (float, "X"),
+    "str": (str, "TEXT"),
+    "tuple[int, ...]": (_int_list, "N,N,..."),
+}
+"""How a field of each type is read from the command line, and its metavar."""
+METAVARS = {"storage": "URL", "timeout": "SECONDS", "population": "K", "data_dir": "DIR"}
 
 
 def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def add_fields(
+    group: argparse._ActionsContainer,
+    cls: type[Settings],
+    defaults: Settings | None = None,
+    skip: tuple[str, ...] = (),
+    note: Mapping[str, str] | None = None,
+    show_defaults: bool = True,
+) -> None:
+    """One flag per field of `cls` (but `skip`): `--field-name`, its docstring as help, with the
+    default (of `defaults`, else the field's, unless not `show_defaults`) and `note[field]`.
+    Every flag defaults to None, so that only what the user gives overrides; a field without
+    default is required."""
+    docs = field_docs(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        doc = docs[f.name]
+        if show_defaults and default not in (MISSING, None) and not isinstance(default, bool):
+            doc += f" [default: {_shown(default)}]"
+        doc += (note or {}).get(f.name, "")
+        kind = f.type.removesuffix(" | None")
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif f.name == "dataset":
+            group.add_argument(flag, choices=list(IMAGE_DATASETS), default=None, help=doc)
+        else:
+            parse, metavar = PARSERS[kind]
+            group.add_argument(
+                flag,
+                type=parse,
+                metavar=METAVARS.get(f.name, metavar),
+                default=None,
+                required=f.default is MISSING and f.default_factory is MISSING,
+                help=doc,
+            )
+
+
+def given(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:
+    """The fields of `cls` the user gave on the command line."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, name: str | None) -> None:
-    """One flag per field of every settings dataclass, generated from the fields: the field's
-    docstring is the help, with the default of study `name` (when known) or the kinds of study
-    it applies to. Every flag defaults to None, so that only what the user gives overrides."""
+    """One flag per field of every kind's settings: with the defaults of study `name` when
+    known; a field of one kind only says so."""
     chosen = get_space(name) if name in SPACES else None
-    defaults = chosen.base_settings() if chosen is not None else None
-    kinds_of: dict[str, list[str]] = {}
-    for kind, cls in SETTINGS_OF_KIND.items():
-        for f in fields(cls):
-            kinds_of.setdefault(f.name, []).append(kind)
     group = parser.add_argument_group(
         "fixed settings of the study" + (f" (defaults of {name})" if chosen else ""),
         "stored with the study; a resumed study must be run with the same ones",
     )
-    for field_name, kinds in kinds_of.items():
-        kind = chosen.KIND if chosen is not None and chosen.KIND in kinds else kinds[0]
+    kinds_of: dict[str, list[str]] = {}
+    for kind, cls in SETTINGS_OF_KIND.items():
+        for f in fields(cls):
+            kinds_of.setdefault(f.name, []).append(kind)
+    # the chosen kind first: a field two kinds share gets its help and default from it
+    done: set[str] = set()
+    for kind in sorted(SETTINGS_OF_KIND, key=lambda k: chosen is None or k != chosen.KIND):
+        own = chosen is not None and kind == chosen.KIND
+        note = {n: f" [{PLURALS[kind]} only]" for n, ks in kinds_of.items() if ks == [kind]}
         cls = SETTINGS_OF_KIND[kind]
-        f = next(f for f in fields(cls) if f.name == field_name)
-        doc = field_docs(cls)[field_name]
-        if chosen is not None and chosen.KIND in kinds:
-            doc += f" [default: {_shown(getattr(defaults, field_name))}]"
-        elif len(kinds) < len(SETTINGS_OF_KIND):
-            doc += f" [{PLURALS[kinds[0]]} only]"
-        flag = "--" + field_name.replace("_", "-")
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif field_name == "dataset":
-            group.add_argument(flag, choices=list(IMAGE_DATASETS), default=None, help=doc)
-        else:
-            parse, metavar = _flag_type(f.type)
-            group.add_argument(flag, type=parse, metavar=metavar, default=None, help=doc)
+        defaults = chosen.base_settings() if own else None
+        add_fields(group, cls, defaults, tuple(done), {} if own else note, show_defaults=own)
+        done |= _names(cls)
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 RUN_OPTIONS_OF_KIND = {"population": "boolean", "data_dir": "image"}
@@ -114,15 +163,10 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user gave for study `args.name`; a flag that does not apply to its
     kind is refused in one line that names the kind."""
     kind = get_space(args.name).KIND
-    own = {f.name for f in fields(SETTINGS_OF_KIND[kind])}
-    given = {
-        f.name
-        for cls in SETTINGS_OF_KIND.values()
-        for f in fields(cls)
-        if getattr(args, f.name) is not None
-    }
-    given |= {k for k in RUN_OPTIONS_OF_KIND if getattr(args, k) is not None}
-    for key in sorted(given):
+    own = _names(SETTINGS_OF_KIND[kind])
+    gave = {key for cls in SETTINGS_OF_KIND.values() for key in given(args, cls)}
+    gave |= {k for k in RUN_OPTIONS_OF_KIND if getattr(args, k) is not None}
+    for key in sorted(gave):
         if key not in own and RUN_OPTIONS_OF_KIND.get(key) != kind:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(
@@ -136,8 +180,13 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         default=DEFAULT_STORAGE,
+        metavar="URL",
         help=f"Optuna storage URL (default {DEFAULT_STORAGE}; PostgreSQL for many machines)",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the commands
 
 
 def _command_line() -> str:
@@ -151,9 +200,9 @@ def _command_line() -> str:
     return " ".join(["study", *shown])
 
 
-def _out_dir(given: str | None, name: str) -> Path:
+def _out_dir(given_dir: str | None, name: str) -> Path:
     """Where a command writes: --out, else results/runs/NAME; one line if it cannot be."""
-    out = Path(given) if given else default_out(name)
+    out = Path(given_dir) if given_dir else default_out(name)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
     try:
@@ -167,55 +216,46 @@ def _out_dir(given: str | None, name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from study.report import write_report
-    from study.runner import best_feasible, run_study
+    from study.runner import run_study
 
     overrides = settings_overrides(args)
-    kind = get_space(args.name).KIND
-    study = run_study(
-        args.name,
-        trials=args.trials,
-        storage=args.storage,
-        study_name=args.study_name,
-        sampler_seed=args.sampler_seed,
-        device=args.device,
-        settings=overrides,
-        progress=not args.quiet,
-        population=args.population,
-        workers=args.workers,
-        data_dir=args.data_dir,
-        timeout=args.timeout,
-        sampler=args.sampler,
-        pruner=args.pruner,
-    )
+    options = RunOptions.from_dict(given(args, RunOptions))
+    study = run_study(args.name, overrides, options)
+    print(_best_line(study, get_space(args.name).KIND))
+    if args.report:
+        out = _out_dir(args.report_dir, study.study_name)
+        write_report(study.study_name, options.storage, out, _command_line())
+        print(f"report: {out}/summary.md")
+
+
+def _best_line(study, kind: str) -> str:
+    from study.runner import best_feasible
+
     best = best_feasible(study)
     if best is None:
         nothing = "no configuration learned f yet" if kind == "boolean" else "no complete trial"
-        print(f"{study.study_name}: {nothing}")
-    elif kind == "image":
+        return f"{study.study_name}: {nothing}"
+    if kind == "image":
         from study.config import ImageCandidate
 
         described = ImageCandidate.from_dict(best.user_attrs["config"]).describe()
-        print(
+        return (
             f"{study.study_name}: best validation accuracy {best.value:.4f} "
             f"(trial {best.number}, {best.user_attrs['parameters']} parameters): {described}"
         )
-    else:
-        a = best.user_attrs
-        print(
-            f"{study.study_name}: smallest feasible: {a['neurons']} hidden neurons "
-            f"{a['hidden_layer_profile']} ({a['parameters']} parameters), trial {best.number}"
-        )
-    if args.report:
-        out = _out_dir(args.report_dir, study.study_name)
-        write_report(study.study_name, args.storage, out, _command_line())
-        print(f"report: {out}/summary.md")
+    a = best.user_attrs
+    return (
+        f"{study.study_name}: smallest feasible: {a['neurons']} hidden neurons "
+        f"{a['hidden_layer_profile']} ({a['parameters']} parameters), trial {best.number}"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from study.report import write_report
     from study.studies import load
 
-    load(args.name, args.storage)  # one line for a missing store or study, before --out
+    # one line for a missing store or study, or a frontier study, before --out is made
+    load(args.name, args.storage, kind=("boolean", "image"), command="report")
     out = write_report(args.name, args.storage, _out_dir(args.out, args.name), _command_line())
     print(f"report: {out}/summary.md")
 
@@ -322,36 +362,33 @@ def cmd_certify(args: argparse.Namespace) -> None:
     print(f"certification: {path}")
 
 
-def cmd_frontier(args: argparse.Namespace) -> None:
-    from study.frontier import Cell, Plan, run_cell
+def cmd_frontier_run(args: argparse.Namespace) -> None:
+    from study.frontier import FrontierAnswer, run_frontier
 
-    if args.action == "report":
-        from study.report_frontier import write_frontier_report
+    grid = FrontierGrid.from_dict(given(args, FrontierGrid))
+    plan = given(args, FrontierPlan)
+    FrontierPlan.from_dict(plan)  # checked before anything is opened
 
-        out = _out_dir(args.out, "frontier")
-        answers = Path(args.answers) if args.answers else out / "answers.json"
-        write_frontier_report(args.storage, out, answers, _command_line())
-        print(f"report: {out}/summary.md; answers: {answers}")
-        return
-    plan = Plan(
-        recipe_trials=args.recipe_trials,
-        recipe_seeds=args.recipe_seeds,
-        selection_seeds=args.selection_seeds,
-        heldout_seeds=args.heldout_seeds,
-        probe_neurons=args.probe,
-    )
+    def say(answer: FrontierAnswer) -> None:
+        low, high = answer.rate.interval
+        print(
+            f"{answer.cell.name}: {answer.neurons} neurons {list(answer.width.profile)} "
+            f"({answer.parameters} parameters), held-out "
+            f"{answer.rate.successes}/{answer.rate.seeds} (95% {low:.2f}..{high:.2f})",
+            flush=True,
+        )
+
     log = (lambda *_: None) if args.quiet else print
-    for budget in args.budgets:
-        for depth in args.depths:
-            for function_seed in args.function_seeds:
-                cell = Cell(function_seed, depth, budget)
-                answer = run_cell(args.storage, cell, plan, args.threads, log)
-                print(
-                    f"{cell.name}: {answer['neurons']} neurons {answer['profile']} "
-                    f"({answer['parameters']} parameters), held-out "
-                    f"{answer['heldout_successes']}/{answer['heldout_seeds']} "
-                    f"(95% {answer['interval_95'][0]:.2f}..{answer['interval_95'][1]:.2f})"
-                )
+    run_frontier(args.storage, grid, plan, args.threads, log, on_answer=say)
+
+
+def cmd_frontier_report(args: argparse.Namespace) -> None:
+    from study.report_frontier import write_frontier_report
+
+    out = _out_dir(args.out, "frontier")
+    answers = Path(args.answers) if args.answers else out / "answers.json"
+    write_frontier_report(args.storage, out, answers, _command_line())
+    print(f"report: {out}/summary.md; answers: {answers}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -381,6 +418,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# the parser: one function per subcommand
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the full usage is one `--help` away)."""
 
@@ -388,90 +429,50 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(name: str | None = None) -> argparse.ArgumentParser:
-    """The `study` command; `name` (the study given to `study run`, when known) sets the
-    defaults its help shows."""
-    parser = _Parser(prog="study", description="Optuna studies over PyTorch trainings.")
-    parser.add_argument("--version", action="version", version=f"study {_version()}")
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
+def _add_run(sub, name: str | None) -> None:
     p = sub.add_parser(
-        "run",
-        help="create or resume a study and run it to N trials in total",
-        allow_abbrev=False,
+        "run", help="create or resume a study and run it to N trials in total", allow_abbrev=False
     )
-    p.add_argument(
-        "name",
-        choices=_study_choices(),
-        metavar="NAME",
-        help=f"the study: {', '.join(_study_choices())}",
-    )
-    p.add_argument(
-        "--trials",
-        type=_positive_int,
-        required=True,
-        help="total number of trials the study should have (resumes count)",
-    )
-    _add_storage(p)
-    p.add_argument("--study-name", help="name in the storage (default: NAME)")
-    p.add_argument("--sampler-seed", type=int, help="seed of the sampler")
-    p.add_argument(
-        "--sampler",
-        choices=list(SAMPLERS),
-        help="Optuna's sampler (tpe); stored with the study",
-    )
-    p.add_argument(
-        "--pruner",
-        help="image studies: median (default), hyperband, successive-halving or none; Boolean "
-        "studies: target-unreachable (default) or none; stored with the study",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="time budget of this run: no trial starts after it, a running one stops at its "
-        "next epoch and is re-queued for the next run",
-    )
-    p.add_argument(
-        "--population",
-        type=_positive_int,
-        metavar="K",
-        help="Boolean studies: ask K trials at once and train them (with their seeds) as one "
-        "population",
-    )
-    p.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="N processes on the same storage (one per GPU when several are visible)",
-    )
-    p.add_argument("--data-dir", help="image studies: directory with the IDX files")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("name", choices=list(SPACES), metavar="NAME",
+                   help=f"the study: {', '.join(SPACES)}")  # fmt: skip
+    options = p.add_argument_group("how this run runs (not stored with the study)")
+    add_fields(options, RunOptions)
     p.add_argument("--report", action="store_true", help="write the report afterwards")
     p.add_argument("--report-dir", help="where --report writes (default results/runs/NAME)")
     add_settings_flags(p, name)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="write trials.csv, summary.md and figures of a study")
-    p.add_argument("name", help="study name in the storage")
-    _add_storage(p)
-    p.add_argument("--out", help="output directory (default results/runs/NAME)")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser(
-        "export", help="retrain an image study's best configuration, test it once, save it"
-    )
-    p.add_argument("name", help="study name in the storage")
-    _add_storage(p)
-    p.add_argument("--out", help="output directory (default results/runs/NAME)")
-    p.add_argument("--data-dir", help="directory with the IDX files")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_export)
+def _add_readers(sub) -> None:
+    """The commands that read one study: report, export, predict, certify, best."""
+    for command, text, func in [
+        ("report", "write trials.csv, summary.md and figures of a study", cmd_report),
+        ("export", "retrain an image study's best configuration, test it once, save it",
+         cmd_export),
+        ("certify", "retrain the smallest feasible width on fresh seeds", cmd_certify),
+        ("best", "the best or certified configuration of a study", cmd_best),
+    ]:  # fmt: skip
+        p = sub.add_parser(command, help=text)
+        p.add_argument("name", help="study name in the storage")
+        _add_storage(p)
+        p.set_defaults(func=func)
+        if command != "best":
+            p.add_argument("--out", help="output directory (default results/runs/NAME)")
+        if command in ("export", "certify"):
+            p.add_argument("--device", default="auto")
+        if command == "export":
+            p.add_argument("--data-dir", help="directory with the IDX files")
+        if command == "certify":
+            p.add_argument("--seeds", type=_bounded_int(1, MAX_SEEDS), default=10,
+                           help="fresh seeds per config")  # fmt: skip
+            p.add_argument("--top", type=_bounded_int(1, 1000), default=1,
+                           help="also retrain the next smallest feasible configurations "
+                           "(TOP in all)")  # fmt: skip
+        if command == "best":
+            p.add_argument("--json", action="store_true", help="as JSON")
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify test images or PNG/JPEG files")
     p.add_argument("name", help="the exported study (its model from the store's artifacts)")
     _add_storage(p)
@@ -484,63 +485,44 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("certify", help="retrain the smallest feasible width on fresh seeds")
-    p.add_argument("name", help="study name in the storage")
-    _add_storage(p)
-    p.add_argument(
-        "--seeds", type=_bounded_int(1, MAX_SEEDS), default=10, help="fresh seeds per config"
-    )
-    p.add_argument(
-        "--top",
-        type=_bounded_int(1, 1000),
-        default=1,
-        help="also retrain the next smallest feasible configurations (TOP in all)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="output directory (default results/runs/NAME)")
-    p.set_defaults(func=cmd_certify)
 
+def _add_frontier(sub) -> None:
     p = sub.add_parser(
         "frontier",
         help="the budget frontier: fewest neurons per epoch budget and depth, held-out certified",
     )
-    p.add_argument("action", choices=["run", "report"], help="run (resumes) or report")
-    _add_storage(p)
-    p.add_argument("--function-seeds", type=_seed_list, default=(0,), help="functions (0)")
-    p.add_argument("--depths", type=_int_list, default=(1, 2, 3, 4), help="hidden layers")
-    p.add_argument(
-        "--budgets",
-        type=_int_list,
-        default=(500, 2000, 8000, 16000),
-        help="epoch budgets (500,2000,8000,16000)",
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               parser_class=_Parser)  # fmt: skip
+    run = actions.add_parser("run", help="answer the cells (resumes; processes share the work)")
+    _add_storage(run)
+    add_fields(run.add_argument_group("the cells"), FrontierGrid)
+    add_fields(
+        run.add_argument_group("the plan", "stored with each cell; a resumed cell keeps its own"),
+        FrontierPlan,
     )
-    p.add_argument("--recipe-trials", type=_bounded_int(1, 1000), default=16)
-    p.add_argument("--recipe-seeds", type=_bounded_int(1, 100), default=4)
-    p.add_argument("--selection-seeds", type=_bounded_int(1, 1000), default=10)
-    p.add_argument("--heldout-seeds", type=_bounded_int(20, 10_000), default=24)
-    p.add_argument("--probe", type=_bounded_int(1, 512), help="probe width of the recipe search")
-    p.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--out", help="report: directory (default results/runs/frontier)")
-    p.add_argument("--answers", help="report: answers file (default OUT/answers.json)")
-    p.set_defaults(func=cmd_frontier)
+    run.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
+    run.add_argument("--quiet", action="store_true", help="only the answers")
+    run.set_defaults(func=cmd_frontier_run)
+    report = actions.add_parser("report", help="summary.md, frontier.png and answers.json")
+    _add_storage(report)
+    report.add_argument("--out", help="directory (default results/runs/frontier)")
+    report.add_argument("--answers", help="answers file (default OUT/answers.json)")
+    report.set_defaults(func=cmd_frontier_report)
 
+
+def _add_store_commands(sub) -> None:
+    """list and dashboard: the whole store."""
     p = sub.add_parser("list", help="the studies in a store: kind, trials by state, best value")
     _add_storage(p)
     p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("best", help="the best or certified configuration of a study")
-    p.add_argument("name", help="study name in the storage")
-    _add_storage(p)
-    p.add_argument("--json", action="store_true", help="as JSON")
-    p.set_defaults(func=cmd_best)
-
     p = sub.add_parser("dashboard", help="browse a storage's studies in optuna-dashboard")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=_bounded_int(1, 65535), default=8080, help="port (8080)")
     p.set_defaults(func=cmd_dashboard)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
@@ -553,26 +535,19 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--repeats",
-        type=_bounded_int(1, 100),
-        default=3,
-        help="trainer: timed epochs (3); pruners: repetitions",
-    )
-    p.add_argument(
-        "--trials", type=_bounded_int(1, 4096), default=32, help="boolean: configurations"
-    )
-    p.add_argument(
-        "--epochs",
-        type=_bounded_int(1, 10**6),
-        help="boolean: epochs each (250); long: epochs (4000)",
-    )
-    p.add_argument(
-        "--members", type=_bounded_int(1, 100_000), default=64, help="long: members (64)"
-    )
+    p.add_argument("--repeats", type=_bounded_int(1, 100), default=3,
+                   help="trainer: timed epochs (3); pruners: repetitions")  # fmt: skip
+    p.add_argument("--trials", type=_bounded_int(1, 4096), default=32,
+                   help="boolean: configurations")  # fmt: skip
+    p.add_argument("--epochs", type=_bounded_int(1, 10**6),
+                   help="boolean: epochs each (250); long: epochs (4000)")  # fmt: skip
+    p.add_argument("--members", type=_bounded_int(1, 100_000), default=64,
+                   help="long: members (64)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=15.0, help="pruners: minutes per study")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="unpack and check a dataset (FashionMNIST, MNIST)")
     p.add_argument("dataset", choices=list(IMAGE_DATASETS))
     p.add_argument(
@@ -585,6 +560,23 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
         help="fall back to torchvision's download when the files are missing",
     )
     p.set_defaults(func=cmd_data)
+
+
+def build_parser(name: str | None = None) -> argparse.ArgumentParser:
+    """The `study` command; `name` (the study given to `study run`, when known) sets the
+    defaults its help shows."""
+    parser = _Parser(prog="study", description="Optuna studies over PyTorch trainings.")
+    parser.add_argument("--version", action="version", version=f"study {_version()}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    _add_run(sub, name)
+    _add_readers(sub)
+    _add_predict(sub)
+    _add_frontier(sub)
+    _add_store_commands(sub)
+    _add_bench(sub)
+    _add_data(sub)
     return parser
 
 
@@ -604,6 +596,27 @@ def _study_of_run(argv: list[str]) -> str | None:
     return next((a for a in argv[1:] if a in SPACES), None)
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the command and its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _flags(child)
+    return found
+
+
+def _user_line(error: StudyError, parser: argparse.ArgumentParser) -> str:
+    """The error's line, naming the flag where the error is about one field that has one."""
+    text = str(error)
+    field = getattr(error, "field", None)
+    flag = "--" + field.replace("_", "-") if field else None
+    if flag and text.startswith(f"{field}:") and flag in _flags(parser):
+        text = flag + text[len(field) :]
+    return f"study: error: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_study_of_run(argv))
@@ -611,14 +624,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except StudyError as error:
-        print(f"study: error: {error}", file=sys.stderr)
+        print(_user_line(error, parser), file=sys.stderr)
         return 2
     except KeyboardInterrupt as stopped:
         if _ending_the_process:  # a further Ctrl-C cannot cut the one line short
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-        print(f"study: {stopped or 'interrupted'}", file=sys.stderr, flush=True)
-        return interrupt.exit_status(stopped)
+        line, status = interrupt.ending(stopped)
+        print(line, file=sys.stderr, flush=True)
+        return status
     except Exception as error:
         failure = storage_failure(error, getattr(args, "storage", None))
         if failure is None:

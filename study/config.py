@@ -15,9 +15,11 @@ import functools
 import inspect
 import itertools
 import math
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from study.errors import ConfigError
@@ -33,7 +35,13 @@ LR_SCHEDULES = ("constant", "cosine")
 def require(ok: bool, name: str, value: Any, message: str) -> None:
     """The one validation helper: raise a ConfigError naming the field and showing the value."""
     if not ok:
-        raise ConfigError(f"{name}: {message} (got {value!r})")
+        raise ConfigError(f"{name}: {message} (got {value!r})", field=name)
+
+
+def required_successes(share: float, seeds: int) -> int:
+    """The one rule: seeds out of `seeds` that must learn f at the required `share` (at least
+    one; a share that is a whole number of seeds up to float rounding needs exactly that)."""
+    return max(1, math.ceil(share * seeds - 1e-9))
 
 
 def is_int(value: Any) -> bool:
@@ -102,6 +110,9 @@ S = TypeVar("S", bound="Settings")
 class Settings:
     """Shared behaviour of the settings dataclasses: a JSON-able identity, typed round trip."""
 
+    WHAT = "setting"
+    """What a field is called in the error for an unknown one."""
+
     def identity(self) -> dict[str, Any]:
         """JSON-able dict stored with the study; a resumed run must match it."""
         values = asdict(self)  # type: ignore[call-overload]
@@ -110,7 +121,7 @@ class Settings:
     @classmethod
     def from_dict(cls: type[S], values: Mapping[str, Any]) -> S:
         """Build from a mapping (stored settings); unknown keys are an error naming the key."""
-        reject_unknown_fields(cls, values)
+        reject_unknown_fields(cls, values, cls.WHAT)
         types = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
         converted = {
             k: tuple(v) if "tuple" in str(types[k]) and isinstance(v, list) else v
@@ -290,8 +301,8 @@ class BooleanSettings(Settings):
         return self.required_of(self.seeds)
 
     def required_of(self, seeds: int) -> int:
-        """Seeds out of `seeds` that must learn f at the required share (at least one)."""
-        return max(1, math.ceil(self.required_share * seeds - 1e-9))
+        """Seeds out of `seeds` that must learn f at the required share (`required_successes`)."""
+        return required_successes(self.required_share, seeds)
 
     @property
     def min_epochs(self) -> int:
@@ -457,3 +468,235 @@ class ImageCandidate:
             f"{arch} dropout {a.get('dropout', 0.0):.2f}; {t.optimizer} lr {t.learning_rate:.3g} "
             f"({t.lr_schedule}) batch {t.batch_size} epochs {t.epochs} wd {t.weight_decay:.2g}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# How one `study run` runs (not part of a study's identity)
+
+RUNS_DIR = Path("results") / "runs"
+"""Where a user's own runs go by default: the working store and every report, export and
+certification written without --out. Git ignores it (its own .gitignore), so no command run
+with its defaults changes a committed file; the committed reference runs live beside it."""
+DEFAULT_STORAGE = f"sqlite:///{RUNS_DIR.as_posix()}/studies.db"
+MAX_TRIALS = 1_000_000
+MAX_POPULATION = 65_536
+"""Most trials one population may ask at once (each is r networks in memory)."""
+WORKER_MEMORY_BYTES = 1_500_000_000
+"""What one worker process may need (torch, a dataset on the device, its models): bounds
+--workers by this machine's memory."""
+MAX_TIMEOUT_SECONDS = 10**8
+MAX_THREADS = 1024
+MAX_NAME_LENGTH = 500
+
+
+def cache_dir() -> Path:
+    """Where the tool keeps what it builds and unpacks (the native kernel, datasets):
+    $STUDY_CACHE_DIR, else $XDG_CACHE_HOME/study, else ~/.cache/study."""
+    if os.environ.get("STUDY_CACHE_DIR"):
+        return Path(os.environ["STUDY_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "study"
+
+
+def max_workers() -> int:
+    """Worker processes this machine can hold: 4 per core, and no more than its memory allows."""
+    cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 * cores * WORKER_MEMORY_BYTES
+    return max(1, min(4 * cores, memory // WORKER_MEMORY_BYTES))
+
+
+@dataclass(frozen=True)
+class RunOptions(Settings):
+    """How one run of a study runs: where, how long, how many processes. The `study run` flags
+    are generated from these fields (their docstrings are the help)."""
+
+    WHAT = "run option"
+
+    trials: int
+    """Total number of finished trials the study should have (a resumed study counts its own)."""
+    storage: str = DEFAULT_STORAGE
+    """Optuna storage URL: SQLite by default, PostgreSQL for many machines."""
+    study_name: str | None = None
+    """Name in the storage (default: the study's name; an image study on MNIST: mnist-*)."""
+    sampler: str | None = None
+    """Optuna's sampler: tpe (the default), random, qmc, cmaes or gp; stored with the study."""
+    pruner: str | None = None
+    """Image studies: median (default), hyperband, successive-halving or none; Boolean
+    studies: target-unreachable (default) or none; stored with the study."""
+    sampler_seed: int | None = None
+    """Seed of the sampler (worker i samples with this seed + i)."""
+    timeout: float | None = None
+    """Time budget of this run in seconds: no trial starts after it, a running one stops at its
+    next epoch and is re-queued for the next run."""
+    population: int | None = None
+    """Boolean studies: ask K trials at once and train them (with their seeds) as one
+    population."""
+    workers: int = 1
+    """Processes on the same storage (one per GPU when several are visible)."""
+    threads: int | None = None
+    """CPU threads of a population (default: this machine's cores, shared among workers)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    data_dir: str | None = None
+    """Image studies: the directory with the IDX files."""
+    quiet: bool = False
+    """No progress bar."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            require(ok, name, getattr(self, name), message)
+
+        def optional(name: str, low: float, high: float, number=is_int) -> None:
+            value = getattr(self, name)
+            need(value is None or (number(value) and low <= value <= high), name,
+                 f"must be from {low} to {high}")  # fmt: skip
+
+        need(is_int(self.trials) and 1 <= self.trials <= MAX_TRIALS, "trials",
+             f"must be an integer from 1 to {MAX_TRIALS}")  # fmt: skip
+        need(isinstance(self.storage, str) and bool(self.storage), "storage", "must be a URL")
+        need(
+            self.study_name is None
+            or (
+                isinstance(self.study_name, str)
+                and 0 < len(self.study_name.strip()) <= len(self.study_name) <= MAX_NAME_LENGTH
+            ),
+            "study_name",
+            f"must be 1 to {MAX_NAME_LENGTH} characters",
+        )
+        optional("population", 1, MAX_POPULATION)
+        limit = max_workers()
+        need(is_int(self.workers) and 1 <= self.workers <= limit, "workers",
+             f"must be an integer from 1 to {limit} on this machine ({os.cpu_count()} cores; "
+             "each worker is a process with its own torch and data)")  # fmt: skip
+        optional("sampler_seed", 0, 2**32 - self.workers)  # worker i samples with seed + i
+        optional("timeout", 1e-9, MAX_TIMEOUT_SECONDS, is_number)
+        optional("threads", 1, MAX_THREADS)
+        need(isinstance(self.device, str), "device", "must be a device name")
+        need(isinstance(self.quiet, bool), "quiet", "must be true or false")
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget frontier (study.frontier): its cells and how thoroughly each is answered
+
+MAX_FRONTIER_DEPTH = 4
+MAX_BUDGET = 1_000_000
+MAX_FRONTIER_NEURONS = 512
+"""Widest network (total hidden neurons) a frontier cell may search."""
+
+
+@dataclass(frozen=True)
+class FrontierCell(Settings):
+    """One point of the frontier: a function, a depth and an epoch budget."""
+
+    function_seed: int = 0
+    """Seed of the random Boolean function f."""
+    depth: int = 1
+    """Hidden layers; a width's neurons are spread evenly over them."""
+    budget: int = 2000
+    """Epoch budget of every network trained in the cell (it stops early at the target)."""
+
+    def __post_init__(self) -> None:
+        require(is_seed(self.function_seed), "function_seed", self.function_seed, SEED_RANGE)
+        require(is_int(self.depth) and 1 <= self.depth <= MAX_FRONTIER_DEPTH, "depth",
+                self.depth, f"must be from 1 to {MAX_FRONTIER_DEPTH}")  # fmt: skip
+        require(is_int(self.budget) and 1 <= self.budget <= MAX_BUDGET, "budget", self.budget,
+                f"must be from 1 to {MAX_BUDGET}")  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        """The cell's study (its width, held-out and confirmation evaluations)."""
+        return f"frontier-f{self.function_seed}-d{self.depth}-b{self.budget}"
+
+    @property
+    def recipe_name(self) -> str:
+        """The cell's recipe study."""
+        return self.name + "-recipe"
+
+    def profile(self, neurons: int) -> tuple[int, ...]:
+        """`neurons` spread evenly over the cell's layers (the first ones take the rest)."""
+        base, rest = divmod(neurons, self.depth)
+        return tuple(base + (1 if i < rest else 0) for i in range(self.depth))
+
+
+PLAN_BOUNDS = {
+    "recipe_trials": (1, 1000),
+    "recipe_seeds": (1, 100),
+    "selection_seeds": (1, 1000),
+    "heldout_seeds": (20, 10_000),
+}
+"""The range of each count of a `FrontierPlan`."""
+
+
+@dataclass(frozen=True)
+class FrontierPlan(Settings):
+    """How thoroughly each stage of a cell works; the defaults are those of the reference runs.
+    Stored with the cell: a resumed cell runs with its stored plan."""
+
+    recipe_trials: int = 16
+    """Recipes Optuna tries per cell."""
+    recipe_seeds: int = 4
+    """Selection seeds per recipe."""
+    selection_seeds: int = 10
+    """Selection seeds per width of the width search."""
+    heldout_seeds: int = 24
+    """Held-out seeds per certified width (at least 20)."""
+    required_rate: float = 0.9
+    """A width learns f when at least this share of its seeds does."""
+    probe_neurons: int | None = None
+    """Width of the recipe search (default: a width near the cell's expected boundary)."""
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in PLAN_BOUNDS.items():
+            value = getattr(self, name)
+            require(is_int(value) and low <= value <= high, name, value,
+                    f"must be from {low} to {high}")  # fmt: skip
+        require(is_number(self.required_rate) and 0 < self.required_rate <= 1, "required_rate",
+                self.required_rate, "must be in (0, 1]")  # fmt: skip
+        require(
+            self.probe_neurons is None
+            or (is_int(self.probe_neurons) and 1 <= self.probe_neurons <= MAX_FRONTIER_NEURONS),
+            "probe_neurons",
+            self.probe_neurons,
+            f"must be from 1 to {MAX_FRONTIER_NEURONS}",
+        )
+
+    def required(self, seeds: int) -> int:
+        """Seeds out of `seeds` that must learn f (`required_successes`)."""
+        return required_successes(self.required_rate, seeds)
+
+
+@dataclass(frozen=True)
+class FrontierGrid(Settings):
+    """The cells one `study frontier run` answers, budget by budget."""
+
+    function_seeds: tuple[int, ...] = (0,)
+    """Functions (their seeds)."""
+    depths: tuple[int, ...] = (1, 2, 3, 4)
+    """Hidden layers."""
+    budgets: tuple[int, ...] = (500, 2000, 8000, 16000)
+    """Epoch budgets."""
+
+    def __post_init__(self) -> None:
+        axes = {
+            "function_seeds": (is_seed, f"integers from 0 to {MAX_SEED}"),
+            "depths": (lambda d: is_int(d) and 1 <= d <= MAX_FRONTIER_DEPTH,
+                       f"integers from 1 to {MAX_FRONTIER_DEPTH}"),
+            "budgets": (lambda b: is_int(b) and 1 <= b <= MAX_BUDGET,
+                        f"integers from 1 to {MAX_BUDGET}"),
+        }  # fmt: skip
+        for name, (ok, what) in axes.items():
+            value = getattr(self, name)
+            require(isinstance(value, tuple) and len(value) > 0 and all(map(ok, value)), name,
+                    value, f"must be a non-empty list of {what}")  # fmt: skip
+
+    def cells(self) -> list[FrontierCell]:
+        """Every cell, in the order they are run: budgets first, then depths, then functions."""
+        return [
+            FrontierCell(seed, depth, budget)
+            for budget in self.budgets
+            for depth in self.depths
+            for seed in self.function_seeds
+        ]

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from study.config import IMAGE_DATASETS
+from study.config import IMAGE_DATASETS, cache_dir
 from study.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -168,9 +168,10 @@ _HOW_TO_GET = {
 
 
 def default_data_dir() -> Path:
-    """$STUDY_DATA_DIR, else ~/.cache/study/data: where raw IDX files are unpacked."""
+    """$STUDY_DATA_DIR, else `cache_dir()`/data (~/.cache/study/data): where raw IDX files are
+    unpacked."""
     env = os.environ.get("STUDY_DATA_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "study" / "data"
+    return Path(env) if env else cache_dir() / "data"
 
 
 def _dataset_class(name: str):

@@ -6,7 +6,12 @@ class StudyError(Exception):
 
 
 class ConfigError(StudyError, ValueError):
-    """A configuration value is invalid; the message names the field."""
+    """A configuration value is invalid; the message names the field (`field`, when it is
+    one field of a configuration dataclass: the command line names its flag instead)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(StudyError):

@@ -52,7 +52,8 @@ def export_model(
     command: str | None = None,
     log=print,
 ) -> Export:
-    """Retrain the best configuration of study `name` on all training images, test it once."""
+    """Retrain the best configuration of study `name` on all training images, test it once;
+    save the weights, config and metrics in `out_dir` and in the store's artifacts."""
     study, info = load(name, storage, kind="image", command="export")
     settings = info.settings
     best = best_feasible(study)
@@ -82,22 +83,7 @@ def export_model(
     )
     seconds = time.perf_counter() - started
     out = Path(out_dir) if out_dir is not None else Path("results") / name
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, out / MODEL_FILE)
-    config = {
-        "study": name,
-        "trial": best.number,
-        "dataset": settings.dataset,
-        "class_names": list(dataset.class_names),
-        "image_shape": list(dataset.image_shape),
-        "num_classes": dataset.num_classes,
-        "pixel_mean": dataset.pixel_mean,
-        "pixel_std": dataset.pixel_std,
-        "settings": settings.identity(),
-        **candidate.to_dict(),
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    config = _config(name, best.number, settings, dataset, candidate)
     metrics = {
         "trial": best.number,
         "test_accuracy": test_accuracy,
@@ -111,10 +97,35 @@ def export_model(
         "command": command,
         "history": history_rows(result.history),
     }
+    _save(study, storage, out, model, config, metrics)
+    return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
+
+
+def _config(name: str, trial: int, settings, dataset, candidate: ImageCandidate) -> dict:
+    """config.json: what rebuilds the model and prepares its inputs (`load_exported`)."""
+    return {
+        "study": name,
+        "trial": trial,
+        "dataset": settings.dataset,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "num_classes": dataset.num_classes,
+        "pixel_mean": dataset.pixel_mean,
+        "pixel_std": dataset.pixel_std,
+        "settings": settings.identity(),
+        **candidate.to_dict(),
+    }
+
+
+def _save(study, storage: str, out: Path, model, config: dict, metrics: dict) -> None:
+    """The weights, config and metrics into `out`, and the same files into Optuna's artifact
+    store, attached to the study (Optuna refuses to change a finished trial; the record names
+    the trial): the dashboard shows them and `study predict NAME` reads them from there."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / MODEL_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    # the same files in Optuna's artifact store, attached to the study (Optuna refuses to
-    # change a finished trial; the record names the trial): the dashboard shows them and
-    # `study predict NAME` reads them from there
     store = artifact_store(storage)
     artifacts = {
         name: upload_artifact(
@@ -124,7 +135,6 @@ def export_model(
     }
     record = {k: v for k, v in metrics.items() if k != "history"}
     study.set_user_attr(EXPORT_ATTR, {**record, "artifacts": artifacts})
-    return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
 
 
 def fetch_export(name: str, storage: str, into: Path) -> Path:

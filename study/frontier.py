@@ -1,7 +1,8 @@
 """The budget frontier: the fewest hidden neurons that learn f under an epoch budget.
 
 Success is close to monotone in width for a fixed training recipe, so each cell (function
-seed, depth, epoch budget) is answered in four stages, every evaluation stored as a trial:
+seed, depth, epoch budget; `FrontierCell`) is answered in four stages, every evaluation stored
+as a trial:
 
 1. **recipe**: Optuna (TPE) searches Adam's learning rate, the batch size (up to the full
    table) and the schedule (constant or cosine) at a probe width, on `recipe_seeds` selection
@@ -15,37 +16,49 @@ seed, depth, epoch budget) is answered in four stages, every evaluation stored a
    up by one neuron, one whose smaller neighbour also passes moves down, each move on a fresh
    block of held-out seeds;
 4. **confirmation**: the chosen width is trained once more on a fresh block of
-   `heldout_seeds` seeds (stage "confirm"). The answer is stated with the rate of this block
-   and its exact 95% interval: a block that played no part in choosing the width. A width
-   that fails its confirmation is not stated; the next larger width goes through 3 and 4
-   again on fresh blocks.
+   `heldout_seeds` seeds (stage "confirm"). The answer (`FrontierAnswer`) is stated with the
+   rate of this block and its exact 95% interval: a block that played no part in choosing the
+   width. A width that fails its confirmation is not stated; the next larger width goes
+   through 3 and 4 again on fresh blocks.
 
 A deep cell spreads its neurons evenly over `depth` layers (the first layers take the
 remainder). Everything resumes: an evaluation already stored is read back, not retrained.
-One process per cell at a time.
+Every evaluation is claimed before it is trained, as `study run` claims its trials
+(`study.claims`: a RUNNING trial with its owner and heartbeat, under the store's claim lock),
+so that several processes on one store divide the work: a process that finds a cell's next
+evaluations running elsewhere moves on to another cell and comes back (`run_frontier`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from study.boolean_trial import BooleanTrial, CandidateOutcome
+from study import claims, interrupt
+from study.boolean_trial import BooleanTrial, CandidateOutcome, train_together
 from study.config import (
+    MAX_FRONTIER_NEURONS,
     BooleanCandidate,
     BooleanSettings,
-    is_int,
+    FrontierCell,
+    FrontierGrid,
+    FrontierPlan,
     mlp_parameters,
-    require,
 )
 from study.errors import ConfigError
+from study.storage import open_storage, study_names
+from study.studies import ANSWER_ATTR, bind_cell, cell_plan
 
 SELECTION_SEED = 2_000_000
 """Selection seeds (recipe and width stages) are SELECTION_SEED + i."""
@@ -63,65 +76,14 @@ LEARNING_RATES = (1e-3, 1e-1)
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)
 """Batch sizes of the recipe search, up to the full 256-row table."""
 SCHEDULES = ("constant", "cosine")
-MAX_NEURONS = 512
+MAX_NEURONS = MAX_FRONTIER_NEURONS
 STAGE_ATTR = "stage"
+POLL_SECONDS = 1.0
+"""How often a process whose remaining cells all wait on other processes looks again."""
+Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One point of the frontier: a function, a depth and an epoch budget."""
-
-    function_seed: int
-    depth: int
-    budget: int
-
-    @property
-    def name(self) -> str:
-        return f"frontier-f{self.function_seed}-d{self.depth}-b{self.budget}"
-
-    def profile(self, neurons: int) -> tuple[int, ...]:
-        """`neurons` spread evenly over the cell's layers (the first ones take the rest)."""
-        base, rest = divmod(neurons, self.depth)
-        return tuple(base + (1 if i < rest else 0) for i in range(self.depth))
-
-
-PLAN_BOUNDS = {
-    "recipe_trials": (1, 1000),
-    "recipe_seeds": (1, 100),
-    "selection_seeds": (1, 1000),
-    "heldout_seeds": (20, 10_000),
-}
-"""The range of each count of a `Plan`."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How thoroughly each stage works; the defaults are those of the reference runs."""
-
-    recipe_trials: int = 16
-    """Recipes Optuna tries per cell."""
-    recipe_seeds: int = 4
-    """Selection seeds per recipe."""
-    selection_seeds: int = 10
-    """Selection seeds per width of the width search."""
-    heldout_seeds: int = 24
-    """Held-out seeds per certified width (at least 20)."""
-    required_rate: float = 0.9
-    """A width learns f when at least this share of its seeds does."""
-    probe_neurons: int | None = None
-    """Width of the recipe search (default: `probe_for(cell)`)."""
-
-    def __post_init__(self) -> None:
-        for name, (low, high) in PLAN_BOUNDS.items():
-            value = getattr(self, name)
-            ok = is_int(value) and low <= value <= high
-            require(ok, name, value, f"must be from {low} to {high}")
-        require(
-            0 < self.required_rate <= 1, "required_rate", self.required_rate, "must be in (0, 1]"
-        )
-
-
-def probe_for(cell: Cell) -> int:
+def probe_for(cell: FrontierCell) -> int:
     """A probe width near where the boundary is expected: slightly above the capacity
     estimate (2048 random bits at ~2 bits per parameter: ~60 neurons in one layer) for long
     budgets, wider for short ones. The recipe search ranks recipes by how close they bring
@@ -147,7 +109,7 @@ class Recipe:
         }
 
     @classmethod
-    def from_params(cls, params: dict) -> Recipe:
+    def from_params(cls, params: Mapping[str, Any]) -> Recipe:
         return cls(
             float(params["learning_rate"]), int(params["batch_size"]), str(params["lr_schedule"])
         )
@@ -161,27 +123,191 @@ DISTRIBUTIONS = {
 }
 
 
-def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+def exact_interval(successes: int, seeds: int, confidence: float = 0.95) -> tuple[float, float]:
     """The exact (Clopper-Pearson) interval of a binomial rate: conservative, and defined at
     0/n and n/n."""
-    alpha = 1.0 - confidence
+    from scipy.stats import binomtest
 
-    def at_most(k: int, p: float) -> float:  # P(X <= k) for X ~ Binomial(trials, p)
-        return sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(k + 1))
+    interval = binomtest(successes, seeds).proportion_ci(confidence, method="exact")
+    return float(interval.low), float(interval.high)
 
-    def solve(increasing: Callable[[float], float], target: float) -> float:
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            mid = (low + high) / 2
-            low, high = (mid, high) if increasing(mid) < target else (low, mid)
-        return (low + high) / 2
 
-    # lower: P(X >= k) = alpha/2; upper: P(X <= k) = alpha/2 (both solved as increasing in p)
-    lower = 0.0 if successes == 0 else solve(lambda p: 1 - at_most(successes - 1, p), alpha / 2)
-    upper = (
-        1.0 if successes == trials else solve(lambda p: 1 - at_most(successes, p), 1 - alpha / 2)
-    )
-    return lower, upper
+# ----------------------------------------------------------------------------------------------
+# the answer of a cell, typed: what the report, answers.json, `study best` and notebooks read
+
+
+@dataclass(frozen=True)
+class BlockRate:
+    """Successes out of the seeds of one block of held-out seeds."""
+
+    block: int
+    successes: int
+    seeds: int
+
+    @property
+    def first_seed(self) -> int:
+        return HELDOUT_SEED + self.block * HELDOUT_BLOCK
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The exact 95% interval of the rate."""
+        return exact_interval(self.successes, self.seeds)
+
+    def fields(self) -> dict[str, Any]:
+        low, high = self.interval
+        return {
+            "heldout_successes": self.successes,
+            "heldout_seeds": self.seeds,
+            "interval_95": [round(low, 4), round(high, 4)],
+            "heldout_block": self.block,
+            "heldout_first_seed": self.first_seed,
+        }
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any], block_key: str = "heldout_block"):
+        return cls(values[block_key], values["heldout_successes"], values["heldout_seeds"])
+
+
+@dataclass(frozen=True)
+class Width:
+    """A width of a cell and its rate on one held-out block."""
+
+    profile: tuple[int, ...]
+    parameters: int
+    rate: BlockRate
+
+    @property
+    def neurons(self) -> int:
+        return sum(self.profile)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": list(self.profile),
+            "neurons": self.neurons,
+            "parameters": self.parameters,
+            **self.rate.fields(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Width:
+        return cls(tuple(values["profile"]), values["parameters"], BlockRate.from_fields(values))
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Every held-out seed (choice and confirmation blocks) a width was trained on."""
+
+    successes: int
+    seeds: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Stage 3's result: a width that passed on its block, and the next smaller one there (or
+    on the fresh block where it failed after passing on the choice block)."""
+
+    width: Width
+    next_smaller: Width | None
+    next_smaller_fresh_block: BlockRate | None = None
+
+
+@dataclass(frozen=True)
+class FrontierAnswer:
+    """A cell's stated answer: the width, its rate on the confirmation block, and the evidence
+    behind it. `to_dict` is the answers.json entry (and the stored `answer` attribute)."""
+
+    cell: FrontierCell
+    width: Width
+    """The stated width and its rate on the confirmation block (chose nothing)."""
+    recipe: Recipe
+    target_loss: float
+    table_bits: int
+    choice: Choice
+    """The block that chose the width, and the next smaller width's rate."""
+    all_heldout: Pooled
+
+    @property
+    def neurons(self) -> int:
+        return self.width.neurons
+
+    @property
+    def parameters(self) -> int:
+        return self.width.parameters
+
+    @property
+    def rate(self) -> BlockRate:
+        return self.width.rate
+
+    def to_dict(self) -> dict[str, Any]:
+        fresh = self.choice.next_smaller_fresh_block
+        smaller = self.choice.next_smaller
+        chosen = self.choice.width.rate
+        return {
+            "study": self.cell.name,
+            "function_seed": self.cell.function_seed,
+            "depth": self.cell.depth,
+            "budget_epochs": self.cell.budget,
+            **self.width.to_dict(),
+            "recipe": self.recipe.params(),
+            "target_loss": self.target_loss,
+            "table_bits": self.table_bits,
+            "next_smaller": smaller.to_dict() if smaller is not None else None,
+            **(
+                {
+                    "next_smaller_fresh_block": {
+                        "block": fresh.block,
+                        "heldout_successes": fresh.successes,
+                        "heldout_seeds": fresh.seeds,
+                    }
+                }
+                if fresh is not None
+                else {}
+            ),
+            "chosen_on": {
+                "heldout_block": chosen.block,
+                "heldout_successes": chosen.successes,
+                "heldout_seeds": chosen.seeds,
+            },
+            "all_heldout": {
+                "heldout_successes": self.all_heldout.successes,
+                "heldout_seeds": self.all_heldout.seeds,
+                "blocks": list(self.all_heldout.blocks),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FrontierAnswer:
+        cell = FrontierCell(values["function_seed"], values["depth"], values["budget_epochs"])
+        width = Width.from_dict(values)
+        smaller = values.get("next_smaller")
+        fresh = values.get("next_smaller_fresh_block")
+        chosen = BlockRate.from_fields(values["chosen_on"])
+        # the choice block's rate of the stated width: its successes there, same profile
+        choice = Choice(
+            Width(width.profile, width.parameters, chosen),
+            Width.from_dict(smaller) if smaller else None,
+            BlockRate.from_fields(fresh, "block") if fresh else None,
+        )
+        pooled = values["all_heldout"]
+        return cls(
+            cell,
+            width,
+            Recipe.from_params(values["recipe"]),
+            values["target_loss"],
+            values["table_bits"],
+            choice,
+            Pooled(pooled["heldout_successes"], pooled["heldout_seeds"], tuple(pooled["blocks"])),
+        )
+
+
+def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
+    """The confirmed answer stored with a cell (None until a width is confirmed: a run that
+    stopped between choosing and confirming states nothing)."""
+    stored = study.user_attrs.get(ANSWER_ATTR)
+    if stored is None or "chosen_on" not in stored:
+        return None
+    return FrontierAnswer.from_dict(stored)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,91 +325,23 @@ class Unit:
     block: int = 0
     prune: bool = True
     """Stop a seed once the target is out of reach within the budget (`TargetUnreachable`)."""
-    decide: bool = False
+    decisive: bool = False
     """Stop the other seeds once the required share is reached or out of reach."""
 
-
-def _evaluate(
-    cell: Cell, units: Sequence[Unit], settings: BooleanSettings, threads: int, log
-) -> list[CandidateOutcome]:
-    """Train every unit's seeds together as one population; return each unit's outcome."""
-    from study.data import boolean_function
-    from study.population import Member, train_population
-
-    fn = boolean_function(settings.input_bits, cell.function_seed, settings.output_bits)
-    runs, members, owner = [], [], []
-    for u, unit in enumerate(units):
-        candidate = BooleanCandidate(
-            cell.profile(unit.neurons),
-            unit.recipe.learning_rate,
-            unit.recipe.batch_size,
-            cell.budget,
-            unit.recipe.lr_schedule,
-        )
-        run = BooleanTrial(
-            candidate,
-            unit.seeds,
-            settings,
-            prune=unit.prune,
-            required=math.ceil(settings.required_share * len(unit.seeds)),
-        )
-        runs.append(run)
-        for k in range(len(unit.seeds)):
-            members.append(Member(candidate.hidden_layer_profile, run.config(k)))
-            owner.append((u, k))
-    log(
-        f"{cell.name}: training {len(members)} networks ({len(units)} evaluations, "
-        f"{cell.budget} epochs at most)"
-    )
-
-    def on_epoch(i: int, metrics) -> bool:
-        u, k = owner[i]
-        return (units[u].decide and runs[u].over) or runs[u].on_epoch(k, metrics)
-
-    results = train_population(members, fn, on_epoch, threads=threads)
-    for i, result in enumerate(results):
-        u, k = owner[i]
-        runs[u].finish(k, result)
-    return [run.outcome() for run in runs]
+    @property
+    def key(self) -> tuple:
+        return (self.stage, self.neurons, self.recipe, self.block)
 
 
-def _record(
-    study: optuna.Study,
-    cell: Cell,
-    unit: Unit,
-    outcome: CandidateOutcome,
-    settings: BooleanSettings,
-    value: float,
-) -> None:
-    """Store an evaluation as a complete trial of `study` (its value: `value`)."""
-    attrs = outcome.user_attrs(settings.input_bits, settings.output_bits)
-    attrs = {k: v for k, v in attrs.items() if k not in ("device",)}
-    attrs.update({STAGE_ATTR: unit.stage, "block": unit.block, "budget_epochs": cell.budget})
-    study.add_trial(
-        optuna.create_trial(
-            state=TrialState.COMPLETE,
-            value=value,
-            params={"neurons": unit.neurons, **unit.recipe.params()},
-            distributions=DISTRIBUTIONS,
-            user_attrs=attrs,
-        )
-    )
+def _key(trial: FrozenTrial) -> tuple:
+    """The `Unit.key` of a stored evaluation."""
+    attrs = trial.user_attrs
+    recipe = Recipe.from_params(trial.params)
+    return (attrs.get(STAGE_ATTR), trial.params.get("neurons"), recipe, attrs.get("block"))
 
 
-def _stored(study: optuna.Study, stage: str) -> list[optuna.trial.FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get(STAGE_ATTR) == stage
-    ]
-
-
-def _rate(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
+def _rate(trial: FrozenTrial) -> tuple[int, int]:
     return trial.user_attrs["successes"], trial.user_attrs["seeds_planned"]
-
-
-# ----------------------------------------------------------------------------------------------
-# the four stages
 
 
 def recipe_score(outcome: CandidateOutcome, budget: int) -> float:
@@ -298,323 +356,447 @@ def recipe_score(outcome: CandidateOutcome, budget: int) -> float:
     return statistics.mean(scores)
 
 
-def search_recipe(
-    storage,
-    cell: Cell,
-    plan: Plan,
-    settings: BooleanSettings,
-    threads: int,
-    log,
-    sampler_seed: int = 0,
-) -> Recipe:
-    """Stage 1: Optuna's TPE over the recipe at the probe width, to `plan.recipe_trials`."""
-    study = optuna.create_study(
-        storage=storage,
-        study_name=cell.name + "-recipe",
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(
-            seed=sampler_seed, n_startup_trials=6, constant_liar=True
-        ),
-        load_if_exists=True,
-    )
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # a killed run
-    probe = plan.probe_neurons or probe_for(cell)
-    seeds = tuple(SELECTION_SEED + i for i in range(plan.recipe_seeds))
-    rounds = max(1, (os.cpu_count() or 1) * 4)  # recipes trained together
-    while (done := len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))) < (
-        plan.recipe_trials
-    ):
-        asked = [study.ask() for _ in range(min(rounds, plan.recipe_trials - done))]
-        units = []
-        for trial in asked:
-            recipe = Recipe(
-                trial.suggest_float("learning_rate", *LEARNING_RATES, log=True),
-                trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
-                trial.suggest_categorical("lr_schedule", list(SCHEDULES)),
-            )
-            units.append(Unit("recipe", probe, recipe, seeds))
-        try:
-            outcomes = _evaluate(cell, units, settings, threads, log)
-        except BaseException:
-            for trial in asked:
-                study.tell(trial, state=TrialState.FAIL)
-            raise
-        for trial, _unit, outcome in zip(asked, units, outcomes, strict=True):
-            for key, value in outcome.user_attrs(
-                settings.input_bits, settings.output_bits
-            ).items():
-                trial.set_user_attr(key, value)
-            trial.set_user_attr("probe_neurons", probe)
-            study.tell(trial, recipe_score(outcome, cell.budget))
-    best = study.best_trial
-    log(f"{cell.name}: recipe {best.params} (score {best.value:.3f} at {probe} neurons)")
-    return Recipe.from_params(best.params)
+class Elsewhere(Exception):
+    """The cell's next evaluations run in another process: nothing for this one to train."""
 
 
-def search_width(
-    study: optuna.Study,
-    cell: Cell,
-    recipe: Recipe,
-    plan: Plan,
-    settings: BooleanSettings,
-    threads: int,
-    log,
-) -> int:
-    """Stage 2: the fewest neurons that learn f on the selection seeds with `recipe`
-    (k-ary search, several widths trained together per round)."""
-    seeds = tuple(SELECTION_SEED + i for i in range(plan.selection_seeds))
-    need = math.ceil(plan.required_rate * len(seeds) - 1e-9)
-    probe = plan.probe_neurons or probe_for(cell)
-    while True:
-        known = {
-            t.params["neurons"]: _rate(t)[0] >= need
-            for t in _stored(study, "width")
-            if Recipe.from_params(t.params) == recipe
-        }
-        passing = [n for n, ok in known.items() if ok]
-        high = min(passing) if passing else None
-        low = max(
-            (n for n, ok in known.items() if not ok and (high is None or n < high)), default=0
+# ----------------------------------------------------------------------------------------------
+# one cell
+
+
+class CellRun:
+    """One cell on a store: its two studies, its plan, and the four stages."""
+
+    def __init__(
+        self,
+        url: str,
+        storage: optuna.storages.BaseStorage,
+        cell: FrontierCell,
+        plan: FrontierPlan,
+        settings: BooleanSettings,
+        threads: int,
+        log: Log,
+    ) -> None:
+        from study.data import boolean_function
+
+        self.url, self.storage, self.cell, self.plan = url, storage, cell, plan
+        self.settings = replace(
+            settings, function_seed=cell.function_seed, required_share=plan.required_rate
         )
-        if high is not None and high - low <= 1:
-            log(f"{cell.name}: {high} neurons learn f on >= {need}/{len(seeds)} selection seeds")
-            return high
+        self.threads, self.log = threads, log
+        self.fn = boolean_function(
+            self.settings.input_bits, cell.function_seed, self.settings.output_bits
+        )
+        self.recipes = optuna.create_study(
+            storage=storage,
+            study_name=cell.recipe_name,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=6, constant_liar=True),
+            load_if_exists=True,
+        )
+        self.study = optuna.create_study(
+            storage=storage, study_name=cell.name, load_if_exists=True
+        )
+        bind_cell(self.recipes, cell, None)
+        bind_cell(self.study, cell, plan)
+        self.trained = 0
+        """Evaluations this process trained (how `run_frontier` sees progress)."""
+
+    @property
+    def probe(self) -> int:
+        return self.plan.probe_neurons or probe_for(self.cell)
+
+    def answer(self) -> FrontierAnswer:
+        """All four stages (resuming what is stored); raises `Elsewhere` where the next
+        evaluations run in another process."""
+        recipe = self.search_recipe()
+        neurons = self.search_width(recipe)
+        choice = self.choose(recipe, neurons)
+        answer = self.confirm(recipe, choice)
+        if self.study.user_attrs.get(ANSWER_ATTR) != answer.to_dict():
+            self.study.set_user_attr(ANSWER_ATTR, answer.to_dict())
+        return answer
+
+    # --- stage 1
+
+    def search_recipe(self) -> Recipe:
+        """Optuna's TPE over the recipe at the probe width, to `plan.recipe_trials`; several
+        processes each claim their share of the trials."""
+        study, total = self.recipes, self.plan.recipe_trials
+        rounds = max(1, (os.cpu_count() or 1) * 4)  # recipes trained together
+        while True:
+            with interrupt.held(), claims.claim_lock(self.url, self.storage, study.study_name):
+                claims.reap(study)
+                free = total - claims.claimed(study)
+                asked = claims.claim(study, min(rounds, free)) if free > 0 else []
+            if asked:
+                self._train_recipes(asked)
+            elif claims.count(study, (TrialState.COMPLETE,)) >= total:
+                break
+            else:
+                raise Elsewhere(study.study_name)
+        best = study.best_trial
+        self.log(
+            f"{self.cell.name}: recipe {best.params} (score {best.value:.3f} at "
+            f"{best.user_attrs.get('probe_neurons', self.probe)} neurons)"
+        )
+        return Recipe.from_params(best.params)
+
+    def _train_recipes(self, asked: list[optuna.Trial]) -> None:
+        seeds = tuple(SELECTION_SEED + i for i in range(self.plan.recipe_seeds))
+        units = []
+        try:
+            for trial in asked:
+                recipe = Recipe(
+                    trial.suggest_float("learning_rate", *LEARNING_RATES, log=True),
+                    trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
+                    trial.suggest_categorical("lr_schedule", list(SCHEDULES)),
+                )
+                units.append(Unit("recipe", self.probe, recipe, seeds))
+            with claims.heartbeat(self.recipes, asked):
+                outcomes = self._train(units)
+        except BaseException as error:
+            claims.abandon(self.recipes, asked, error)
+            raise
+        for trial, outcome in zip(asked, outcomes, strict=True):
+            self._store(trial, outcome)
+            trial.set_user_attr("probe_neurons", self.probe)
+            self.recipes.tell(trial, recipe_score(outcome, self.cell.budget))
+
+    # --- stage 2
+
+    def search_width(self, recipe: Recipe) -> int:
+        """The fewest neurons that learn f on the selection seeds with `recipe` (k-ary search,
+        several widths trained together per round)."""
+        seeds = tuple(SELECTION_SEED + i for i in range(self.plan.selection_seeds))
+        need = self.plan.required(len(seeds))
+        while True:
+            known = {
+                t.params["neurons"]: _rate(t)[0] >= need
+                for t in self._stored("width")
+                if Recipe.from_params(t.params) == recipe
+            }
+            passing = [n for n, ok in known.items() if ok]
+            high = min(passing) if passing else None
+            low = max(
+                (n for n, ok in known.items() if not ok and (high is None or n < high)),
+                default=0,
+            )
+            if high is not None and high - low <= 1:
+                self.log(
+                    f"{self.cell.name}: {high} neurons learn f on >= {need}/{len(seeds)} "
+                    "selection seeds"
+                )
+                return high
+            widths = self._next_widths(low, high, known)
+            self.evaluate([Unit("width", n, recipe, seeds, decisive=True) for n in widths])
+
+    def _next_widths(self, low: int, high: int | None, known: Mapping[int, bool]) -> list[int]:
         if high is None:  # no passing width yet: reach up
             if low >= MAX_NEURONS:
-                raise ConfigError(f"{cell.name}: no width up to {MAX_NEURONS} learns f")
-            top = min(MAX_NEURONS, max(2 * low, probe + probe // 2))
-            widths = sorted({max(low + 1, probe), top} - set(known))
+                raise ConfigError(f"{self.cell.name}: no width up to {MAX_NEURONS} learns f")
+            top = min(MAX_NEURONS, max(2 * low, self.probe + self.probe // 2))
+            widths = sorted({max(low + 1, self.probe), top} - set(known))
         else:  # three points inside (low, high)
-            widths = sorted(
-                {low + (high - low) * q // 4 for q in (1, 2, 3)} - {low, high} - set(known)
+            inside = {low + (high - low) * q // 4 for q in (1, 2, 3)}
+            widths = sorted(inside - {low, high} - set(known))
+        return widths or [low + 1]
+
+    # --- stage 3
+
+    def choose(self, recipe: Recipe, neurons: int, first_block: int = 0) -> Choice:
+        """The width and the next smaller one on a block of held-out seeds. The choice is a
+        width that passes on its block while the next smaller fails there. A width that fails
+        moves up by one, one whose smaller neighbour also passes moves down by one; each move
+        takes a fresh block, so that a reported rate never chose what it reports on."""
+        passed: tuple[int, int] | None = None  # the last (width, block) that passed
+        for block in range(first_block, first_block + CHOICE_BLOCKS):
+            trials = self.heldout(recipe, (neurons, neurons - 1), block)
+            successes, count = _rate(trials[neurons])
+            smaller = trials.get(neurons - 1)
+            need = self.plan.required(count)
+            if successes >= need and (smaller is None or _rate(smaller)[0] < need):
+                return self._chose(trials[neurons], smaller)
+            if successes >= need:  # the smaller one passes too: try it on a fresh block
+                passed, neurons = (neurons, block), neurons - 1
+                continue
+            if passed is not None:  # it failed where it had passed: the last pass stands
+                width, where = passed
+                earlier = self.heldout(recipe, (width, width - 1), where)
+                choice = self._chose(earlier[width], earlier.get(width - 1))
+                return replace(choice, next_smaller_fresh_block=BlockRate(block, successes, count))
+            self.log(
+                f"{self.cell.name}: {neurons} neurons learn f on {successes}/{count} held-out "
+                "seeds; trying one more neuron on a fresh block"
             )
-        widths = widths or [low + 1]
-        units = [Unit("width", n, recipe, seeds, decide=True) for n in widths]
-        for unit, outcome in zip(
-            units, _evaluate(cell, units, settings, threads, log), strict=True
-        ):
-            _record(study, cell, unit, outcome, settings, outcome.success_share)
-
-
-def certify_heldout(
-    study: optuna.Study,
-    cell: Cell,
-    recipe: Recipe,
-    neurons: int,
-    plan: Plan,
-    settings: BooleanSettings,
-    threads: int,
-    log,
-    first_block: int = 0,
-) -> dict:
-    """Stage 3: the width and the next smaller one on a block of held-out seeds. The choice is
-    a width that passes on its block while the next smaller fails there. A width that fails
-    moves up by one, one whose smaller neighbour also passes moves down by one; each move
-    takes a fresh block, so that a reported rate never chose what it reports on."""
-    passed: tuple[int, int] | None = None  # the last (width, block) that passed
-    for block in range(first_block, first_block + CHOICE_BLOCKS):
-        trials = _heldout(
-            study, cell, recipe, (neurons, neurons - 1), block, plan, settings, threads, log
+            neurons += 1
+        raise ConfigError(
+            f"{self.cell.name}: no width settled on the held-out seeds in {CHOICE_BLOCKS} blocks"
         )
-        successes, count = _rate(trials[neurons])
-        smaller = trials.get(neurons - 1)
-        need = math.ceil(plan.required_rate * count - 1e-9)
-        if successes >= need and (smaller is None or _rate(smaller)[0] < need):
-            return _settle(study, cell, recipe, trials[neurons], smaller, settings, log)
-        if successes >= need:  # the smaller one passes too: try it on a fresh block
-            passed, neurons = (neurons, block), neurons - 1
-            continue
-        if passed is not None:  # it failed where it had passed: the last pass stands
-            width, where = passed
-            earlier = _heldout(
-                study, cell, recipe, (width, width - 1), where, plan, settings, threads, log
-            )
-            answer = _settle(
-                study, cell, recipe, earlier[width], earlier.get(width - 1), settings, log
-            )
-            answer["next_smaller_fresh_block"] = {
-                "block": block,
-                "heldout_successes": successes,
-                "heldout_seeds": count,
-            }
-            return answer
-        log(
-            f"{cell.name}: {neurons} neurons learn f on {successes}/{count} held-out seeds; "
-            "trying one more neuron on a fresh block"
+
+    def _chose(self, trial: FrozenTrial, smaller: FrozenTrial | None) -> Choice:
+        choice = Choice(self._width(trial), self._width(smaller) if smaller else None)
+        rate = choice.width.rate
+        self.log(
+            f"{self.cell.name}: chose {choice.width.neurons} neurons, held-out "
+            f"{rate.successes}/{rate.seeds}"
         )
-        neurons += 1
-    raise ConfigError(
-        f"{cell.name}: no width settled on the held-out seeds in {CHOICE_BLOCKS} blocks"
-    )
+        return choice
 
-
-CHOICE_KEYS = ("heldout_block", "heldout_successes", "heldout_seeds")
-
-
-def confirm(
-    study: optuna.Study,
-    cell: Cell,
-    recipe: Recipe,
-    choice: dict,
-    plan: Plan,
-    settings: BooleanSettings,
-    threads: int,
-    log,
-) -> dict:
-    """Stage 4: the chosen width on a fresh confirmation block; its rate is the one stated. A
-    width that fails is not stated: the next larger one is chosen and confirmed afresh."""
-    for attempt in range(ATTEMPTS):
-        neurons = choice["neurons"]
-        block = CONFIRM_BLOCK + attempt
-        trial = _heldout(
-            study, cell, recipe, (neurons,), block, plan, settings, threads, log, "confirm"
-        )[neurons]
+    def _width(self, trial: FrozenTrial) -> Width:
+        neurons = trial.params["neurons"]
+        profile = self.cell.profile(neurons)
+        s = self.settings
         successes, count = _rate(trial)
-        if successes >= math.ceil(plan.required_rate * count - 1e-9):
-            answer = {
-                **choice,
-                **_rates(trial),
-                "chosen_on": {k: choice[k] for k in CHOICE_KEYS},
-                "all_heldout": _pooled(study, recipe, neurons),
-            }
-            study.set_user_attr("answer", answer)
-            log(
-                f"{cell.name}: answer {neurons} neurons, confirmed on {successes}/{count} fresh "
-                "held-out seeds"
+        rate = BlockRate(trial.user_attrs["block"], successes, count)
+        return Width(profile, mlp_parameters(s.input_bits, profile, s.output_bits), rate)
+
+    # --- stage 4
+
+    def confirm(self, recipe: Recipe, choice: Choice) -> FrontierAnswer:
+        """The chosen width on a fresh confirmation block; its rate is the one stated. A width
+        that fails is not stated: the next larger one is chosen and confirmed afresh."""
+        for attempt in range(ATTEMPTS):
+            neurons = choice.width.neurons
+            block = CONFIRM_BLOCK + attempt
+            trial = self.heldout(recipe, (neurons,), block, "confirm")[neurons]
+            successes, count = _rate(trial)
+            if successes >= self.plan.required(count):
+                self.log(
+                    f"{self.cell.name}: answer {neurons} neurons, confirmed on "
+                    f"{successes}/{count} fresh held-out seeds"
+                )
+                return FrontierAnswer(
+                    self.cell,
+                    self._width(trial),
+                    recipe,
+                    self.settings.target_loss,
+                    2**self.settings.input_bits * self.settings.output_bits,
+                    choice,
+                    self._pooled(recipe, neurons),
+                )
+            self.log(
+                f"{self.cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of "
+                "their confirmation block; choosing again from one more neuron on fresh blocks"
             )
-            return answer
-        log(
-            f"{cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of their "
-            "confirmation block; choosing again from one more neuron on fresh blocks"
+            choice = self.choose(recipe, neurons + 1, first_block=(attempt + 1) * CHOICE_BLOCKS)
+        raise ConfigError(f"{self.cell.name}: no width was confirmed in {ATTEMPTS} attempts")
+
+    def _pooled(self, recipe: Recipe, neurons: int) -> Pooled:
+        """Every held-out seed (choice and confirmation blocks) this width was trained on."""
+        trials = [
+            t
+            for stage in ("heldout", "confirm")
+            for t in self._stored(stage)
+            if t.params["neurons"] == neurons and Recipe.from_params(t.params) == recipe
+        ]
+        return Pooled(
+            sum(_rate(t)[0] for t in trials),
+            sum(_rate(t)[1] for t in trials),
+            tuple(sorted(t.user_attrs["block"] for t in trials)),
         )
-        choice = certify_heldout(
-            study, cell, recipe, neurons + 1, plan, settings, threads, log,
-            first_block=(attempt + 1) * CHOICE_BLOCKS,
-        )  # fmt: skip
-    raise ConfigError(f"{cell.name}: no width was confirmed in {ATTEMPTS} attempts")
+
+    # --- evaluations, claimed and stored
+
+    def heldout(
+        self, recipe: Recipe, widths: Iterable[int], block: int, stage: str = "heldout"
+    ) -> dict[int, FrozenTrial]:
+        """The held-out evaluations of `widths` on `block`, by width (trained if not stored)."""
+        seeds = tuple(
+            HELDOUT_SEED + block * HELDOUT_BLOCK + i for i in range(self.plan.heldout_seeds)
+        )
+        units = [Unit(stage, n, recipe, seeds, block, prune=False) for n in widths if n >= 1]
+        done = self.evaluate(units)
+        return {unit.neurons: done[unit.key] for unit in units}
+
+    def evaluate(self, units: Sequence[Unit]) -> dict[tuple, FrozenTrial]:
+        """The stored evaluations of `units`, by key. Those not stored are claimed by this
+        process and trained; raises `Elsewhere` when the rest run in another process."""
+        while True:
+            with interrupt.held(), claims.claim_lock(self.url, self.storage, self.cell.name):
+                claims.reap(self.study, requeue=False)  # a cell's evaluations are re-derived
+                stored = self._claimed({unit.key for unit in units})
+                mine = [unit for unit in units if unit.key not in stored]
+                claimed = claims.claim_fixed(
+                    self.study,
+                    [{"neurons": u.neurons, **u.recipe.params()} for u in mine],
+                    DISTRIBUTIONS,
+                    [
+                        {STAGE_ATTR: u.stage, "block": u.block, "budget_epochs": self.cell.budget}
+                        for u in mine
+                    ],
+                )
+            done = {k: t for k, t in stored.items() if t.state == TrialState.COMPLETE}
+            if len(done) == len(units):
+                return done
+            if not claimed:
+                raise Elsewhere(self.cell.name)
+            try:
+                with claims.heartbeat(self.study, claimed):
+                    outcomes = self._train(mine)
+            except BaseException as error:
+                claims.abandon(self.study, claimed, error, requeue=False)
+                raise
+            for trial, outcome in zip(claimed, outcomes, strict=True):
+                self._store(trial, outcome)
+                self.study.tell(trial, outcome.success_share)
+
+    def _claimed(self, keys: set[tuple]) -> dict[tuple, FrozenTrial]:
+        """The complete evaluations with these keys and those a live process of this tool is
+        running (the first stored of each key)."""
+        found: dict[tuple, FrozenTrial] = {}
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        for trial in self.study.get_trials(deepcopy=False, states=states):
+            owned = trial.state == TrialState.COMPLETE or claims.OWNER_ATTR in trial.system_attrs
+            key = _key(trial)
+            if owned and key in keys and key not in found:
+                found[key] = trial
+        return found
+
+    def _stored(self, stage: str) -> list[FrozenTrial]:
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(STAGE_ATTR) == stage
+        ]
+
+    def _train(self, units: Sequence[Unit]) -> list[CandidateOutcome]:
+        """Train every unit's seeds together as one population; return each unit's outcome."""
+        runs = []
+        for unit in units:
+            candidate = BooleanCandidate(
+                self.cell.profile(unit.neurons),
+                unit.recipe.learning_rate,
+                unit.recipe.batch_size,
+                self.cell.budget,
+                unit.recipe.lr_schedule,
+            )
+            runs.append(
+                BooleanTrial(
+                    candidate, unit.seeds, self.settings, prune=unit.prune, decisive=unit.decisive
+                )
+            )
+        networks = sum(len(unit.seeds) for unit in units)
+        self.log(
+            f"{self.cell.name}: training {networks} networks ({len(units)} evaluations, "
+            f"{self.cell.budget} epochs at most)"
+        )
+        train_together(runs, self.fn, self.threads, watch=interrupt.check)
+        self.trained += len(units)
+        return [run.outcome() for run in runs]
+
+    def _store(self, trial: optuna.Trial, outcome: CandidateOutcome) -> None:
+        s = self.settings
+        for key, value in outcome.user_attrs(s.input_bits, s.output_bits).items():
+            trial.set_user_attr(key, value)
 
 
-def _heldout(
-    study, cell, recipe, widths, block, plan, settings, threads, log, stage="heldout"
-) -> dict:
-    """The held-out evaluations of `widths` on `block` (trained if not stored yet)."""
-    seeds = tuple(HELDOUT_SEED + block * HELDOUT_BLOCK + i for i in range(plan.heldout_seeds))
-
-    def stored() -> dict:
-        return {
-            t.params["neurons"]: t
-            for t in _stored(study, stage)
-            if t.user_attrs["block"] == block and Recipe.from_params(t.params) == recipe
-        }
-
-    done = stored()
-    units = [
-        Unit(stage, n, recipe, seeds, block, prune=False)
-        for n in widths
-        if n >= 1 and n not in done
-    ]
-    if units:
-        outcomes = _evaluate(cell, units, settings, threads, log)
-        for unit, outcome in zip(units, outcomes, strict=True):
-            _record(study, cell, unit, outcome, settings, outcome.success_share)
-        done = stored()
-    return done
+# ----------------------------------------------------------------------------------------------
+# many cells, many processes
 
 
-def _settle(study, cell, recipe, trial, smaller, settings, log) -> dict:
-    choice = _answer(cell, recipe, trial, smaller, settings)
-    log(
-        f"{cell.name}: chose {choice['neurons']} neurons, held-out "
-        f"{choice['heldout_successes']}/{choice['heldout_seeds']}"
+def run_frontier(
+    storage_url: str,
+    grid: FrontierGrid,
+    plan_overrides: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    log: Log = print,
+    settings: BooleanSettings | None = None,
+    on_answer: Callable[[FrontierAnswer], None] | None = None,
+) -> list[FrontierAnswer]:
+    """Answer every cell of `grid` (resuming what is stored), in the grid's order; a cell whose
+    next evaluations run in another process is left for later, so that several processes on one
+    store divide the work. Every plan is checked before anything is written."""
+    cells = grid.cells()
+    storage = open_storage(storage_url, create=True)
+    existing = set(study_names(storage))
+    plans = {
+        cell: cell_plan(
+            optuna.load_study(study_name=cell.name, storage=storage)
+            if cell.name in existing
+            else None,
+            plan_overrides or {},
+        )
+        for cell in cells
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = settings or BooleanSettings(prune=True)
+    threads = threads or os.cpu_count() or 1
+    runs = {
+        cell: _Lazy(lambda c=cell: CellRun(storage_url, storage, c, plans[c], base, threads, log))
+        for cell in cells
+    }
+    answers: dict[FrontierCell, FrontierAnswer] = {}
+    said = False
+    with interrupt.watching():
+        try:
+            while len(answers) < len(cells):
+                trained = sum(r.trained for r in runs.values())
+                for cell in [c for c in cells if c not in answers]:
+                    with contextlib.suppress(Elsewhere):
+                        answers[cell] = runs[cell].get().answer()
+                        if on_answer is not None:
+                            on_answer(answers[cell])
+                if len(answers) < len(cells) and sum(r.trained for r in runs.values()) == trained:
+                    if not said:  # once per wait: the rest runs in other processes
+                        _say_waiting(len(cells) - len(answers))
+                    said = True
+                    _sleep(POLL_SECONDS)
+                else:
+                    said = False
+        except interrupt.Stopped as stopped:
+            raise interrupt.Stopped(
+                stopped.stop,
+                f"{stopped.stop.words}: {len(answers)} of {len(cells)} frontier cells answered "
+                "and stored; the running evaluations were failed with the reason; run the same "
+                "command again to continue",
+            ) from None
+    return [answers[cell] for cell in cells]
+
+
+class _Lazy:
+    """A cell's run, made (its studies created) when the cell is first reached."""
+
+    def __init__(self, make: Callable[[], CellRun]) -> None:
+        self.make, self.run = make, None
+
+    def get(self) -> CellRun:
+        if self.run is None:
+            self.run = self.make()
+        return self.run
+
+    @property
+    def trained(self) -> int:
+        return 0 if self.run is None else self.run.trained
+
+
+def _say_waiting(cells: int) -> None:
+    print(
+        f"study: {cells} frontier cell(s) wait for evaluations that other processes are "
+        "running; a process that died is noticed once its heartbeat is stale",
+        file=sys.stderr,
+        flush=True,
     )
-    return choice
 
 
-def _pooled(study: optuna.Study, recipe: Recipe, neurons: int) -> dict:
-    """Every held-out seed (choice and confirmation blocks) this width was trained on."""
-    trials = [
-        t
-        for stage in ("heldout", "confirm")
-        for t in _stored(study, stage)
-        if t.params["neurons"] == neurons and Recipe.from_params(t.params) == recipe
-    ]
-    return {
-        "heldout_successes": sum(_rate(t)[0] for t in trials),
-        "heldout_seeds": sum(_rate(t)[1] for t in trials),
-        "blocks": sorted(t.user_attrs["block"] for t in trials),
-    }
-
-
-def _rates(t) -> dict:
-    """A held-out evaluation's rate, exact 95% interval and seeds."""
-    successes, count = _rate(t)
-    low, high = clopper_pearson(successes, count)
-    return {
-        "heldout_successes": successes,
-        "heldout_seeds": count,
-        "interval_95": [round(low, 4), round(high, 4)],
-        "heldout_block": t.user_attrs["block"],
-        "heldout_first_seed": min(t.user_attrs["seeds"]),
-    }
-
-
-def _answer(cell: Cell, recipe: Recipe, trial, smaller, settings: BooleanSettings) -> dict:
-    def summary(t) -> dict:
-        neurons = t.params["neurons"]
-        return {
-            "profile": list(cell.profile(neurons)),
-            "neurons": neurons,
-            "parameters": mlp_parameters(
-                settings.input_bits, cell.profile(neurons), settings.output_bits
-            ),
-            **_rates(t),
-        }
-
-    return {
-        "study": cell.name,
-        "function_seed": cell.function_seed,
-        "depth": cell.depth,
-        "budget_epochs": cell.budget,
-        **summary(trial),
-        "recipe": recipe.params(),
-        "target_loss": settings.target_loss,
-        "table_bits": 2**settings.input_bits * settings.output_bits,
-        "next_smaller": summary(smaller) if smaller is not None else None,
-    }
+def _sleep(seconds: float) -> None:
+    """Sleep, honouring a stop within a tenth of a second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        interrupt.check()
+        time.sleep(0.1)
 
 
 def run_cell(
     storage_url: str,
-    cell: Cell,
-    plan: Plan,
+    cell: FrontierCell,
+    plan: FrontierPlan | None = None,
     threads: int | None = None,
-    log=print,
+    log: Log = print,
     settings: BooleanSettings | None = None,
-) -> dict:
-    """All four stages of one cell (resuming what is stored); returns its answer."""
-    from study.storage import open_storage
-
-    require(
-        is_int(cell.depth) and 1 <= cell.depth <= 4, "depth", cell.depth, "must be from 1 to 4"
-    )
-    require(
-        is_int(cell.budget) and 1 <= cell.budget <= 10**6,
-        "budget",
-        cell.budget,
-        "must be from 1 to 1000000",
-    )
-    settings = settings or BooleanSettings(function_seed=cell.function_seed, prune=True)
-    settings = replace(settings, required_share=plan.required_rate)
-    threads = threads or os.cpu_count() or 1
-    storage = open_storage(storage_url, heartbeat=False, create=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    recipe = search_recipe(storage, cell, plan, settings, threads, log)
-    study = optuna.create_study(storage=storage, study_name=cell.name, load_if_exists=True)
-    study.set_user_attr(
-        "frontier",
-        {"function_seed": cell.function_seed, "depth": cell.depth, "budget": cell.budget},
-    )
-    neurons = search_width(study, cell, recipe, plan, settings, threads, log)
-    choice = certify_heldout(study, cell, recipe, neurons, plan, settings, threads, log)
-    return confirm(study, cell, recipe, choice, plan, settings, threads, log)
+) -> FrontierAnswer:
+    """One cell (resuming what is stored), waiting for evaluations other processes run."""
+    overrides = {} if plan is None else plan.identity()
+    grid = FrontierGrid((cell.function_seed,), (cell.depth,), (cell.budget,))
+    (answer,) = run_frontier(storage_url, grid, overrides, threads, log, settings)
+    return answer

@@ -88,6 +88,8 @@ class ImageObjective:
             )
         trial.set_user_attr("parameters", count_parameters(model))
         trial.set_user_attr("device", dev.describe(self.device))
+        trial.set_user_attr("engine", "sequential")
+        trial.set_user_attr("threads", torch.get_num_threads() if self.device.type == "cpu" else 1)
         history: list[EpochMetrics] = []
 
         def on_epoch(metrics: EpochMetrics) -> None:

@@ -1,14 +1,18 @@
-"""Ctrl-C and SIGTERM during a study: the store always ends consistent, the user gets one line.
+"""How a run stops: Ctrl-C, a second Ctrl-C, SIGTERM and the time budget, in one table.
 
-A SIGINT that lands inside a storage write could leave a trial half-recorded; instead the
-first Ctrl-C only sets a flag, which the objectives check after every epoch (`check`). The
-running trial is then failed with `fail_reason` "interrupted" (failed trials do not count
-towards a study's total, so the next run of the same command redoes it) and the study stops.
-A second Ctrl-C, or a SIGTERM, stops at once: the runner fails the trials it was running with
-that reason before it exits (128 + the signal's number). Such a stop is also remembered, so
-that it is raised again at the next `check` when the handler's exception was swallowed where
-it landed (a finaliser, a library's `except BaseException`). A process that starts workers
-forwards both signals to them (`deferred(forward=...)`).
+A signal that lands inside a storage write could leave a trial half-recorded, so no signal
+handler here touches the store. Within `watching()` the handler only records what happened in
+one state object; the training loops call `check()` after every epoch, which raises `Stopped`
+with the stop's kind. The runner then fails the trials it was running with the stop's
+`reason` (re-queued when the stop says so) and the command ends with one line and the stop's
+exit status (`ending`). A stop that must act at once (a second Ctrl-C, SIGTERM) is raised by
+the handler itself and remembered, so that `check()` raises it again when the handler's
+exception was swallowed where it landed (a finaliser, a library's `except BaseException`).
+
+`held()` keeps signals out of a block that must not be cut in two (creating a trial and
+recording its owner) and handles them right after it; `shielded()` ignores them while the
+stop's reason is being stored. A parent of worker processes forwards signals to them instead
+(`watching(forward=...)`).
 """
 
 from __future__ import annotations
@@ -21,174 +25,195 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-REASON = "interrupted by the user (SIGINT) before it finished"
-AT_ONCE = "stopped at once by a second Ctrl-C (SIGINT) before it finished"
-TERMINATED = "terminated (SIGTERM) before it finished"
-SIGNAL_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
-
-
-class Interrupted(KeyboardInterrupt):
-    """The user (or SIGTERM) stopped the study; the running trials were failed with a reason."""
-
-    def __init__(self, message: str = REASON, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = signum
+# ----------------------------------------------------------------------------------------------
+# the stops
 
 
-class OutOfTime(Exception):
-    """The run's time budget (`--timeout`) is spent: stop at the next epoch boundary."""
+@dataclass(frozen=True)
+class Stop:
+    """One way a run stops: when it acts, what a stopped trial stores, how the command ends."""
+
+    words: str
+    """How the command's last line starts (`study: <words>: ...`)."""
+    reason: str
+    """The `fail_reason` stored on a trial it stops."""
+    at_once: bool
+    """Raised by the signal handler itself; otherwise at the next epoch boundary (`check`)."""
+    exit_status: int
+    """The command's exit status: 128 + the signal's number, 0 for the time budget."""
+    requeue: bool
+    """A stopped trial is re-queued with its parameters (else the next run samples anew)."""
 
 
-OUT_OF_TIME = "stopped by the run's time budget (--timeout) before it finished; re-queued"
-_deadline: list[float] = []
+CTRL_C = Stop(
+    "interrupted", "interrupted by the user (SIGINT) before it finished", False, 130, False
+)
+SECOND_CTRL_C = Stop(
+    "interrupted at once (second Ctrl-C)",
+    "stopped at once by a second Ctrl-C (SIGINT) before it finished",
+    True,
+    130,
+    False,
+)
+SIGTERM = Stop("terminated (SIGTERM)", "terminated (SIGTERM) before it finished", True, 143, False)
+TIME_BUDGET = Stop(
+    "time budget reached",
+    "stopped by the run's time budget (--timeout) before it finished; re-queued",
+    False,
+    0,
+    True,
+)
+STOPS = (CTRL_C, SECOND_CTRL_C, SIGTERM, TIME_BUDGET)
+
+NOTICE = "\nstudy: stopping after the current epoch (Ctrl-C again to stop at once)\n"
+"""Said once at the first Ctrl-C, in one write, so that a second Ctrl-C cannot split it."""
 
 
-def set_deadline(deadline: float | None) -> None:
-    """From now on `check` raises `OutOfTime` once `time.time()` passes `deadline`."""
-    _deadline.clear()
-    if deadline is not None:
-        _deadline.append(deadline)
+class Stopped(KeyboardInterrupt):
+    """The run was stopped (`stop` says how); a KeyboardInterrupt, so that no library's
+    `except Exception` swallows it. Its message, when set, is the command's last line."""
+
+    def __init__(self, stop: Stop, message: str = "") -> None:
+        super().__init__(message or stop.words)
+        self.stop = stop
 
 
-def out_of_time() -> bool:
-    return bool(_deadline) and time.time() >= _deadline[0]
-
-
-class Terminated(Interrupted):
-    """SIGTERM: stop at once."""
-
-    def __init__(self, message: str = TERMINATED) -> None:
-        super().__init__(message, signal.SIGTERM)
-
-
-_requested = threading.Event()
-_received: list[int] = []
-_raised: list[BaseException] = []
-"""What a handler raised at once (SIGTERM, a second Ctrl-C): raised again by every `check`, so
-that a handler's exception that lands where it is swallowed (a finaliser, a library's
-`except BaseException`) still stops the run at the next epoch boundary."""
-
-
-def requested() -> bool:
-    return _requested.is_set()
-
-
-def received() -> int | None:
-    """The last signal a forwarding `deferred` block received (None: none)."""
-    return _received[-1] if _received else None
-
-
-def check(trial=None) -> None:
-    """Raise `Interrupted` once a stop was requested, or `OutOfTime` once the time budget is
-    spent, after storing the reason on `trial`."""
-    if _raised:
-        if trial is not None:
-            trial.set_user_attr("fail_reason", reason_of(_raised[-1]))
-        raise _raised[-1]
-    if _requested.is_set():
-        if trial is not None:
-            trial.set_user_attr("fail_reason", REASON)
-        raise Interrupted(REASON)
-    if out_of_time():
-        if trial is not None:
-            trial.set_user_attr("fail_reason", OUT_OF_TIME)
-        raise OutOfTime(OUT_OF_TIME)
+def stop_of(error: BaseException) -> Stop | None:
+    """The stop behind `error`: a plain KeyboardInterrupt (Python's own handler) is a Ctrl-C;
+    None for any other error."""
+    if isinstance(error, Stopped):
+        return error.stop
+    return CTRL_C if isinstance(error, KeyboardInterrupt) else None
 
 
 def reason_of(error: BaseException) -> str:
     """The `fail_reason` of a trial stopped by `error`."""
-    if isinstance(error, Terminated):
-        return TERMINATED
-    if isinstance(error, Interrupted):
-        return REASON
-    if isinstance(error, KeyboardInterrupt):
-        return AT_ONCE
-    if isinstance(error, OutOfTime):
-        return OUT_OF_TIME
+    stop = stop_of(error)
+    if stop is not None:
+        return stop.reason
     first = (str(error).strip().splitlines() or [""])[0]
     return f"stopped by an error: {type(error).__name__}: {first}"
 
 
-def describe(error: BaseException) -> str:
-    """How the command was stopped, for its one line."""
-    if isinstance(error, Interrupted):
-        return SIGNAL_WORDS.get(error.signum, "interrupted")
-    return AT_ONCE_LINE
+def ending(error: BaseException) -> tuple[str, int]:
+    """The one place a stopped command ends: its last line and its exit status."""
+    stop = stop_of(error) or CTRL_C
+    message = str(error) if isinstance(error, Stopped) else ""
+    return f"study: {message or stop.words}", stop.exit_status
 
 
-def exit_status(error: BaseException) -> int:
-    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
-    return 128 + int(getattr(error, "signum", signal.SIGINT))
+# ----------------------------------------------------------------------------------------------
+# the state: what has happened in this process since `watching()` began
+
+
+@dataclass
+class _State:
+    requested: Stop | None = None
+    """A stop waiting for the next `check` (a first Ctrl-C)."""
+    raised: Stop | None = None
+    """A stop the handler raised at once; every `check` raises it again."""
+    deadline: float | None = None
+    """`time.time()` after which `check` raises the time budget's stop."""
+    forward: Callable[[int], None] | None = None
+    """A parent of workers: signals go to this instead (and are only recorded here)."""
+    forwarded: list[int] = field(default_factory=list)
+
+
+_state = _State()
+
+
+def requested() -> bool:
+    """A stop waits for the next epoch boundary."""
+    return _state.requested is not None
+
+
+def forwarded() -> Stop | None:
+    """The stop a parent of workers forwarded last (None: none)."""
+    if not _state.forwarded:
+        return None
+    return SIGTERM if _state.forwarded[-1] == signal.SIGTERM else CTRL_C
+
+
+def check(trial=None) -> None:
+    """Raise `Stopped` once a stop is due (after storing its reason on `trial`)."""
+    stop = _state.raised or _state.requested
+    if stop is None and _state.deadline is not None and time.time() >= _state.deadline:
+        stop = TIME_BUDGET
+    if stop is not None:
+        if trial is not None:
+            trial.set_user_attr("fail_reason", stop.reason)
+        raise Stopped(stop)
+
+
+def _on_signal(signum: int, frame) -> None:
+    """The handler of SIGINT and SIGTERM within `watching()`."""
+    if _state.forward is not None:
+        _state.forwarded.append(signum)
+        _state.forward(signum)
+        return
+    if signum == signal.SIGINT and _state.requested is None:
+        _state.requested = CTRL_C
+        sys.stderr.write(NOTICE)
+        sys.stderr.flush()
+        return
+    _state.raised = SIGTERM if signum == signal.SIGTERM else SECOND_CTRL_C
+    raise Stopped(_state.raised)
+
+
+def _after_first_ctrl_c(signum: int, frame) -> None:
+    """The command is on its way out after a first Ctrl-C: another one is a second one."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise Stopped(SECOND_CTRL_C)
+
+
+def _unraisable_hook(previous: Callable) -> Callable:
+    """Python's hook for exceptions it cannot raise (one in a finaliser): a stop that landed
+    there is not printed, since it is remembered and `check` raises it again."""
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            previous(unraisable)
+
+    return hook
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    # once a stop is requested, Optuna's "trial failed" warning (with a traceback) only
+    # repeats what the one-line message and the trial's fail_reason say
+    return not (_state.requested is not None and "failed" in record.getMessage())
 
 
 @contextlib.contextmanager
-def deferred(forward: Callable[[int], None] | None = None) -> Iterator[None]:
-    """Within the block the first SIGINT requests a stop at the next epoch boundary; a second
-    SIGINT or a SIGTERM raises at once. With `forward`, every SIGINT/SIGTERM is only recorded
-    (`received`) and passed to `forward(signum)` (a parent of worker processes)."""
-    _requested.clear()
-    _received.clear()
-    _raised.clear()
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers live in the main thread only
-        return
-
-    def on_interrupt(signum, frame) -> None:
-        if forward is not None:
-            _received.append(signum)
-            forward(signum)
-            return
-        if _requested.is_set():
-            _raised.append(KeyboardInterrupt())
-            raise _raised[-1]  # second Ctrl-C: now
-        _requested.set()
-        # one write, so that a second Ctrl-C cannot split the line
-        sys.stderr.write(
-            "\nstudy: stopping after the current epoch (Ctrl-C again to stop at once)\n"
-        )
-        sys.stderr.flush()
-
-    def on_terminate(signum, frame) -> None:
-        if forward is not None:
-            on_interrupt(signum, frame)
-            return
-        _raised.append(Terminated())
-        raise _raised[-1]
-
-    def quiet(record: logging.LogRecord) -> bool:
-        # once a stop is requested, Optuna's "trial failed" warning (with a traceback) only
-        # repeats what the one-line message and the trial's fail_reason say
-        return not (_requested.is_set() and "failed" in record.getMessage())
-
+def watching(
+    deadline: float | None = None, forward: Callable[[int], None] | None = None
+) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM act as the table says and `check` honours
+    `deadline`; with `forward`, signals are passed to `forward(signum)` instead."""
+    global _state
+    _state = _State(deadline=deadline, forward=forward)
     handlers = logging.getLogger("optuna").handlers  # Optuna logs through its root logger
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, on_interrupt),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate),
-    }
     for h in handlers:
-        h.addFilter(quiet)
+        h.addFilter(_quiet)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _unraisable_hook(unraisable)
+    previous: dict = {}
     try:
-        yield
+        with _stop_signals(_on_signal) as previous:
+            yield
     finally:
-        stopping = _requested.is_set()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if stopping and forward is None and previous[signal.SIGINT] is signal.default_int_handler:
-            # the command is on its way out after a first Ctrl-C: another one is a second one
-            signal.signal(signal.SIGINT, _at_once)
+        sys.unraisablehook = unraisable
         for h in handlers:
-            h.removeFilter(quiet)
-        _requested.clear()
-        _raised.clear()
+            h.removeFilter(_quiet)
+        stopping = _state.requested is not None and forward is None
+        if stopping and previous.get(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _after_first_ctrl_c)
+        _state = _State(forwarded=_state.forwarded)  # the parent's line reads them after
 
 
-def _at_once(signum, frame) -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    raise KeyboardInterrupt(AT_ONCE_LINE)
-
-
-AT_ONCE_LINE = "interrupted at once (second Ctrl-C)"
+# ----------------------------------------------------------------------------------------------
+# blocks that signals must not cut
 
 
 @contextlib.contextmanager
@@ -208,9 +233,9 @@ def _stop_signals(handler) -> Iterator[dict]:
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the block runs (a write that must not be cut in two, such as
-    creating a trial and recording its owner); a signal that arrived meanwhile is handled, by
-    the handler in force before the block, as soon as the block ends."""
+    """Hold SIGINT and SIGTERM while the block runs (a write that must not be cut in two); a
+    signal that arrived meanwhile is handled, by the handler in force before the block, as
+    soon as the block ends."""
     arrived: list[int] = []
     previous: dict = {}
     try:

@@ -16,9 +16,15 @@ from study.studies import CERTIFICATION_ATTR, EXPORT_ATTR, best_feasible, descri
 
 
 def _kind(study: optuna.Study) -> str:
-    if "frontier" in study.user_attrs or study.study_name.startswith("frontier-"):
-        return "frontier"
     return kind_of(study) or "other"
+
+
+def _answer(study: optuna.Study) -> dict[str, Any] | None:
+    """A frontier cell's confirmed answer (the `answers.json` entry), else None."""
+    from study.frontier import stored_answer
+
+    answer = stored_answer(study)
+    return None if answer is None else answer.to_dict()
 
 
 def list_studies(storage_url: str) -> list[dict[str, Any]]:
@@ -35,7 +41,7 @@ def list_studies(storage_url: str) -> list[dict[str, Any]]:
         best = best_feasible(study) if len(study.directions) == 1 else None
         value = None if best is None else best.value
         if kind == "frontier" and not summary.study_name.endswith("-recipe"):
-            value = (study.user_attrs.get("answer") or {}).get("neurons")  # the certified width
+            value = (_answer(study) or {}).get("neurons")  # the confirmed width
         rows.append(
             {
                 "study": summary.study_name,
@@ -54,7 +60,7 @@ def best_of(name: str, storage_url: str) -> dict[str, Any]:
     study = load_study(name, open_storage(storage_url, heartbeat=False))
     kind = _kind(study)
     if kind == "frontier":
-        return {"study": name, "kind": kind, "answer": study.user_attrs.get("answer")}
+        return {"study": name, "kind": kind, "answer": _answer(study)}
     if kind == "other":
         best = best_feasible(study)
         return {"study": name, "kind": kind, "best": None if best is None else _trial(best)}

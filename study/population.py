@@ -324,15 +324,18 @@ def train_population(
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine: must be one of {ENGINES}, got {engine!r}")
-    ledger = _Ledger(members, fn, on_epoch, after_epoch)
-    library = None
+    kernel = None
     if engine != "torch" and fn.inputs.device.type == "cpu":
-        library = native.load()
-    if engine == "native" and library is None:
+        kernel = native.load()
+    if engine == "native" and kernel is None:
         raise ConfigError("engine: the native kernel needs the CPU and a C compiler")
-    if library is not None:
-        _train_native(library, members, fn, ledger, threads)
+    if kernel is not None:
+        ledger = _Ledger(members, fn, on_epoch, after_epoch, "native", threads)
+        _train_native(kernel, members, fn, ledger, threads)
     else:
+        cpu = fn.inputs.device.type == "cpu"
+        ledger = _Ledger(members, fn, on_epoch, after_epoch, "torch",
+                         torch.get_num_threads() if cpu else 1)  # fmt: skip
         for indices in plan_groups(members, fn):
             pending = [i for i in indices if i not in ledger.results]
             if pending:
@@ -351,9 +354,12 @@ class _Ledger:
         fn: BooleanFunction,
         on_epoch: MemberCallback | None,
         after_epoch: EpochHook | None,
+        engine: str,
+        threads: int,
     ) -> None:
         self.members, self.fn = members, fn
         self.on_epoch, self.after_epoch = on_epoch, after_epoch
+        self.engine, self.threads = engine, threads
         self.history = {i: History(m.config.learning_rate) for i, m in enumerate(members)}
         self.results: dict[int, TrainResult] = {}
         self.device = dev.describe(fn.inputs.device)
@@ -377,6 +383,8 @@ class _Ledger:
             reached_target=reached,
             stopped_by_callback=stopped,
             divergence=divergence,
+            engine=self.engine,
+            threads=self.threads,
         )
         return self.results[i]
 
@@ -466,20 +474,23 @@ class _NativeState:
         self.orders = torch.zeros(k, self.rows, dtype=torch.int64)
         self.train_loss, self.eval_loss, self.accuracy = (torch.zeros(k) for _ in range(3))
 
-    def epoch(self, library, running: list[int], threads: int) -> list[tuple]:
+    def bind(self, kernel: native.Kernel) -> native.BoundEpoch:
+        """The kernel's epoch on these buffers, checked once (`native.ARGUMENTS`)."""
+        return kernel.bind(
+            active=self.active, ndims=self.ndims, dims=self.dims, offsets=self.offsets,
+            params=self.params, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq,
+            steps=self.steps, lr=self.lr, cosine=self.cosine, total_steps=self.total_steps,
+            batch=self.batch, x=self.x, y=self.y, orders=self.orders,
+            train_loss=self.train_loss, eval_loss=self.eval_loss, eval_acc=self.accuracy,
+        )  # fmt: skip
+
+    def epoch(self, call: native.BoundEpoch, running: list[int], threads: int) -> list[tuple]:
         """One epoch of the `running` members: (index, train loss, eval loss, accuracy) each."""
         for i in running:  # each member's own seeded order, as the sequential trainer draws it
             torch.randperm(self.rows, generator=self.generators[i], out=self.orders[i])
         self.active.zero_()
         self.active[running] = 1
-        buffers = (self.active, self.ndims, self.dims, self.offsets, self.params, self.exp_avg,
-                   self.exp_avg_sq, self.steps, self.lr, self.cosine, self.total_steps,
-                   self.batch)  # fmt: skip
-        outputs = (self.orders, self.train_loss, self.eval_loss, self.accuracy)
-        status = library.population_epoch(
-            len(self.members), *(t.data_ptr() for t in buffers), self.rows, self.x.data_ptr(),
-            self.y.data_ptr(), *(t.data_ptr() for t in outputs), threads,
-        )  # fmt: skip
+        status = call.epoch(threads)
         if status != 0:
             raise MemoryError("population kernel: out of memory")
         tl, el, acc = self.train_loss.tolist(), self.eval_loss.tolist(), self.accuracy.tolist()
@@ -487,16 +498,21 @@ class _NativeState:
 
 
 def _train_native(
-    library, members: Sequence[Member], fn: BooleanFunction, ledger: _Ledger, threads: int
+    kernel: native.Kernel,
+    members: Sequence[Member],
+    fn: BooleanFunction,
+    ledger: _Ledger,
+    threads: int,
 ) -> None:
     """All members at once, one kernel call per epoch; a member that stops costs nothing."""
     state = _NativeState(members, fn)
+    call = state.bind(kernel)
     running = [i for i in range(len(members)) if i not in ledger.results]
     started = time.perf_counter()
     for epoch in range(1, max((m.config.epochs for m in members), default=0) + 1):
         if not running:
             break
-        rows = state.epoch(library, running, threads)
+        rows = state.epoch(call, running, threads)
         done = ledger.epoch(epoch, time.perf_counter() - started, rows)
         running = [i for i in running if i not in done]
 

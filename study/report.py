@@ -34,7 +34,7 @@ def write_report(
     command: str | None = None,
 ) -> Path:
     """Write trials.csv, summary.md and figures for a stored study; return the directory."""
-    study, info = load(study_name, storage)
+    study, info = load(study_name, storage, kind=("boolean", "image"), command="report")
     out = Path(out_dir) if out_dir is not None else Path("results") / study_name
     out.mkdir(parents=True, exist_ok=True)
     frame = trials_frame(study)
@@ -44,12 +44,13 @@ def write_report(
     # everything shown comes from this study's store: its trials, its stored export and
     # certification, never files lying in the output directory
     if info.kind == "image":
-        image_figures(study, frame, out)
+        figures = image_figures(study, frame, out)
         export = study.user_attrs.get(EXPORT_ATTR)
-        (out / "summary.md").write_text(image_summary(study, frame, info, command, export))
-        return out
-    boolean_figures(frame, info.settings, out)
-    cert = stored_certification(study, info.settings)
-    summary = boolean_summary(study, frame, info, command, cert.body() if cert else None)
+        summary = image_summary(study, frame, info, command, export, figures)
+    else:
+        figures = boolean_figures(frame, info.settings, out)
+        cert = stored_certification(study, info.settings)
+        body = cert.body() if cert else None
+        summary = boolean_summary(study, frame, info, command, body, figures)
     (out / "summary.md").write_text(summary)
     return out

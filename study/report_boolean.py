@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures
-import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
 
 from study.config import BOOLEAN_OPTIMIZER, BooleanSettings
 from study.studies import StudyInfo, best_feasible
-from study.tables import STATES, markdown_table, outside_legend, save_figure
+from study.tables import STATES, engines, figure, figure_links, markdown_table, outside_legend
 
 # ----------------------------------------------------------------------------------------------
 # Boolean studies
@@ -42,80 +38,95 @@ def boolean_figures(frame: pd.DataFrame, settings: BooleanSettings, out: Path) -
     done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
     if done.empty or "neurons" not in done:
         return []
-    target = settings.target_loss
-    required = settings.required_share
     done["median_best_loss"] = done["median_best_loss"].astype(float)
-    paths = []
+    return [
+        _neurons_vs_loss(done, settings.target_loss, out / "neurons_vs_loss.png"),
+        _success_share(done, settings.required_share, out / "success_share_vs_width.png"),
+        _best_width_history(frame, out / "best_width_history.png"),
+    ]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    scatter = ax.scatter(
-        done["neurons"],
-        done["median_best_loss"],
-        c=done["success_share"].astype(float),
-        cmap="viridis",
-        vmin=0,
-        vmax=1,
-        s=36,
-        edgecolors="k",
-        linewidths=0.4,
-    )
-    ax.axhline(target, color="crimson", linestyle="--", label=f"target loss {target:g}")
-    front = pareto_front(done["neurons"], done["median_best_loss"])
-    ax.step(
-        front["neurons"],
-        front["median_best_loss"],
-        where="post",
-        color="black",
-        linewidth=1.0,
-        label="Pareto front (no trial has fewer neurons and lower loss)",
-    )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("hidden neurons (sum of widths)")
-    ax.set_ylabel("median best full-table loss (mean BCE)")
-    ax.set_title("Hidden neurons vs best loss, one point per trial")
-    fig.colorbar(scatter, ax=ax, label="success share of seeds")
-    outside_legend(ax)
-    paths.append(save_figure(fig, out / "neurons_vs_loss.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    # jitter towards the inside, so that no point sits outside [0, 1]
-    share = done["success_share"].astype(float).to_numpy()
-    jitter = np.abs(np.random.default_rng(0).uniform(0.0, 0.025, len(done)))
-    jittered = np.where(share >= 0.5, share - jitter, share + jitter)
-    for state, color in (("COMPLETE", "tab:blue"), ("PRUNED", "tab:gray")):
-        mask = (done["state"] == state).to_numpy()
-        if mask.any():
-            ax.scatter(
-                done["neurons"][mask], jittered[mask], color=color, s=30, label=state.lower()
-            )
-    ax.axhline(required, color="crimson", linestyle="--", label=f"required share {required:.0%}")
-    ax.set_xscale("log")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("hidden neurons (sum of widths)")
-    ax.set_ylabel("share of seeds that learned f")
-    ax.set_title("Success share vs width")
-    outside_legend(ax)
-    paths.append(save_figure(fig, out / "success_share_vs_width.png"))
+def _neurons_vs_loss(done: pd.DataFrame, target: float, path: Path) -> Path:
+    with figure(path) as (fig, ax):
+        scatter = ax.scatter(
+            done["neurons"],
+            done["median_best_loss"],
+            c=done["success_share"].astype(float),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            s=36,
+            edgecolors="k",
+            linewidths=0.4,
+        )
+        ax.axhline(target, color="crimson", linestyle="--", label=f"target loss {target:g}")
+        front = pareto_front(done["neurons"], done["median_best_loss"])
+        ax.step(
+            front["neurons"],
+            front["median_best_loss"],
+            where="post",
+            color="black",
+            linewidth=1.0,
+            label="Pareto front (no trial has fewer neurons and lower loss)",
+        )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden neurons (sum of widths)")
+        ax.set_ylabel("median best full-table loss (mean BCE)")
+        ax.set_title("Hidden neurons vs best loss, one point per trial")
+        fig.colorbar(scatter, ax=ax, label="success share of seeds")
+        outside_legend(ax)
+    return path
 
+
+def _success_share(done: pd.DataFrame, required: float, path: Path) -> Path:
+    with figure(path) as (_, ax):
+        # jitter towards the inside, so that no point sits outside [0, 1]
+        share = done["success_share"].astype(float).to_numpy()
+        jitter = np.abs(np.random.default_rng(0).uniform(0.0, 0.025, len(done)))
+        jittered = np.where(share >= 0.5, share - jitter, share + jitter)
+        for state, color in (("COMPLETE", "tab:blue"), ("PRUNED", "tab:gray")):
+            mask = (done["state"] == state).to_numpy()
+            if mask.any():
+                ax.scatter(
+                    done["neurons"][mask], jittered[mask], color=color, s=30, label=state.lower()
+                )
+        ax.axhline(
+            required, color="crimson", linestyle="--", label=f"required share {required:.0%}"
+        )
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("hidden neurons (sum of widths)")
+        ax.set_ylabel("share of seeds that learned f")
+        ax.set_title("Success share vs width")
+        outside_legend(ax)
+    return path
+
+
+def _best_width_history(frame: pd.DataFrame, path: Path) -> Path:
     order = frame.sort_values("number")
     best, history = None, []
     for _, row in order.iterrows():
         if row["state"] == "COMPLETE" and bool(row.get("learns_f")):
             best = row["neurons"] if best is None else min(best, row["neurons"])
         history.append(best)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step(order["number"], [np.nan if b is None else b for b in history], where="post")
-    feasible = order[(order["state"] == "COMPLETE") & order.get("learns_f", False).astype(bool)]
-    ax.scatter(
-        feasible["number"], feasible["neurons"], s=14, color="tab:green", label="feasible trials"
-    )
-    ax.set_xlabel("trial number")
-    ax.set_ylabel("hidden neurons")
-    ax.set_title("Best feasible width so far")
-    outside_legend(ax)
-    paths.append(save_figure(fig, out / "best_width_history.png"))
-    return paths
+    with figure(path, figsize=(7, 4)) as (_, ax):
+        ax.step(order["number"], [np.nan if b is None else b for b in history], where="post")
+        feasible = order[
+            (order["state"] == "COMPLETE") & order.get("learns_f", False).astype(bool)
+        ]
+        ax.scatter(
+            feasible["number"],
+            feasible["neurons"],
+            s=14,
+            color="tab:green",
+            label="feasible trials",
+        )
+        ax.set_xlabel("trial number")
+        ax.set_ylabel("hidden neurons")
+        ax.set_title("Best feasible width so far")
+        outside_legend(ax)
+    return path
 
 
 def boolean_summary(
@@ -124,14 +135,16 @@ def boolean_summary(
     info: StudyInfo,
     command: str | None,
     certification: str | None = None,
+    figures: list[Path] | None = None,
 ) -> str:
-    counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
-    best = best_feasible(study)
+    """summary.md: the question, the answer, the budget, the smallest feasible trials, the
+    certification and the figures (those written)."""
     s = info.settings
     assert isinstance(s, BooleanSettings)
-    lines = [f"# Study `{study.study_name}`", ""]
     doc = info.space.replace("-", " ")
-    lines += [
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
         f"Question ({doc}): the least number of hidden ReLU neurons with which the network "
         f"learns a random Boolean function {{0,1}}^{s.input_bits} -> "
         f"{{0,1}}^{s.output_bits} (function seed {s.function_seed}) to a full-table "
@@ -140,27 +153,44 @@ def boolean_summary(
         "",
         "## Answer",
         "",
-    ]
-    if best is None:
-        lines.append("No feasible configuration found yet.")
-    else:
-        a = best.user_attrs
-        profile = "-".join(map(str, a["hidden_layer_profile"]))
-        lines += [
-            f"**{a['neurons']} hidden neurons** (profile [{profile}], {a['parameters']} "
-            f"parameters), trial {best.number}: learning rate "
-            f"{best.params['learning_rate']:.3g}, batch {best.params['batch_size']}, "
-            f"budget {best.params['epochs']} epochs; success share {a['success_share']:.0%}, "
-            f"median best loss {a['median_best_loss']:.3g}.",
-            "",
-            "This is an upper bound found by the search under the budget below, on "
-            f"{s.seeds} seeds; `study certify` retrains it, the next smaller configuration "
-            "and the runners-up on fresh seeds (see Certification).",
-        ]
-    lines += [
+        *_answer(study, s),
         "",
         "## Budget",
         "",
+        *_budget(study, frame, s),
+        *_smallest_feasible(frame),
+    ]
+    if certification is not None:
+        lines += ["", "## Certification", "", certification.strip(), ""]
+    lines += ["", "## Figures", ""]
+    lines += figure_links(BOOLEAN_FIGURES, figures)
+    if command:
+        lines += ["", f"Produced by: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _answer(study: optuna.Study, s: BooleanSettings) -> list[str]:
+    best = best_feasible(study)
+    if best is None:
+        return ["No feasible configuration found yet."]
+    a = best.user_attrs
+    profile = "-".join(map(str, a["hidden_layer_profile"]))
+    return [
+        f"**{a['neurons']} hidden neurons** (profile [{profile}], {a['parameters']} "
+        f"parameters), trial {best.number}: learning rate "
+        f"{best.params['learning_rate']:.3g}, batch {best.params['batch_size']}, "
+        f"budget {best.params['epochs']} epochs; success share {a['success_share']:.0%}, "
+        f"median best loss {a['median_best_loss']:.3g}.",
+        "",
+        "This is an upper bound found by the search under the budget below, on "
+        f"{s.seeds} seeds; `study certify` retrains it, the next smaller configuration "
+        "and the runners-up on fresh seeds (see Certification).",
+    ]
+
+
+def _budget(study: optuna.Study, frame: pd.DataFrame, s: BooleanSettings) -> list[str]:
+    counts = {state: int((frame["state"] == state).sum()) if len(frame) else 0 for state in STATES}
+    lines = [
         f"- {BOOLEAN_OPTIMIZER.capitalize()}, fp32, full truth table ({2**s.input_bits} rows); "
         f"learning rate {s.min_learning_rate:g}..{s.max_learning_rate:g} (log), batch sizes "
         f"{list(s.batch_sizes)}, epochs {s.min_epochs}..{s.max_epochs} (log), stop at the target",
@@ -183,24 +213,15 @@ def boolean_summary(
             f"- wall time {span.total_seconds() / 60:.0f} min from the first trial's start to "
             f"the last one's end, on {devices}{population}"
         )
+        lines.append(f"- trained by: {engines(frame)}")
+    return lines
+
+
+def _smallest_feasible(frame: pd.DataFrame) -> list[str]:
     feasible = frame[(frame["state"] == "COMPLETE") & frame.get("learns_f", False).astype(bool)]
-    if len(feasible):
-        top = feasible.sort_values(["neurons", "median_best_loss"]).head(8)
-        cols = [c for c in top.columns if c.startswith("param_")]
-        shown = top[
-            ["number", "neurons", "parameters", "success_share", "median_best_loss", *cols]
-        ]
-        lines += [
-            "",
-            "## Smallest feasible trials",
-            "",
-            markdown_table(shown),
-            "",
-        ]
-    if certification is not None:
-        lines += ["", "## Certification", "", certification.strip(), ""]
-    lines += ["", "## Figures", ""]
-    lines += [f"![{title}]({name})" for name, title in BOOLEAN_FIGURES]
-    if command:
-        lines += ["", f"Produced by: `{command}`"]
-    return "\n".join(lines) + "\n"
+    if not len(feasible):
+        return []
+    top = feasible.sort_values(["neurons", "median_best_loss"]).head(8)
+    cols = [c for c in top.columns if c.startswith("param_")]
+    shown = top[["number", "neurons", "parameters", "success_share", "median_best_loss", *cols]]
+    return ["", "## Smallest feasible trials", "", markdown_table(shown), ""]

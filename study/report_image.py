@@ -9,11 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures
 import matplotlib.dates as mdates
-import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
@@ -22,7 +18,7 @@ from matplotlib.ticker import NullFormatter
 from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
 from study.studies import StudyInfo, best_feasible
-from study.tables import STATES, markdown_table, outside_legend, save_figure
+from study.tables import STATES, engines, figure, figure_links, markdown_table, outside_legend
 
 # ----------------------------------------------------------------------------------------------
 # Image studies (FashionMNIST, MNIST)
@@ -59,30 +55,43 @@ def image_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[Path]:
     """Learning rate vs validation accuracy, accuracy vs parameters, learning curves of the top
-    trials, training vs validation accuracy, parameter importances, timeline."""
+    trials, training vs validation accuracy, parameter importances (from 4 complete trials on),
+    timeline; returns the figures written."""
     done = image_frame(frame)
     if done.empty:
         return []
-    paths = []
-    complete = done["state"] == "COMPLETE"
     floor = max(0.0, float(done["val_accuracy"].quantile(0.1)) - 0.02)
+    paths = [
+        _accuracy_against(
+            done, "learning_rate", "peak learning rate (log scale)",
+            "Learning rate vs validation accuracy, by optimiser", floor,
+            out / "lr_vs_accuracy.png",
+        ),
+        _accuracy_against(
+            done, "parameters", "trainable parameters (log scale)",
+            "Validation accuracy vs model size", floor, out / "accuracy_vs_parameters.png",
+        ),
+        _learning_curves(done, floor, out / "learning_curves.png"),
+        _train_vs_validation(done, out / "train_vs_validation.png"),
+        _importances(study, done, out / "param_importances.png"),
+        _timeline(frame, out / "timeline.png"),
+    ]  # fmt: skip
+    return [p for p in paths if p is not None]
 
-    def accuracy_against(x: str, xlabel: str, title: str, filename: str) -> Path:
-        """Last validation accuracy against column `x` (log scale); complete trials coloured
-        by optimiser, pruned ones as grey crosses."""
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def _accuracy_against(
+    done: pd.DataFrame, x: str, xlabel: str, title: str, floor: float, path: Path
+) -> Path:
+    """Last validation accuracy against column `x` (log scale); complete trials coloured by
+    optimiser, pruned ones as grey crosses."""
+    complete = done["state"] == "COMPLETE"
+    with figure(path) as (_, ax):
         for name, group in done[complete].groupby("param_optimizer"):
             ax.scatter(group[x], group["val_accuracy"], s=34, label=name)
         pruned = done[done["state"] == "PRUNED"]
         if len(pruned):
-            ax.scatter(
-                pruned[x],
-                pruned["val_accuracy"],
-                marker="x",
-                s=30,
-                color="tab:gray",
-                label="pruned",
-            )
+            ax.scatter(pruned[x], pruned["val_accuracy"], marker="x", s=30, color="tab:gray",
+                       label="pruned")  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
         ax.set_ylim(bottom=floor)
@@ -90,112 +99,109 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
         ax.set_ylabel("validation accuracy (last epoch)")
         ax.set_title(title)
         outside_legend(ax, title="optimiser")
-        return save_figure(fig, out / filename)
+    return path
 
-    paths.append(
-        accuracy_against(
-            "learning_rate",
-            "peak learning rate (log scale)",
-            "Learning rate vs validation accuracy, by optimiser",
-            "lr_vs_accuracy.png",
-        )
-    )
-    paths.append(
-        accuracy_against(
-            "parameters",
-            "trainable parameters (log scale)",
-            "Validation accuracy vs model size",
-            "accuracy_vs_parameters.png",
-        )
-    )
 
+def _learning_curves(done: pd.DataFrame, floor: float, path: Path) -> Path:
+    """Validation accuracy per epoch of every trial (the top 5 in colour), and the top 5's
+    training against validation accuracy."""
     curves = _histories(done)
-    top = done[complete].sort_values("value", ascending=False).head(5)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for number in done.number:
-        if int(number) in curves and number not in set(top.number):
+    top = done[done["state"] == "COMPLETE"].sort_values("value", ascending=False).head(5)
+    with figure(path, 1, 2, figsize=(11, 4.2), sharey=True) as (_, (left, right)):
+        for number in done.number:
+            if int(number) in curves and number not in set(top.number):
+                c = curves[int(number)]
+                left.plot(c["epoch"], c["val_accuracy"], color="0.8", linewidth=0.8)
+        for number in top.number:
             c = curves[int(number)]
-            left.plot(c["epoch"], c["val_accuracy"], color="0.8", linewidth=0.8)
-    for number in top.number:
-        c = curves[int(number)]
-        line = left.plot(c["epoch"], c["val_accuracy"], linewidth=1.8, label=f"trial {number}")
-        color = line[0].get_color()
-        right.plot(c["epoch"], c["train_accuracy"], "--", color=color, linewidth=1.2)
-        right.plot(c["epoch"], c["val_accuracy"], color=color, linewidth=1.8)
-    left.set_ylim(bottom=floor)
-    left.set_xlabel("epoch")
-    left.set_ylabel("accuracy")
-    left.set_title("Validation accuracy per epoch (grey: other trials)")
-    right.legend(
-        handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right", fontsize=8
-    )
-    right.set_xlabel("epoch")
-    right.set_title("Top 5: training (dashed) vs validation (solid)")
-    paths.append(save_figure(fig, out / "learning_curves.png"))
+            line = left.plot(c["epoch"], c["val_accuracy"], linewidth=1.8, label=f"trial {number}")
+            color = line[0].get_color()
+            right.plot(c["epoch"], c["train_accuracy"], "--", color=color, linewidth=1.2)
+            right.plot(c["epoch"], c["val_accuracy"], color=color, linewidth=1.8)
+        left.set_ylim(bottom=floor)
+        left.set_xlabel("epoch")
+        left.set_ylabel("accuracy")
+        left.set_title("Validation accuracy per epoch (grey: other trials)")
+        right.legend(
+            handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right", fontsize=8
+        )
+        right.set_xlabel("epoch")
+        right.set_title("Top 5: training (dashed) vs validation (solid)")
+    return path
 
-    fig, ax = plt.subplots(figsize=(6, 5.2))
-    finished = done[complete]
-    scatter = ax.scatter(
-        finished["train_accuracy"],
-        finished["val_accuracy"],
-        c=np.log10(finished["parameters"]),
-        cmap="viridis",
-        s=36,
-        edgecolors="k",
-        linewidths=0.4,
-    )
-    low = float(min(finished["train_accuracy"].min(), finished["val_accuracy"].min())) - 0.01
-    high = float(max(finished["train_accuracy"].max(), finished["val_accuracy"].max())) + 0.01
-    ax.plot([low, high], [low, high], color="crimson", linestyle="--", label="validation = train")
-    ax.set_xlim(low, high)
-    ax.set_ylim(low, high)
-    ax.set_xlabel("training accuracy (running, last epoch)")
-    ax.set_ylabel("validation accuracy (last epoch)")
-    ax.set_title("Do training gains carry over? (complete trials)")
-    fig.colorbar(scatter, ax=ax, label="log10 parameters")
-    ax.legend(loc="upper left")
-    paths.append(save_figure(fig, out / "train_vs_validation.png"))
 
-    if int(complete.sum()) >= 4:
-        with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
-            warnings.simplefilter("ignore")
-            importances = optuna.importance.get_param_importances(study)
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(importances) + 1.5))
+def _train_vs_validation(done: pd.DataFrame, path: Path) -> Path:
+    finished = done[done["state"] == "COMPLETE"]
+    with figure(path, figsize=(6, 5.2)) as (fig, ax):
+        scatter = ax.scatter(
+            finished["train_accuracy"],
+            finished["val_accuracy"],
+            c=np.log10(finished["parameters"]),
+            cmap="viridis",
+            s=36,
+            edgecolors="k",
+            linewidths=0.4,
+        )
+        low = float(min(finished["train_accuracy"].min(), finished["val_accuracy"].min())) - 0.01
+        high = float(max(finished["train_accuracy"].max(), finished["val_accuracy"].max())) + 0.01
+        ax.plot([low, high], [low, high], color="crimson", linestyle="--",
+                label="validation = train")  # fmt: skip
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        ax.set_xlabel("training accuracy (running, last epoch)")
+        ax.set_ylabel("validation accuracy (last epoch)")
+        ax.set_title("Do training gains carry over? (complete trials)")
+        fig.colorbar(scatter, ax=ax, label="log10 parameters")
+        ax.legend(loc="upper left")
+    return path
+
+
+def _importances(study: optuna.Study, done: pd.DataFrame, path: Path) -> Path | None:
+    """PED-ANOVA importances, from 4 complete trials on (None before)."""
+    if int((done["state"] == "COMPLETE").sum()) < 4:
+        return None
+    with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
+        warnings.simplefilter("ignore")
+        importances = optuna.importance.get_param_importances(study)
+    with figure(path, figsize=(8, 0.35 * len(importances) + 1.5)) as (_, ax):
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="tab:blue")
         ax.set_xlabel("importance (share of explained variance, PED-ANOVA)")
         ax.set_title("Parameter importances for validation accuracy")
-        paths.append(save_figure(fig, out / "param_importances.png"))
+    return path
 
-    # the timeline: one bar per trial from start to end, coloured by state; the legend names
-    # only the states that occur
+
+TIMELINE_COLORS = {
+    "COMPLETE": "tab:blue",
+    "PRUNED": "tab:orange",
+    "FAIL": "tab:red",
+    "RUNNING": "tab:green",
+}
+
+
+def _timeline(frame: pd.DataFrame, path: Path) -> Path:
+    """One bar per trial from start to end, coloured by state; the legend names only the
+    states that occur."""
     timed = frame.dropna(subset=["datetime_start"]).sort_values("number")
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(timed) + 1.5)))
-    colors = {
-        "COMPLETE": "tab:blue",
-        "PRUNED": "tab:orange",
-        "FAIL": "tab:red",
-        "RUNNING": "tab:green",
-    }
     now = pd.Timestamp.now()
-    for state, rows in timed.groupby("state"):
-        ends = rows["datetime_complete"].fillna(now)
-        ax.barh(
-            rows["number"],
-            (ends - rows["datetime_start"]).dt.total_seconds() / 86400,
-            left=mdates.date2num(rows["datetime_start"]),
-            height=0.7,
-            color=colors.get(state, "tab:gray"),
-            label=state.lower(),
-        )
-    ax.xaxis_date()
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
-    ax.set_xlabel("wall-clock time")
-    ax.set_ylabel("trial number")
-    ax.set_title("Timeline of trials")
-    outside_legend(ax)
-    paths.append(save_figure(fig, out / "timeline.png"))
-    return paths
+    with figure(path, figsize=(8, max(3.0, 0.18 * len(timed) + 1.5))) as (_, ax):
+        for state, rows in timed.groupby("state"):
+            ends = rows["datetime_complete"].fillna(now)
+            ax.barh(
+                rows["number"],
+                (ends - rows["datetime_start"]).dt.total_seconds() / 86400,
+                left=mdates.date2num(rows["datetime_start"]),
+                height=0.7,
+                color=TIMELINE_COLORS.get(state, "tab:gray"),
+                label=state.lower(),
+            )
+        ax.xaxis_date()
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        ax.set_xlabel("wall-clock time")
+        ax.set_ylabel("trial number")
+        ax.set_title("Timeline of trials")
+        outside_legend(ax)
+    return path
 
 
 IMAGE_FIGURES = [
@@ -214,52 +220,71 @@ def image_summary(
     info: StudyInfo,
     command: str | None,
     export: dict[str, Any] | None = None,
+    figures: list[Path] | None = None,
 ) -> str:
-    counts = {s: int((frame["state"] == s).sum()) if len(frame) else 0 for s in STATES}
+    """summary.md: the question, the answer (and the exported test accuracy), the budget, the
+    best trials and the figures (those written)."""
     s = info.settings
     assert isinstance(s, ImageSettings)
     run = choices.stored_run(study, "image")
     model = "convolutional networks" if info.space.endswith("cnn") else "multilayer perceptrons"
-    dataset = IMAGE_DATASETS[s.dataset]
     lines = [
         f"# Study `{study.study_name}`",
         "",
         f"Question: which training (optimiser, learning rate, schedule, batch size, epochs, "
-        f"weight decay) and which architecture give {model} the best accuracy on {dataset}? "
-        f"Objective: accuracy on {s.validation_size} validation images held out of the "
-        f"training set (split seed {s.split_seed}), after the last epoch. Sampler "
-        f"{run['sampler']}, pruner {run['pruner']}. The test set is not used in the search.",
+        f"weight decay) and which architecture give {model} the best accuracy on "
+        f"{IMAGE_DATASETS[s.dataset]}? Objective: accuracy on {s.validation_size} validation "
+        f"images held out of the training set (split seed {s.split_seed}), after the last "
+        f"epoch. Sampler {run['sampler']}, pruner {run['pruner']}. The test set is not used in "
+        "the search.",
         "",
         "## Answer",
         "",
-    ]
-    best = best_feasible(study)
-    if best is None:
-        lines.append("No complete trial yet.")
-    else:
-        a = best.user_attrs
-        described = ImageCandidate.from_dict(a["config"]).describe()
-        baseline = " (the study's enqueued baseline: the search did not beat it)"
-        lines.append(
-            f"**Validation accuracy {best.value:.4f}**, trial {best.number}"
-            f"{baseline if a.get('baseline') else ''} ({a['parameters']:,} parameters, "
-            f"{a['seconds_per_epoch']:.1f} s per epoch on {a['device']}): {described}."
-        )
-        if export is not None:
-            trial = export.get("trial", best.number)
-            changed = " (the best trial has changed since: export again)" * (trial != best.number)
-            lines += [
-                "",
-                f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
-                f"test images, evaluated once, after `study export` retrained trial {trial} "
-                f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
-                f"on {export['device']}){changed}; it saved the weights (`model.pt`), the "
-                "config (`config.json`) and these metrics (`metrics.json`).",
-            ]
-    lines += [
+        *_answer(study, export),
         "",
         "## Budget",
         "",
+        *_budget(frame, s),
+        *_best_trials(frame),
+        "",
+        "## Figures",
+        "",
+    ]
+    lines += figure_links(IMAGE_FIGURES, figures)
+    if command:
+        lines += ["", f"Produced by: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _answer(study: optuna.Study, export: dict[str, Any] | None) -> list[str]:
+    best = best_feasible(study)
+    if best is None:
+        return ["No complete trial yet."]
+    a = best.user_attrs
+    described = ImageCandidate.from_dict(a["config"]).describe()
+    baseline = " (the study's enqueued baseline: the search did not beat it)"
+    lines = [
+        f"**Validation accuracy {best.value:.4f}**, trial {best.number}"
+        f"{baseline if a.get('baseline') else ''} ({a['parameters']:,} parameters, "
+        f"{a['seconds_per_epoch']:.1f} s per epoch on {a['device']}): {described}."
+    ]
+    if export is not None:
+        trial = export.get("trial", best.number)
+        changed = " (the best trial has changed since: export again)" * (trial != best.number)
+        lines += [
+            "",
+            f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
+            f"test images, evaluated once, after `study export` retrained trial {trial} "
+            f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
+            f"on {export['device']}){changed}; it saved the weights (`model.pt`), the "
+            "config (`config.json`) and these metrics (`metrics.json`).",
+        ]
+    return lines
+
+
+def _budget(frame: pd.DataFrame, s: ImageSettings) -> list[str]:
+    counts = {state: int((frame["state"] == state).sum()) if len(frame) else 0 for state in STATES}
+    lines = [
         f"- epochs {s.min_epochs}..{s.max_epochs} per trial, training seed {s.seed}",
         f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running"
@@ -275,32 +300,34 @@ def image_summary(
     if len(done):
         span = frame["datetime_complete"].max() - frame["datetime_start"].min()
         devices = ", ".join(sorted(set(done["device"].dropna().astype(str))))
-        lines.append(
+        lines += [
             f"- {int(done['epochs_run'].sum())} epochs trained in all; wall time "
             f"{span.total_seconds() / 60:.0f} min from the first trial's start to the last "
-            f"one's end, on {devices}"
-        )
-        top = done[done["state"] == "COMPLETE"].sort_values("value", ascending=False).head(8)
-        shown = pd.DataFrame(
-            {
-                "trial": top["number"],
-                "val_accuracy": top["value"].round(4),
-                "train_accuracy": top["train_accuracy"].round(4),
-                "parameters": top["parameters"].astype(int),
-                "epochs": top["epochs_run"],
-                "s/epoch": top["seconds_per_epoch"].astype(float).round(1),
-                "configuration": [
-                    ImageCandidate.from_dict(json.loads(c)).describe()
-                    + (" (baseline)" if b is True else "")
-                    for c, b in zip(
-                        top["config"], top.get("baseline", [None] * len(top)), strict=True
-                    )
-                ],
-            }
-        )
-        lines += ["", "## Best trials", "", markdown_table(shown), ""]
-    lines += ["", "## Figures", ""]
-    lines += [f"![{title}]({name})" for name, title in IMAGE_FIGURES]
-    if command:
-        lines += ["", f"Produced by: `{command}`"]
-    return "\n".join(lines) + "\n"
+            f"one's end, on {devices}",
+            f"- trained by: {engines(frame)}",
+        ]
+    return lines
+
+
+def _best_trials(frame: pd.DataFrame) -> list[str]:
+    done = image_frame(frame)
+    if not len(done):
+        return []
+    top = done[done["state"] == "COMPLETE"].sort_values("value", ascending=False).head(8)
+    baselines = top["baseline"] if "baseline" in top else [None] * len(top)
+    shown = pd.DataFrame(
+        {
+            "trial": top["number"],
+            "val_accuracy": top["value"].round(4),
+            "train_accuracy": top["train_accuracy"].round(4),
+            "parameters": top["parameters"].astype(int),
+            "epochs": top["epochs_run"],
+            "s/epoch": top["seconds_per_epoch"].astype(float).round(1),
+            "configuration": [
+                ImageCandidate.from_dict(json.loads(c)).describe()
+                + (" (baseline)" if b is True else "")
+                for c, b in zip(top["config"], baselines, strict=True)
+            ],
+        }
+    )
+    return ["", "## Best trials", "", markdown_table(shown), ""]

@@ -1,9 +1,10 @@
 """Run a named study to a total trial count: create or resume it, refuse conflicting settings.
 
-`run_study("boolean-shallow", trials=20)` is the Python entry point behind `study run`;
-`workers=N` runs N processes on the same storage (one per visible GPU when there are several).
-Every process claims its trials through `study.claims`, so that the study ends with exactly
-the requested number of finished trials, and no trial of a dead process stays RUNNING.
+`run_study("boolean-shallow", trials=20)` is the Python entry point behind `study run`; how a
+run runs (store, time budget, populations, worker processes) is a `RunOptions`, whose fields
+are also the `study run` flags. Every process claims its trials through `study.claims`, so
+that the study ends with exactly the requested number of finished trials, and no trial of a
+dead process stays RUNNING. Stops (Ctrl-C, SIGTERM, the time budget) are `study.interrupt`'s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any
 
 import optuna
@@ -27,16 +30,10 @@ from search_spaces import get_space
 from study import choices, claims, interrupt
 from study import device as dev
 from study.boolean_objective import BooleanObjective, PopulationBatch
-from study.config import is_int, is_number
+from study.config import BooleanSettings, ImageSettings, RunOptions
 from study.errors import ConfigError, StudyError, TrialFailed
 from study.image_objective import ImageObjective
-from study.storage import (
-    DEFAULT_STORAGE,
-    HEARTBEAT_SECONDS,
-    open_storage,
-    sqlite_path,
-    study_names,
-)
+from study.storage import HEARTBEAT_SECONDS, open_storage, sqlite_path, study_names
 from study.studies import (
     FINISHED,
     KIND_ATTR,
@@ -53,23 +50,7 @@ __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_s
 # heartbeat, retry and grouped TPE are marked experimental; they are used on purpose
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-MAX_POPULATION = 65_536
-"""Most trials one population may ask at once (each is r networks in memory)."""
-MAX_TRIALS = 1_000_000
-WORKER_MEMORY_BYTES = 1_500_000_000
-"""What one worker process may need (torch, a dataset on the device, its models): bounds
---workers by this machine's memory."""
 POLL_SECONDS = 1.0
-
-
-def max_workers() -> int:
-    """Worker processes this machine can hold: 4 per core, and no more than its memory allows."""
-    cores = os.cpu_count() or 1
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 4 * cores * WORKER_MEMORY_BYTES
-    return max(1, min(4 * cores, memory // WORKER_MEMORY_BYTES))
 
 
 def study_settings(name: str, overrides: Mapping[str, Any] | None = None):
@@ -87,35 +68,78 @@ def default_study_name(name: str, settings: Mapping[str, Any] | None = None) -> 
     return name
 
 
-def _check_arguments(
-    trials: Any, population: Any, workers: Any, sampler_seed: Any, study_name: Any
-) -> None:
-    """The run's own arguments, bounded before anything is opened or written."""
-    if not is_int(trials) or not 1 <= trials <= MAX_TRIALS:
-        raise ConfigError(f"trials: must be an integer from 1 to {MAX_TRIALS}, got {trials!r}")
-    if population is not None and not (is_int(population) and 1 <= population <= MAX_POPULATION):
-        raise ConfigError(
-            f"population: must be an integer from 1 to {MAX_POPULATION}, got {population!r}"
-        )
-    limit = max_workers()
-    if not is_int(workers) or not 1 <= workers <= limit:
-        raise ConfigError(
-            f"workers: must be an integer from 1 to {limit} on this machine "
-            f"({os.cpu_count()} cores; each worker is a process with its own torch and data), "
-            f"got {workers!r}"
-        )
-    top = 2**32 - 1 - (workers - 1)  # worker i samples with seed + i
-    if sampler_seed is not None and not (is_int(sampler_seed) and 0 <= sampler_seed <= top):
-        raise ConfigError(
-            f"sampler_seed: must be an integer from 0 to {top}, got {sampler_seed!r}"
-        )
-    if study_name is not None and (
-        not isinstance(study_name, str) or not study_name.strip() or len(study_name) > 500
-    ):
-        raise ConfigError(f"study_name: must be 1 to 500 characters, got {study_name!r}")
+@dataclass(frozen=True)
+class _Run:
+    """One run, resolved and validated before anything is written."""
+
+    name: str
+    """The space's name (its module is looked up again in a worker process)."""
+    options: RunOptions
+    study_name: str
+    fixed: BooleanSettings | ImageSettings
+    chosen: dict[str, str]
+    """The sampler and pruner it runs with."""
+
+    @property
+    def space(self) -> ModuleType:
+        return get_space(self.name)
+
+    @property
+    def kind(self) -> str:
+        return self.space.KIND
 
 
-def _resolve_settings(space_name: str, study_name: str, storage: str, overrides: dict, run: dict):
+def run_study(
+    name: str,
+    settings: Mapping[str, Any] | None = None,
+    options: RunOptions | None = None,
+    **option_fields: Any,
+) -> optuna.Study:
+    """Create or resume study `options.study_name` (default: `name`) and run it to
+    `options.trials` finished trials in total; returns it.
+
+    `options` (or its fields as keywords: `trials=20, storage=..., population=32`) say how
+    this run runs (`RunOptions`). Complete and pruned trials count towards the total; running
+    it again with the same number does nothing new. A new study takes the space's defaults
+    with `settings` applied; an existing one runs with its stored settings (`settings` may
+    repeat them, not change them). Everything is validated before anything is written.
+    """
+    if options is None:
+        options = RunOptions.from_dict(option_fields)
+    elif option_fields:
+        raise ConfigError(f"give either options or {sorted(option_fields)}, not both")
+    deadline = None if options.timeout is None else time.time() + options.timeout
+    return _execute(_resolve(name, settings, options), deadline)
+
+
+def _resolve(name: str, settings: Mapping[str, Any] | None, options: RunOptions) -> _Run:
+    """The run's space, settings, sampler and pruner; refuses what contradicts the store."""
+    space = get_space(name)
+    if options.population and space.KIND != "boolean":
+        raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
+    choices.check(options.sampler, options.pruner, space.KIND)
+    overrides = {k: v for k, v in (settings or {}).items() if v is not None}
+    pruner = options.pruner
+    if space.KIND == "boolean" and pruner is not None:  # the Boolean rule is a setting
+        if overrides.get("prune", pruner != "none") != (pruner != "none"):
+            raise ConfigError(f"pruner: {pruner!r} contradicts prune={overrides['prune']!r}")
+        overrides["prune"] = pruner != "none"
+    study_name = options.study_name or default_study_name(name, overrides)
+    dev.resolve_device(options.device)
+    requested = {"sampler": options.sampler, "pruner": pruner if space.KIND == "image" else None}
+    fixed, chosen = _stored_or_requested(name, study_name, options.storage, overrides, requested)
+    if space.KIND == "boolean":
+        chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
+    if space.KIND == "image":
+        from study.data import check_image_files
+
+        check_image_files(fixed.dataset, options.data_dir, fixed.validation_size)
+    return _Run(name, options, study_name, fixed, chosen)
+
+
+def _stored_or_requested(
+    space_name: str, study_name: str, storage: str, overrides: dict, run: dict
+) -> tuple[Any, dict[str, str]]:
     """The settings and the run choices (sampler, pruner) to run with: the stored ones for an
     existing study (an explicit one that contradicts them is refused), else the space's
     defaults with the overrides. Opens nothing for writing."""
@@ -138,8 +162,7 @@ def _resolve_settings(space_name: str, study_name: str, storage: str, overrides:
             f"study {study_name!r} exists as a {info.space} study, not {space_name}; "
             "use another --study-name"
         )
-    stored = info.settings
-    stored_run = choices.stored_run(study, kind)
+    stored, stored_run = info.settings, choices.stored_run(study, kind)
     conflicts = [
         f"{key}={getattr(requested, key)!r} (stored {getattr(stored, key)!r})"
         for key in sorted(overrides)
@@ -157,115 +180,48 @@ def _resolve_settings(space_name: str, study_name: str, storage: str, overrides:
     return stored, stored_run
 
 
-def run_study(
-    name: str,
-    trials: int,
-    storage: str = DEFAULT_STORAGE,
-    study_name: str | None = None,
-    sampler_seed: int | None = None,
-    device: str = "auto",
-    settings: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    population: int | None = None,
-    workers: int = 1,
-    data_dir: str | None = None,
-    threads: int | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-) -> optuna.Study:
-    """Create or resume study `study_name` (default: `name`) and run it to `trials` in total.
-
-    Complete and pruned trials count towards `trials`; running it again with the same number
-    does nothing new. A new study takes the space's defaults with `settings` applied; an
-    existing one runs with its stored settings (`settings` may repeat them, not change them).
-    Everything is validated before anything is written. With `population` K, K trials are asked
-    at once and trained together (`study.population`) on `threads` CPU threads (default: this
-    machine's cores, shared among the workers). With `workers` N > 1, N processes share the
-    storage until the total is reached. With `timeout` (seconds), no trial starts after the
-    budget and a running one stops at its next epoch: it is failed with that reason and
-    re-queued for the next run (`deadline` is the same as an absolute `time.time()`).
-    `sampler` and `pruner` name Optuna's sampler and pruner (`study.choices`); they are stored
-    with a new study and kept when it resumes. A Boolean study's pruner is its own rule
-    (`target-unreachable`) or `none`, the same as its `prune` setting.
-    """
-    _check_arguments(trials, population, workers, sampler_seed, study_name)
-    if timeout is not None and not (is_number(timeout) and 0 < timeout <= 10**8):
-        raise ConfigError(f"timeout: must be a positive number of seconds, got {timeout!r}")
-    if timeout is not None:
-        deadline = time.time() + timeout
-    if threads is not None and not (is_int(threads) and 1 <= threads <= 1024):
-        raise ConfigError(f"threads: must be an integer from 1 to 1024, got {threads!r}")
-    space = get_space(name)
-    if population and space.KIND != "boolean":
-        raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
-    choices.check(sampler, pruner, space.KIND)
-    overrides = {k: v for k, v in (settings or {}).items() if v is not None}
-    if space.KIND == "boolean" and pruner is not None:  # the Boolean rule is a setting
-        if overrides.get("prune", pruner != "none") != (pruner != "none"):
-            raise ConfigError(f"pruner: {pruner!r} contradicts prune={overrides['prune']!r}")
-        overrides["prune"] = pruner != "none"
-    study_name = study_name or default_study_name(name, overrides)
-    target = dev.resolve_device(device)
-    run = {"sampler": sampler, "pruner": pruner if space.KIND == "image" else None}
-    fixed, chosen = _resolve_settings(name, study_name, storage, overrides, run)
-    if space.KIND == "boolean":
-        chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
-    if space.KIND == "image":
-        from study.data import check_image_files
-
-        check_image_files(fixed.dataset, data_dir, fixed.validation_size)
-    rdb = open_storage(storage, create=True)
+def _open(run: _Run) -> optuna.Study:
+    """Create or load the study and bind it to its space, settings and run choices; a new image
+    study starts from its space's known-good baseline (Optuna's enqueue)."""
+    rdb = open_storage(run.options.storage, create=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=rdb,
-        study_name=study_name,
-        direction=getattr(space, "DIRECTION", "minimize"),
-        sampler=choices.make_sampler(chosen["sampler"], sampler_seed),
-        pruner=choices.make_image_pruner(chosen["pruner"], fixed)
-        if space.KIND == "image"
+        study_name=run.study_name,
+        direction=getattr(run.space, "DIRECTION", "minimize"),
+        sampler=choices.make_sampler(run.chosen["sampler"], run.options.sampler_seed),
+        pruner=choices.make_image_pruner(run.chosen["pruner"], run.fixed)
+        if run.kind == "image"
         else None,
         load_if_exists=True,
     )
-    bind(study, name, fixed)
-    if study.user_attrs.get(choices.RUN_ATTR) != chosen:
-        study.set_user_attr(choices.RUN_ATTR, chosen)
-    if hasattr(space, "baseline") and not study.get_trials(deepcopy=False):
-        # a new image study starts from its space's known-good baseline (Optuna's enqueue)
-        study.enqueue_trial(space.baseline(fixed), user_attrs={"baseline": True})
-    if workers > 1 and trials > finished_trials(study):
-        share = max(1, (os.cpu_count() or 1) // workers)  # the cores, shared among workers
-        arguments = dict(
-            name=name,
-            trials=trials,
-            storage=storage,
-            study_name=study_name,
-            sampler_seed=sampler_seed,
-            device=device,
-            settings=overrides,
-            population=population,
-            data_dir=data_dir,
-            threads=threads or share,
-            deadline=deadline,
-            sampler=sampler,
-            pruner=pruner,
-        )
-        return _run_workers(workers, arguments, study, trials, progress)
-    if population:
-        trainer = PopulationBatch(space, fixed, target, threads or os.cpu_count() or 1)
-        size, train = population, trainer.train
-    elif space.KIND == "image":
-        trainer = ImageObjective(space, fixed, device=target, data_dir=data_dir)
+    bind(study, run.name, run.fixed)
+    if study.user_attrs.get(choices.RUN_ATTR) != run.chosen:
+        study.set_user_attr(choices.RUN_ATTR, run.chosen)
+    if hasattr(run.space, "baseline") and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(run.space.baseline(run.fixed), user_attrs={"baseline": True})
+    return study
+
+
+def _execute(run: _Run, deadline: float | None) -> optuna.Study:
+    """Run in this process, or in `options.workers` processes, until the total is reached."""
+    study = _open(run)
+    options = run.options
+    if options.workers > 1 and options.trials > finished_trials(study):
+        return _run_workers(run, study, deadline)
+    target = dev.resolve_device(options.device)
+    if options.population:
+        threads = options.threads or os.cpu_count() or 1
+        trainer = PopulationBatch(run.space, run.fixed, target, threads)
+        size, train = options.population, trainer.train
+    elif run.kind == "image":
+        trainer = ImageObjective(run.space, run.fixed, device=target, data_dir=options.data_dir)
         size, train = 1, _one_at_a_time(trainer)
     else:
-        trainer = BooleanObjective(space, fixed, device=target)
+        trainer = BooleanObjective(run.space, run.fixed, device=target)
         size, train = 1, _one_at_a_time(trainer)
-    interrupt.set_deadline(deadline)
-    try:
-        _drive(study, storage, trials, size, train, progress, trainer)
-    finally:
-        interrupt.set_deadline(None)
+    with interrupt.watching(deadline=deadline):
+        _drive(study, options.storage, options.trials, size, train, not options.quiet, trainer)
     return study
 
 
@@ -274,7 +230,8 @@ Train = Callable[[optuna.Study, list[optuna.Trial]], list[optuna.trial.FrozenTri
 
 
 def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
-    """Run the objective on each asked trial and tell Optuna how it ended."""
+    """Run the objective on each asked trial and tell Optuna how it ended. A stop
+    (`interrupt.Stopped`) propagates: `_drive` fails the trial with its reason."""
 
     def train(study: optuna.Study, asked: list[optuna.Trial]) -> list:
         told = []
@@ -285,13 +242,15 @@ def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
                 told.append(study.tell(trial, state=TrialState.PRUNED))
             except TrialFailed:  # its reason is stored: the study goes on
                 told.append(study.tell(trial, state=TrialState.FAIL))
-            except (interrupt.Interrupted, interrupt.OutOfTime):
-                raise  # `_drive` fails it with the reason and stops
             else:
                 told.append(study.tell(trial, value))
         return told
 
     return train
+
+
+# ----------------------------------------------------------------------------------------------
+# claiming and training, until the total is reached
 
 
 def _drive(
@@ -307,60 +266,27 @@ def _drive(
 
     When the missing trials are all running elsewhere, wait (saying so once): they finish, or
     their process turns out dead and they are failed and re-queued. Stops when a whole round of
-    claims finished nothing `total` times in a row (no progress)."""
+    claims finished nothing `total` times in a row (no progress). A stop fails the trials in
+    hand with its reason; the time budget ends the run quietly, the others with one line."""
     bar = _progress_bar(study, total, progress)
     if trainer is not None and bar is not None:
         trainer.progress = _Note(bar, study)  # motion inside a trial
     in_flight: list[optuna.Trial] = []
-    fruitless = 0
-    waiting_said = False
-    settle = 0.0
     try:
-        with interrupt.deferred():
-            while True:
-                interrupt.check()
-                # held: a signal between creating a trial and recording it as ours would leave
-                # it RUNNING with no owner to fail it
-                with interrupt.held(), claims.claim_lock(url, study._storage, study.study_name):
-                    claims.reap(study)
-                    free = total - claims.claimed(study)
-                    in_flight = claims.claim(study, min(size, free)) if free > 0 else []
-                if not in_flight:
-                    if finished_trials(study) >= total:
-                        # done; but a trial of another machine may still turn out dead: wait
-                        # until its heartbeat would be stale, then leave the rest to it
-                        elsewhere = claims.running_elsewhere(study)
-                        settle = settle or time.monotonic() + 3 * HEARTBEAT_SECONDS
-                        if not elsewhere or time.monotonic() > settle:
-                            break
-                    if not waiting_said:
-                        _say_waiting(study, total)
-                        waiting_said = True
-                    time.sleep(POLL_SECONDS)
-                    continue
-                waiting_said = False
-                before = finished_trials(study)
-                with claims.heartbeat(study, in_flight):
-                    told = train(study, in_flight)
-                in_flight = []
-                for trial in told:
-                    if bar is not None:
-                        bar.update(1 if trial.state in FINISHED else 0)
-                        bar.set_postfix_str(_best_text(study))
-                fruitless = 0 if finished_trials(study) > before else fruitless + 1
-                if fruitless >= total:
-                    break  # every claim failed (e.g. every trial diverges): no progress
-    except interrupt.OutOfTime as error:
-        _abandon(study, in_flight, error)
-        if not _in_worker:  # a parent of workers says it once for all of them
-            _say_out_of_time(study, total)
+        _rounds(study, url, total, size, train, bar, in_flight)
     except BaseException as error:
-        _abandon(study, in_flight, error)
-        if isinstance(error, KeyboardInterrupt):
-            raise interrupt.Interrupted(
-                f"{interrupt.describe(error)}: {finished_trials(study)} of {total} trials of "
+        claims.abandon(study, in_flight, error)
+        stop = interrupt.stop_of(error)
+        if stop is interrupt.TIME_BUDGET:
+            if not _in_worker:  # a parent of workers says it once for all of them
+                _say_out_of_time(study, total)
+            return
+        if stop is not None:
+            raise interrupt.Stopped(
+                stop,
+                f"{stop.words}: {finished_trials(study)} of {total} trials of "
                 f"{study.study_name!r} are finished and stored; the running trial was failed "
-                "with its reason; run the same command again to continue"
+                "with its reason; run the same command again to continue",
             ) from None
         raise
     finally:
@@ -368,28 +294,49 @@ def _drive(
             bar.close()
 
 
+def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial]) -> None:
+    """The claim-and-train loop of `_drive`; `in_flight` holds the trials in hand."""
+    fruitless, waiting_said, settle = 0, False, 0.0
+    while True:
+        interrupt.check()
+        # held: a signal between creating a trial and recording it as ours would leave it
+        # RUNNING with no owner to fail it
+        with interrupt.held(), claims.claim_lock(url, study._storage, study.study_name):
+            claims.reap(study)
+            free = total - claims.claimed(study)
+            in_flight[:] = claims.claim(study, min(size, free)) if free > 0 else []
+        if not in_flight:
+            if finished_trials(study) >= total:
+                # done; but a trial of another machine may still turn out dead: wait until
+                # its heartbeat would be stale, then leave the rest to it
+                settle = settle or time.monotonic() + 3 * HEARTBEAT_SECONDS
+                if not claims.running_elsewhere(study) or time.monotonic() > settle:
+                    return
+            if not waiting_said:
+                _say_waiting(study, total)
+                waiting_said = True
+            time.sleep(POLL_SECONDS)
+            continue
+        waiting_said = False
+        before = finished_trials(study)
+        with claims.heartbeat(study, in_flight):
+            told = train(study, list(in_flight))
+        in_flight.clear()
+        if bar is not None:
+            bar.update(sum(trial.state in FINISHED for trial in told))
+            bar.set_postfix_str(_best_text(study))
+        fruitless = 0 if finished_trials(study) > before else fruitless + 1
+        if fruitless >= total:
+            return  # every claim failed (e.g. every trial diverges): no progress
+
+
 def _say_out_of_time(study: optuna.Study, total: int) -> None:
     print(
-        f"study: {study.study_name}: time budget reached; {finished_trials(study)} of "
-        f"{total} trials finished; run again to continue",
+        f"study: {study.study_name}: {interrupt.TIME_BUDGET.words}; "
+        f"{finished_trials(study)} of {total} trials finished; run again to continue",
         file=sys.stderr,
         flush=True,
     )
-
-
-def _abandon(study: optuna.Study, trials: list[optuna.Trial], error: BaseException) -> None:
-    """Fail the trials this process still runs, with the reason it stops. A trial stopped by
-    the time budget is re-queued with its parameters; an interrupted one is sampled anew by
-    the next run."""
-    if not trials:
-        return
-    with interrupt.shielded():
-        reason = interrupt.reason_of(error)
-        retry = isinstance(error, interrupt.OutOfTime)
-        for trial in trials:
-            with contextlib.suppress(Exception):  # already told, or the store is gone
-                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    claims.fail(study, trial._trial_id, reason, retry=retry)
 
 
 def _say_waiting(study: optuna.Study, total: int) -> None:
@@ -401,6 +348,10 @@ def _say_waiting(study: optuna.Study, total: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# worker processes
 
 
 def visible_gpus() -> list[str]:
@@ -431,7 +382,7 @@ def _die_with_parent() -> None:
 _in_worker = False
 
 
-def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
+def _worker(index: int, gpu: str | None, run: _Run, deadline: float | None) -> None:
     global _in_worker
     _in_worker = True
     # out of the terminal's process group: Ctrl-C reaches the parent, which forwards it once
@@ -439,29 +390,33 @@ def _worker(index: int, gpu: str | None, kwargs: dict[str, Any]) -> None:
     _die_with_parent()
     if gpu is not None:  # before this process touches CUDA: the worker sees one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    if kwargs.get("sampler_seed") is not None:  # same seed in every worker: same samples
-        kwargs = {**kwargs, "sampler_seed": kwargs["sampler_seed"] + index}
+    seed = run.options.sampler_seed
+    options = run.options.replace(
+        workers=1,
+        quiet=True,
+        threads=run.options.threads or max(1, (os.cpu_count() or 1) // run.options.workers),
+        sampler_seed=None if seed is None else seed + index,  # else: the same samples
+    )
     try:
-        run_study(**kwargs, progress=False)
+        _execute(replace(run, options=options), deadline)
     except StudyError as error:
         raise SystemExit(f"worker {index}: {error}") from None
-    except interrupt.Interrupted as error:
-        raise SystemExit(interrupt.exit_status(error)) from None
+    except KeyboardInterrupt as error:
+        raise SystemExit(interrupt.ending(error)[1]) from None
 
 
-def _run_workers(
-    workers: int, kwargs: dict[str, Any], study: optuna.Study, trials: int, progress: bool
-) -> optuna.Study:
+def _run_workers(run: _Run, study: optuna.Study, deadline: float | None) -> optuna.Study:
     """Run `workers` processes of the same study; each stops once the total is reached. A
     Ctrl-C or SIGTERM of this process is forwarded to them: they fail their running trials
     with the reason and stop."""
-    gpus = visible_gpus() if kwargs["device"] in ("auto", "cuda") else []
+    options, trials = run.options, run.options.trials
+    gpus = visible_gpus() if options.device in ("auto", "cuda") else []
     context = multiprocessing.get_context("spawn")  # no forked CUDA or SQLite state
     processes = [
-        context.Process(target=_worker, args=(i, gpu, kwargs), name=f"study-worker-{i}")
-        for i, gpu in enumerate(assign_gpus(workers, gpus))
+        context.Process(target=_worker, args=(i, gpu, run, deadline), name=f"study-worker-{i}")
+        for i, gpu in enumerate(assign_gpus(options.workers, gpus))
     ]
-    bar = _progress_bar(study, trials, progress)
+    bar = _progress_bar(study, trials, not options.quiet)
     for process in processes:
         process.start()
 
@@ -472,7 +427,7 @@ def _run_workers(
                     os.kill(p.pid, signum)
 
     try:
-        with interrupt.deferred(forward=forward):
+        with interrupt.watching(forward=forward):
             while any(p.is_alive() for p in processes):
                 for p in processes:
                     p.join(timeout=0.5)
@@ -487,21 +442,24 @@ def _run_workers(
                 p.join()
         if bar is not None:
             bar.close()
-    forwarded = interrupt.received()
-    if forwarded is not None:
-        raise interrupt.Interrupted(
-            f"{interrupt.SIGNAL_WORDS[forwarded]}: {finished_trials(study)} of {trials} trials "
-            f"of {study.study_name!r} are finished and stored; the workers failed their running "
+    stop = interrupt.forwarded()
+    if stop is not None:
+        raise interrupt.Stopped(
+            stop,
+            f"{stop.words}: {finished_trials(study)} of {trials} trials of "
+            f"{study.study_name!r} are finished and stored; the workers failed their running "
             "trials with the reason; run the same command again to continue",
-            signum=forwarded,
         )
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         raise StudyError(f"{', '.join(failed)} stopped with an error (see its message above)")
-    deadline = kwargs.get("deadline")
     if deadline is not None and time.time() >= deadline and finished_trials(study) < trials:
         _say_out_of_time(study, trials)
     return study
+
+
+# ----------------------------------------------------------------------------------------------
+# progress
 
 
 class _Note:

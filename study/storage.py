@@ -19,15 +19,11 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from study.config import DEFAULT_STORAGE, RUNS_DIR
 from study.errors import StorageError
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-RUNS_DIR = Path("results") / "runs"
-"""Where a user's own runs go by default: the working store and every report, export and
-certification written without --out. Git ignores it (its own .gitignore), so no command run
-with its defaults changes a committed file; the committed reference runs live beside it."""
-DEFAULT_STORAGE = f"sqlite:///{RUNS_DIR.as_posix()}/studies.db"
 HEARTBEAT_SECONDS = int(os.environ.get("STUDY_HEARTBEAT_SECONDS", "30"))
 """Interval of the trial heartbeat; a RUNNING trial silent for 2x this long is stale.
 ($STUDY_HEARTBEAT_SECONDS overrides it, e.g. for crash tests.)"""

@@ -1,13 +1,16 @@
 """What a stored study is: its search space, its kind and its typed settings.
 
 The one place that writes and reads these study attributes. `study run` binds a new study to
-its space and settings (`bind`); every command that reads a study (`report`, `certify`,
-`export`, the notebooks) gets them back typed from `describe`, or refuses in one line a study
-of the wrong kind (`load`).
+its space and settings (`bind`), `study frontier run` binds a frontier cell to its cell and
+plan (`bind_cell`); every command that reads a study (`report`, `certify`, `export`, `best`,
+`list`, the notebooks) gets them back typed from `describe`, or refuses in one line a study of
+the wrong kind (`load`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +18,13 @@ import optuna
 from optuna.trial import TrialState
 
 from search_spaces import SPACES, get_space
-from study.config import SETTINGS_OF_KIND, BooleanSettings, ImageSettings
+from study.config import (
+    SETTINGS_OF_KIND,
+    BooleanSettings,
+    FrontierCell,
+    FrontierPlan,
+    ImageSettings,
+)
 from study.errors import ConfigError, StorageError
 from study.storage import load_study, open_storage
 
@@ -32,12 +41,31 @@ CERTIFICATION_ATTR = "certification"
 EXPORT_ATTR = "export"
 """Study user attribute: the last `study export` of an image study (test accuracy, ...)."""
 
-KINDS = {"boolean": "a Boolean width study", "image": "an image study"}
-PLURALS = {"boolean": "Boolean width studies", "image": "image studies"}
+FRONTIER_ATTR = "frontier"
+"""Study user attribute of a frontier cell's two studies (the cell and its recipe search): the
+cell, as `FrontierCell.identity()` writes it."""
+PLAN_ATTR = "plan"
+"""Study user attribute of a frontier cell: its plan (`FrontierPlan.identity()`)."""
+ANSWER_ATTR = "answer"
+"""Study user attribute of a frontier cell: its confirmed answer (`FrontierAnswer`)."""
+FRONTIER_NAME = re.compile(r"^frontier-f(\d+)-d(\d+)-b(\d+)(-recipe)?$")
+"""The names of a cell's studies (stores written before `frontier` was stored on both)."""
+
+KINDS = {
+    "boolean": "a Boolean width study",
+    "image": "an image study",
+    "frontier": "a study of the budget frontier",
+}
+PLURALS = {
+    "boolean": "Boolean width studies",
+    "image": "image studies",
+    "frontier": "the budget frontier",
+}
 COMMANDS = {
     "boolean": "`study certify` retrains its answer on fresh seeds",
     "image": "`study export` retrains its best configuration and tests it; `study predict` "
     "uses the export",
+    "frontier": "`study frontier report` reports the frontier and `study best` a cell's answer",
 }
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,20 +79,29 @@ class StudyInfo:
     name: str
     """The study's name in the storage."""
     space: str
-    """Its search space (a key of `search_spaces.SPACES`)."""
+    """Its search space (a key of `search_spaces.SPACES`; "frontier" for a frontier cell)."""
     kind: str
-    """boolean or image."""
-    settings: BooleanSettings | ImageSettings
-    """Its fixed settings."""
+    """boolean, image or frontier."""
+    settings: BooleanSettings | ImageSettings | FrontierCell
+    """Its fixed settings (a frontier study: its cell)."""
+
+
+def frontier_cell(study: optuna.Study) -> FrontierCell | None:
+    """The cell of a frontier study (the cell's own or its recipe search), else None."""
+    stored = study.user_attrs.get(FRONTIER_ATTR)
+    if stored is not None:
+        return FrontierCell.from_dict(stored)
+    match = FRONTIER_NAME.match(study.study_name)
+    if match is None:
+        return None
+    seed, depth, budget = (int(g) for g in match.groups()[:3])
+    return FrontierCell(seed, depth, budget)
 
 
 def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
     attrs = study.user_attrs
-    if "frontier" in attrs or study.study_name.startswith("frontier-"):
-        raise StorageError(
-            f"study {study.study_name!r} is a cell of the budget frontier; "
-            "`study frontier report` reports the frontier"
-        )
+    if frontier_cell(study) is not None:
+        return "frontier", "frontier"
     space = attrs.get(SPACE_ATTR)
     if space is None and attrs.get(KIND_ATTR) in SPACES:
         space = attrs[KIND_ATTR]  # a store written before the `space` attribute existed
@@ -87,29 +124,36 @@ def kind_of(study: optuna.Study) -> str | None:
 def describe(study: optuna.Study) -> StudyInfo:
     """The space, kind and typed settings stored with `study`."""
     space, kind = _space_and_kind(study)
+    cell = frontier_cell(study)
+    if cell is not None:
+        return StudyInfo(study.study_name, space, kind, cell)
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise StorageError(f"study {study.study_name!r} has no stored settings")
     return StudyInfo(study.study_name, space, kind, SETTINGS_OF_KIND[kind].from_dict(stored))
 
 
-def wrong_kind(name: str, space: str, kind: str, command: str, wanted: str) -> ConfigError:
+def wrong_kind(
+    name: str, space: str, kind: str, command: str, wanted: tuple[str, ...]
+) -> ConfigError:
     """One line: what the study is, and which command fits it."""
     return ConfigError(
-        f"study {name!r} is {KINDS[kind]} ({space}), not {KINDS[wanted]}: "
-        f"`study {command}` is for {PLURALS[wanted]}; {COMMANDS[kind]}"
+        f"study {name!r} is {KINDS[kind]} ({space}), not "
+        f"{' or '.join(KINDS[w] for w in wanted)}: `study {command}` is for "
+        f"{' and '.join(PLURALS[w] for w in wanted)}; {COMMANDS[kind]}"
     )
 
 
 def load(
-    name: str, storage: str, kind: str | None = None, command: str = ""
+    name: str, storage: str, kind: str | tuple[str, ...] | None = None, command: str = ""
 ) -> tuple[optuna.Study, StudyInfo]:
-    """Open study `name` read-only (no heartbeat) and describe it; with `kind`, refuse in one
-    line a study of another kind, naming the command that fits it."""
+    """Open study `name` read-only (no heartbeat) and describe it; with `kind` (one or
+    several), refuse in one line a study of another kind, naming the command that fits it."""
     study = load_study(name, open_storage(storage, heartbeat=False))
     space, actual = _space_and_kind(study)
-    if kind is not None and actual != kind:
-        raise wrong_kind(name, space, actual, command, kind)
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted is not None and actual not in wanted:
+        raise wrong_kind(name, space, actual, command, wanted)
     return study, describe(study)
 
 
@@ -142,6 +186,38 @@ def bind(study: optuna.Study, space: str, settings: BooleanSettings | ImageSetti
     if study.user_attrs.get(SPACE_ATTR) is None:  # a store written before `space` existed
         study.set_user_attr(SPACE_ATTR, space)
         study.set_user_attr(KIND_ATTR, get_space(space).KIND)
+
+
+def bind_cell(study: optuna.Study, cell: FrontierCell, plan: FrontierPlan | None) -> None:
+    """Store the cell (and, on the cell's own study, its plan) on a new frontier study. A study
+    that has them already is not written (`cell_plan` refused any conflict before)."""
+    if FRONTIER_ATTR not in study.user_attrs:
+        study.set_user_attr(FRONTIER_ATTR, cell.identity())
+    if plan is not None and PLAN_ATTR not in study.user_attrs:
+        study.set_user_attr(PLAN_ATTR, plan.identity())
+
+
+def cell_plan(study: optuna.Study | None, overrides: Mapping[str, Any]) -> FrontierPlan:
+    """The plan a cell runs with: the stored one (a cell stored before plans were stored ran
+    with the defaults, which were never changed) or, for a new cell, the defaults, with the
+    given `overrides`; one that contradicts a stored plan is refused in one line."""
+    stored = None if study is None else study.user_attrs.get(PLAN_ATTR)
+    if stored is None and (study is None or not study.get_trials(deepcopy=False)):
+        return FrontierPlan.from_dict(overrides)  # a new cell
+    base = FrontierPlan.from_dict(stored) if stored is not None else FrontierPlan()
+    conflicts = [
+        f"{key}={value!r} (stored {getattr(base, key)!r})"
+        for key, value in sorted(overrides.items())
+        if getattr(base, key) != value
+    ]
+    if conflicts:
+        assert study is not None
+        raise ConfigError(
+            f"frontier cell {study.study_name!r} exists with another plan: "
+            f"{', '.join(conflicts)}; leave those flags out to use the stored plan, or use "
+            "another --storage"
+        )
+    return base
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -5,16 +5,16 @@ Only reads: a study's trials become a pandas frame; figures are written with one
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files, not windows; notebooks display the saved figures or call these
-import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
+from matplotlib.figure import Figure
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 STYLE = {
@@ -26,7 +26,6 @@ STYLE = {
     "font.size": 9,
 }
 """One style for every figure of the reports."""
-plt.rcParams.update(STYLE)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -49,16 +48,52 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def engines(frame: pd.DataFrame) -> str:
+    """What trained a study's trials, as stored with each (`engine`, `threads`): e.g. "native
+    kernel on 2 threads (64 trials)"; trials stored before engines were recorded are counted
+    as such."""
+    names = {"native": "native kernel", "torch": "torch population", "sequential": "sequential"}
+    done = frame[frame["state"].isin(["COMPLETE", "PRUNED", "FAIL"])]
+    if done.empty:
+        return "nothing yet"
+    engine = done["engine"] if "engine" in done else pd.Series([None] * len(done))
+    threads = done["threads"] if "threads" in done else pd.Series([None] * len(done))
+    counts: dict[str, int] = {}
+    for name, count in zip(engine.tolist(), threads.tolist(), strict=True):
+        if not isinstance(name, str) or not name:
+            key = "not recorded (stored before engines were)"
+        else:
+            many = "s" if count != 1 else ""
+            key = f"{names.get(name, name)} on {int(count)} thread{many}"
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{key} ({n} trials)" for key, n in sorted(counts.items()))
+
+
+def figure_links(specs: list[tuple[str, str]], written: list[Path] | None) -> list[str]:
+    """Markdown links of the figures in `specs` (file name, title) that were written (all of
+    them when `written` is None): a report never links a figure it did not draw."""
+    names = None if written is None else {p.name for p in written}
+    return [f"![{title}]({name})" for name, title in specs if names is None or name in names]
+
+
 def outside_legend(ax, **kwargs) -> None:
     """The legend beside the plot, where it covers no point."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, **kwargs)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+@contextlib.contextmanager
+def figure(
+    path: Path, nrows: int = 1, ncols: int = 1, figsize=(7, 4.5), **subplots: Any
+) -> Iterator[tuple[Figure, Any]]:
+    """A figure in the reports' style, saved to `path` when the block ends. Drawn on a bare
+    `Figure`, not through pyplot: no backend is switched and no global state changes, so
+    reports can be written from a notebook or a script that has its own plots."""
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=figsize)
+        axes = fig.subplots(nrows, ncols, **subplots)
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

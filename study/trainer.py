@@ -135,6 +135,17 @@ class TrainResult:
     """Peak device memory allocated during the run (CUDA only)."""
     divergence: Divergence | None = None
     """Set when the loss turned NaN/inf: the run stopped there (never silently kept)."""
+    engine: str = "sequential"
+    """What trained it: sequential (this loop), native (the population's C kernel) or torch
+    (the population's batched tensors)."""
+    threads: int = 1
+    """CPU threads the engine ran on (torch's intra-op threads, or the kernel's)."""
+
+    @property
+    def engine_text(self) -> str:
+        """E.g. "native kernel, 2 threads"."""
+        name = {"native": "native kernel", "torch": "torch population"}.get(self.engine, "")
+        return f"{name or self.engine}, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
     @property
     def epochs_run(self) -> int:
@@ -251,6 +262,44 @@ def _scheduler(
     )
 
 
+def _mixed(config: TrainConfig, task: Task) -> bool:
+    """bf16 autocast where asked and the task is an image task (Boolean nets stay fp32)."""
+    return config.mixed_precision and task.kind == "multiclass"
+
+
+def _train_epoch(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    order: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One pass over the training set in `order`, a batch an index slice; returns the summed
+    batch losses and (image tasks) the correct predictions, as device tensors (no sync)."""
+    device, loss_fn, batch = task.device, loss_function(task.kind), config.batch_size
+    mixed = _mixed(config, task)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, task.train_size, batch):
+        idx = order[start : start + batch]
+        x = task.prepare(task.train_inputs[idx])
+        y = task.train_targets[idx]
+        with dev.autocast(device, mixed):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach()
+        if task.kind == "multiclass":  # the running training accuracy of image tasks
+            correct += _correct(task.kind, logits.detach(), y)
+    return loss_sum, correct
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -261,15 +310,15 @@ def train(
 
     `on_epoch` is called after every epoch with its metrics; it may return True to stop the
     run cleanly, or raise (an Optuna adapter raises `TrialPruned`). A NaN/inf loss stops the
-    run with `result.divergence` set; that epoch is not in the history.
+    run with `result.divergence` set; that epoch is not in the history. (One screen on
+    purpose: set-up, then the epoch loop's phases in order, read top to bottom.)
     """
     device = task.device
     model.to(device)
-    mixed = config.mixed_precision and task.kind == "multiclass"  # fp32 for Boolean nets
-    loss_fn = loss_function(task.kind)
+    mixed = _mixed(config, task)
     optimizer = make_optimizer(model.parameters(), config)
-    n, batch = task.train_size, config.batch_size
-    steps_per_epoch = math.ceil(n / batch)
+    n = task.train_size
+    steps_per_epoch = math.ceil(n / config.batch_size)
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     shuffle = dev.generator_for(device, config.seed)
     track_train_accuracy = task.kind == "multiclass"
@@ -283,25 +332,8 @@ def train(
     with dev.seeded(config.seed):
         for epoch in range(1, config.epochs + 1):
             # --- train: one pass in a seeded random order, batches are index slices
-            model.train()
             order = torch.randperm(n, generator=shuffle, device=shuffle.device).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
-                x = task.prepare(task.train_inputs[idx])
-                y = task.train_targets[idx]
-                with dev.autocast(device, mixed):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                loss_sum += loss.detach()
-                if track_train_accuracy:
-                    correct += _correct(task.kind, logits.detach(), y)
+            loss_sum, correct = _train_epoch(model, task, config, optimizer, scheduler, order)
             # --- evaluate on the whole evaluation set (the full truth table for Boolean)
             eval_loss, eval_accuracy = evaluate(model, task, config.eval_batch_size, mixed)
             train_loss = (loss_sum / steps_per_epoch).item()  # host sync, once per epoch
@@ -336,4 +368,5 @@ def train(
         stopped_by_callback=stopped,
         peak_memory_bytes=dev.peak_memory_bytes(device),
         divergence=divergence,
+        threads=torch.get_num_threads() if device.type == "cpu" else 1,
     )

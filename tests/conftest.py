@@ -1,15 +1,90 @@
-"""Shared fixtures: tiny IDX datasets written by the tests, an isolated data directory."""
+"""Shared helpers and fixtures: a tiny Boolean study (settings, flags, a runner), the `study`
+command as a subprocess, tiny IDX datasets written by the tests, and isolated data and cache
+directories (no test reads or writes the user's ~/.cache)."""
 
 from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from study.data import IDX_FILES
+
+# ----------------------------------------------------------------------------------------------
+# a tiny Boolean study: a 3-bit function that small networks learn in a few hundred epochs
+
+TINY = {
+    "input_bits": 3,
+    "output_bits": 3,
+    "max_width": 12,
+    "max_epochs": 1500,
+    "seeds": 2,
+    "min_learning_rate": 5e-2,
+    "max_learning_rate": 2e-1,
+    "batch_sizes": (8,),
+}
+
+
+def tiny_study(tmp_path, trials, **kwargs):
+    """A tiny boolean-shallow study in tmp_path/studies.db, run to `trials` in total."""
+    from study.runner import run_study
+
+    return run_study(
+        "boolean-shallow",
+        trials=trials,
+        storage=f"sqlite:///{tmp_path / 'studies.db'}",
+        sampler_seed=0,
+        device="cpu",
+        settings=TINY,
+        quiet=True,
+        **kwargs,
+    )
+
+
+TINY_ARGS = [
+    "--input-bits",
+    "3",
+    "--output-bits",
+    "3",
+    "--max-width",
+    "12",
+    "--max-epochs",
+    "1500",
+    "--seeds",
+    "2",
+    "--quiet",
+    "--device",
+    "cpu",
+    "--sampler-seed",
+    "0",
+    "--min-learning-rate",
+    "0.05",
+    "--max-learning-rate",
+    "0.2",
+    "--batch-sizes",
+    "8",
+]
+
+
+def cli(*args, cwd=None, env=None, timeout=600):
+    """The `study` command in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "study.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX datasets
 
 
 def write_idx(path: Path | str, array: torch.Tensor) -> Path:
@@ -59,6 +134,29 @@ def isolated_data_dir(tmp_path_factory, monkeypatch) -> Path:
     path = tmp_path_factory.mktemp("data-default")
     monkeypatch.setenv("STUDY_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_dir(tmp_path_factory) -> Path:
+    """The native kernel is built into a cache of this test session (shared by its
+    subprocesses, which inherit the variables), never into the user's ~/.cache; and built with
+    every compiler warning an error."""
+    import os
+
+    from study import native
+
+    path = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("STUDY_CACHE_DIR", "STUDY_NATIVE_STRICT")}
+    os.environ["STUDY_CACHE_DIR"] = str(path)
+    os.environ["STUDY_NATIVE_STRICT"] = "1"
+    native.load.cache_clear()
+    yield path
+    native.load.cache_clear()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import torch
 from study.cli import main
 from study.config import ImageSettings
 from study.runner import run_study
-from tests.conftest import write_fake_dataset, write_idx
-from tests.test_boolean_study import TINY
+from tests.conftest import TINY, write_fake_dataset, write_idx
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def world(tmp_path_factory):
     db = tmp / "store.db"
     storage = f"sqlite:///{db}"
     run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
-              progress=False, sampler_seed=0)  # fmt: skip
+              quiet=True, sampler_seed=0)  # fmt: skip
     images = optuna.create_study(storage=storage, study_name="images")
     images.set_user_attr("space", "fashion-mlp")
     images.set_user_attr("kind", "image")
@@ -73,7 +72,7 @@ RUN = ["run", "boolean-shallow", "--storage", "{storage}"]
 CASES = [
     (["run", "boolean-shallow", "--trials", "0"], "--trials"),
     (["run", "boolean-shallow", "--trials", "abc"], "--trials"),
-    ([*RUN, "--trials", "2", "--min-width", "20", "--max-width", "10"], "max_width"),
+    ([*RUN, "--trials", "2", "--min-width", "20", "--max-width", "10"], "--max-width: must be"),
     ([*RUN, "--trials", "2", "--device", "cuda:7"], "device"),
     ([*RUN, "--trials", "2", "--device", "tpu"], "device"),
     (["run", "boolean-shallow", "--trials", "2", "--storage", "not a url"], "malformed URL"),
@@ -106,23 +105,23 @@ CASES = [
         "cannot open postgresql://u:***@",
     ),
     (["run", "boolean-wide", "--trials", "2"], "invalid choice"),
-    ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "function_seed"),
+    ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "--function-seed: must be"),
     ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
-    ([*RUN, "--trials", "2", "--target-loss", "0"], "target_loss"),
-    ([*RUN, "--trials", "2", "--target-loss", "nan"], "target_loss"),
-    ([*RUN, "--trials", "2", "--required-share", "1.5"], "required_share"),
+    ([*RUN, "--trials", "2", "--target-loss", "0"], "--target-loss"),
+    ([*RUN, "--trials", "2", "--target-loss", "nan"], "--target-loss"),
+    ([*RUN, "--trials", "2", "--required-share", "1.5"], "--required-share"),
     ([*RUN, "--trials", "2", "--batch-sizes", "x"], "--batch-sizes"),
     ([*RUN, "--trials", "2", "--batch-sizes", "0,8"], "--batch-sizes"),
-    ([*RUN, "--trials", "2", "--max-epochs", "0"], "max_epochs"),
-    ([*RUN, "--trials", "2", "--input-bits", "40"], "input_bits"),
-    ([*RUN, "--trials", "2", "--output-bits", "0"], "output_bits"),
-    ([*RUN, "--trials", "2", "--min-layers", "3", "--max-layers", "2"], "max_layers"),
-    ([*RUN, "--trials", "2", "--min-learning-rate", "0"], "min_learning_rate"),
-    ([*RUN, "--trials", "2", "--seeds", "0"], "seeds"),
+    ([*RUN, "--trials", "2", "--max-epochs", "0"], "--max-epochs"),
+    ([*RUN, "--trials", "2", "--input-bits", "40"], "--input-bits"),
+    ([*RUN, "--trials", "2", "--output-bits", "0"], "--output-bits"),
+    ([*RUN, "--trials", "2", "--min-layers", "3", "--max-layers", "2"], "--max-layers"),
+    ([*RUN, "--trials", "2", "--min-learning-rate", "0"], "--min-learning-rate"),
+    ([*RUN, "--trials", "2", "--seeds", "0"], "--seeds: must be"),
     ([*RUN, "--trials", "2", "--population", "0"], "--population"),
     ([*RUN, "--trials", "2", "--workers", "0"], "--workers"),
-    ([*RUN, "--trials", "2", "--workers", "512"], "workers: must be"),
-    ([*RUN, "--trials", "2", "--sampler-seed", "-1"], "sampler_seed"),
+    ([*RUN, "--trials", "2", "--workers", "512"], "--workers: must be an integer from 1 to"),
+    ([*RUN, "--trials", "2", "--sampler-seed", "-1"], "--sampler-seed"),
     ([*RUN, "--trials", "2", "--dataset", "mnist"], "--dataset does not apply"),
     (
         ["run", "fashion-mlp", "--trials", "2", "--storage", "{storage}", "--population", "4"],
@@ -158,7 +157,7 @@ CASES = [
             "--validation-size",
             "0",
         ],
-        "validation_size",
+        "--validation-size",
     ),
     (
         [

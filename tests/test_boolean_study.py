@@ -1,8 +1,6 @@
 """The Boolean width studies on a tiny 3-bit function: search, feasibility, resume, CLI."""
 
 import sqlite3
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -19,31 +17,7 @@ from study.data import boolean_function
 from study.errors import ConfigError
 from study.runner import best_feasible, run_study
 from study.trainer import EpochMetrics, TrainResult
-
-TINY = {
-    "input_bits": 3,
-    "output_bits": 3,
-    "max_width": 12,
-    "max_epochs": 1500,
-    "seeds": 2,
-    "min_learning_rate": 5e-2,
-    "max_learning_rate": 2e-1,
-    "batch_sizes": (8,),
-}
-
-
-def tiny_study(tmp_path, trials, **kwargs):
-    return run_study(
-        "boolean-shallow",
-        trials=trials,
-        storage=f"sqlite:///{tmp_path / 'studies.db'}",
-        sampler_seed=0,
-        device="cpu",
-        settings=TINY,
-        progress=False,
-        **kwargs,
-    )
-
+from tests.conftest import TINY, TINY_ARGS, cli, tiny_study
 
 # ----------------------------------------------------------------------------------------------
 # feasibility logic
@@ -163,7 +137,7 @@ def test_resume_with_other_fixed_settings_is_refused(tmp_path):
             trials=2,
             storage=f"sqlite:///{tmp_path / 'studies.db'}",
             settings={**TINY, "function_seed": 1},
-            progress=False,
+            quiet=True,
         )
     with sqlite3.connect(tmp_path / "studies.db") as db:
         assert db.execute("select count(*) from trials").fetchone()[0] == 1
@@ -177,7 +151,7 @@ def test_deep_space_samples_two_to_four_layers(tmp_path):
         sampler_seed=1,
         device="cpu",
         settings={**TINY, "max_width": 6},
-        progress=False,
+        quiet=True,
     )
     for trial in study.trials:
         profile = trial.user_attrs["hidden_layer_profile"]
@@ -189,41 +163,8 @@ def test_deep_space_samples_two_to_four_layers(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the CLI as a subprocess
 
-TINY_ARGS = [
-    "--input-bits",
-    "3",
-    "--output-bits",
-    "3",
-    "--max-width",
-    "12",
-    "--max-epochs",
-    "1500",
-    "--seeds",
-    "2",
-    "--quiet",
-    "--device",
-    "cpu",
-    "--sampler-seed",
-    "0",
-    "--min-learning-rate",
-    "0.05",
-    "--max-learning-rate",
-    "0.2",
-    "--batch-sizes",
-    "8",
-]
 
-
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "study.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-    )
-
-
+@pytest.mark.slow
 def test_cli_runs_resumes_and_reports(tmp_path):
     storage = f"sqlite:///{tmp_path / 'cli.db'}"
     report_dir = tmp_path / "report"
@@ -252,7 +193,7 @@ def test_cli_runs_resumes_and_reports(tmp_path):
     ("args", "expected"),
     [
         (["--trials", "2", "--min-width", "20", "--max-width", "10"], "inverted width bounds"),
-        (["--trials", "0"], "--trials: must be at least 1"),
+        (["--trials", "0"], "--trials: must be an integer from 1"),
         (["--trials", "2", "--device", "cuda:7"], "device"),
     ],
 )
@@ -290,6 +231,7 @@ def test_cli_unwritable_storage_path_is_one_clear_line(tmp_path):
     assert "storage: cannot create" in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_report_of_unknown_study_is_one_clear_line(tmp_path):
     storage = f"sqlite:///{tmp_path / 'cli.db'}"
     assert (
@@ -301,6 +243,7 @@ def test_cli_report_of_unknown_study_is_one_clear_line(tmp_path):
     assert "study 'nope' not found" in done.stderr and "boolean-shallow" in done.stderr
 
 
+@pytest.mark.slow
 def test_certify_retrains_the_best_and_the_next_smaller_width(tmp_path):
     storage = f"sqlite:///{tmp_path / 'cert.db'}"
     assert (

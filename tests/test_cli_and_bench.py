@@ -50,6 +50,7 @@ def test_bench_trainer_runs_both_pipelines(tmp_path):
     assert any("speed-up" in line for line in logged)
 
 
+@pytest.mark.slow
 def test_bench_pruners_runs_the_pruners_side_by_side(tmp_path):
     from study.bench import bench_pruners
 

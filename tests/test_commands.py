@@ -10,8 +10,7 @@ import time
 import optuna
 import pytest
 
-from tests.conftest import write_fake_dataset
-from tests.test_boolean_study import TINY_ARGS, cli
+from tests.conftest import TINY_ARGS, cli, write_fake_dataset
 
 SLOW = ["--no-prune", "--quiet", "--input-bits", "5", "--output-bits", "2", "--max-width", "16",
         "--max-epochs", "2000", "--seeds", "2", "--batch-sizes", "8", "--device", "cpu",
@@ -23,6 +22,7 @@ def test_version():
     assert done.returncode == 0 and done.stdout.startswith("study ")
 
 
+@pytest.mark.slow
 def test_timeout_stops_within_an_epoch_and_the_next_run_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path / 't.db'}"
     args = ["run", "boolean-shallow", "--storage", storage, "--trials", "40", *SLOW]
@@ -47,6 +47,7 @@ def test_timeout_stops_within_an_epoch_and_the_next_run_resumes(tmp_path):
     assert any(retried(t) == stopped[0].number for t in trials if t.state.name != "WAITING")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "qmc", "cmaes", "gp"])
 def test_a_sampler_is_stored_and_kept_on_resume(tmp_path, sampler):
     storage = f"sqlite:///{tmp_path / 's.db'}"
@@ -67,6 +68,7 @@ def images(tmp_path_factory):
     return write_fake_dataset(tmp_path_factory.mktemp("images"), train=400, test=100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["hyperband", "successive-halving", "none", "median"])
 def test_an_image_pruner_is_stored_shown_and_used(tmp_path, images, pruner):
     storage = f"sqlite:///{tmp_path / 'p.db'}"
@@ -87,6 +89,7 @@ def test_a_pruner_of_the_other_kind_is_refused(tmp_path):
     assert "target-unreachable, none" in done.stderr and not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.slow
 def test_list_and_best_read_the_store(tmp_path):
     storage = f"sqlite:///{tmp_path / 'l.db'}"
     assert cli("run", "boolean-shallow", "--trials", "4", "--storage", storage,
@@ -134,6 +137,7 @@ def test_progress_moves_inside_a_boolean_population(tmp_path):
     assert "population of 8 networks: epoch " in stderr and " still training" in stderr, stderr
 
 
+@pytest.mark.slow
 def test_timeout_with_workers_stops_every_worker_and_leaves_nothing_running(tmp_path):
     """Trials far longer than the budget: whatever the workers run at the deadline is stopped
     at its next epoch, failed with the reason and re-queued; the parent says so once."""
@@ -155,6 +159,7 @@ def test_timeout_with_workers_stops_every_worker_and_leaves_nothing_running(tmp_
     assert states.count("WAITING") == len(stopped)  # each re-queued with its parameters
 
 
+@pytest.mark.slow
 def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images):
     """Whatever the default pruner of new studies, a stored study runs on as it was made."""
     from study.runner import study_settings

@@ -135,6 +135,7 @@ def test_unknown_dataset_is_a_clear_error(tmp_path):
         prepare_raw_files("cifar", tmp_path)
 
 
+@pytest.mark.slow
 def test_processes_preparing_one_directory_at_once_all_succeed(tmp_path):
     """Workers or side-by-side studies may unpack the same files at the same moment."""
     import subprocess

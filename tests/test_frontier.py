@@ -7,29 +7,34 @@ import math
 import optuna
 import pytest
 
-from study.config import BooleanSettings
+from study.config import BooleanSettings, FrontierCell, FrontierPlan
 from study.frontier import (
     CONFIRM_BLOCK,
     HELDOUT_SEED,
     SELECTION_SEED,
-    Cell,
-    Plan,
-    clopper_pearson,
+    FrontierAnswer,
+    exact_interval,
     run_cell,
 )
-from tests.test_boolean_study import cli
+from tests.conftest import cli
 
 TINY = BooleanSettings(input_bits=3, output_bits=3)
-PLAN = Plan(recipe_trials=4, recipe_seeds=2, selection_seeds=4, heldout_seeds=20, probe_neurons=6)
+PLAN = FrontierPlan(
+    recipe_trials=4, recipe_seeds=2, selection_seeds=4, heldout_seeds=20, probe_neurons=6
+)
+Cell = FrontierCell
 
 
-def test_clopper_pearson_is_the_exact_interval():
-    low, high = clopper_pearson(24, 24)
+def test_the_exact_interval_is_clopper_pearson():
+    low, high = exact_interval(24, 24)
     assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 24), abs=1e-6)
-    low, high = clopper_pearson(0, 10)
+    low, high = exact_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-6)
-    low, high = clopper_pearson(5, 10)
+    low, high = exact_interval(5, 10)
     assert low == pytest.approx(1 - high, abs=1e-6) and 0.18 < low < 0.19
+    # scipy's: defined far beyond the ~1,030 seeds where a hand-summed binomial overflowed
+    low, high = exact_interval(9000, 10_000)
+    assert 0.89 < low < 0.9 < high < 0.91
 
 
 def test_a_cell_spreads_its_neurons_evenly_over_its_layers():
@@ -43,7 +48,8 @@ def cell_store(tmp_path_factory):
     storage = f"sqlite:///{tmp_path_factory.mktemp('frontier') / 'f.db'}"
     logged = []
     answer = run_cell(storage, Cell(0, 1, 300), PLAN, threads=2, log=logged.append, settings=TINY)
-    return storage, answer, logged
+    assert isinstance(answer, FrontierAnswer)
+    return storage, answer.to_dict(), logged
 
 
 def test_a_cell_is_answered_on_held_out_seeds(cell_store):
@@ -108,7 +114,7 @@ def test_a_cell_resumes_without_training_again(cell_store):
     storage, answer, _ = cell_store
     logged = []
     again = run_cell(storage, Cell(0, 1, 300), PLAN, threads=2, log=logged.append, settings=TINY)
-    assert again == answer
+    assert again.to_dict() == answer
     assert not any("training" in line for line in logged), logged
 
 
@@ -157,35 +163,39 @@ def test_function_seed_zero_is_a_function_seed():
     assert args.function_seeds == (0, 3)
 
 
-def test_a_width_that_fails_its_confirmation_is_not_stated(monkeypatch):
+def test_a_width_that_fails_its_confirmation_is_not_stated(tmp_path, monkeypatch):
     """Confirmation of 5 neurons fails: 6 is chosen again on fresh blocks and confirmed on the
     next confirmation block; the stated rate is that block's."""
     from types import SimpleNamespace
 
     from study import frontier
+    from study.storage import open_storage
 
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    run = frontier.CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 300), PLAN,
+                           TINY, 1, print)  # fmt: skip
     rates = {(5, CONFIRM_BLOCK): 17, (6, CONFIRM_BLOCK + 1): 23}
     chosen_from = []
 
-    def fake_heldout(study, cell, recipe, widths, block, plan, settings, threads, log, stage):
+    def fake_heldout(recipe, widths, block, stage="heldout"):
         assert stage == "confirm"
         (n,) = widths
-        seeds = [HELDOUT_SEED + block * 10_000 + i for i in range(24)]
-        attrs = {"successes": rates[(n, block)], "seeds_planned": 24, "block": block,
-                 "seeds": seeds}  # fmt: skip
+        attrs = {"successes": rates[(n, block)], "seeds_planned": 24, "block": block}
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
-    def fake_choice(study, cell, recipe, neurons, plan, settings, threads, log, first_block=0):
-        chosen_from.append((neurons, first_block))
-        return {"neurons": neurons, "heldout_block": first_block, "heldout_successes": 22,
-                "heldout_seeds": 24}  # fmt: skip
+    def choice_of(neurons: int, block: int) -> frontier.Choice:
+        rate = frontier.BlockRate(block, 22, 24)
+        return frontier.Choice(frontier.Width((neurons,), 7 * neurons + 3, rate), None)
 
-    monkeypatch.setattr(frontier, "_heldout", fake_heldout)
-    monkeypatch.setattr(frontier, "_pooled", lambda study, recipe, neurons: {})
-    monkeypatch.setattr(frontier, "certify_heldout", fake_choice)
-    study = SimpleNamespace(set_user_attr=lambda key, value: None)
-    choice = {"neurons": 5, "heldout_block": 0, "heldout_successes": 22, "heldout_seeds": 24}
-    answer = frontier.confirm(study, Cell(0, 1, 300), None, choice, PLAN, TINY, 1, print)
+    def fake_choose(recipe, neurons, first_block=0):
+        chosen_from.append((neurons, first_block))
+        return choice_of(neurons, first_block)
+
+    monkeypatch.setattr(run, "heldout", fake_heldout)
+    monkeypatch.setattr(run, "choose", fake_choose)
+    monkeypatch.setattr(run, "_pooled", lambda recipe, neurons: frontier.Pooled(0, 0, ()))
+    recipe = frontier.Recipe(0.01, 8, "constant")
+    answer = run.confirm(recipe, choice_of(5, 0)).to_dict()
     assert chosen_from == [(6, frontier.CHOICE_BLOCKS)]  # chosen again on fresh blocks
     assert answer["neurons"] == 6 and answer["heldout_successes"] == 23
     assert answer["heldout_block"] == CONFIRM_BLOCK + 1
@@ -199,3 +209,105 @@ def test_an_unconfirmed_answer_is_not_published(tmp_path):
     study = optuna.create_study(study_name="frontier-f5-d1-b100", storage=storage)
     study.set_user_attr("answer", {"neurons": 7, "heldout_successes": 24, "heldout_seeds": 24})
     assert frontier_answers(storage) == []
+
+
+TWO_PROCESSES = """
+import sys
+from study.config import BooleanSettings, FrontierGrid
+from study.frontier import run_frontier
+plan = dict(recipe_trials=8, recipe_seeds=2, selection_seeds=4, heldout_seeds=20, probe_neurons=6)
+grid = FrontierGrid(function_seeds=(0, 1, 2, 3), depths=(1,), budgets=(300,))
+answers = run_frontier(sys.argv[1], grid, plan, threads=1, log=lambda line: None,
+                       settings=BooleanSettings(input_bits=3, output_bits=3))
+print(len(answers))
+"""
+
+
+@pytest.mark.slow
+def test_two_frontier_processes_share_the_work_and_fail_nothing(tmp_path):
+    """Two processes on one new store divide the evaluations: none is trained twice, no trial is
+    failed or left running, both end with every cell answered."""
+    import subprocess
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    command = [sys.executable, "-c", TWO_PROCESSES, storage]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+        assert out.strip() == "4"
+    owners, keys = set(), []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        states = {t.state.name for t in study.trials}
+        assert states == {"COMPLETE"}, (summary.study_name, states)
+        owners |= {t.system_attrs["study:owner"]["pid"] for t in study.trials}
+        if not summary.study_name.endswith("-recipe"):
+            keys += [(summary.study_name, t.user_attrs["stage"], t.params["neurons"],
+                      t.user_attrs["block"]) for t in study.trials]  # fmt: skip
+        else:
+            assert len(study.trials) == 8  # exactly the plan's recipes, whoever trained them
+    assert len(keys) == len(set(keys))  # no evaluation trained twice
+    assert owners == {p.pid for p in processes}  # both processes trained a share
+
+
+def test_every_committed_answer_reads_back_typed_with_scipys_intervals():
+    """The typed answer is the answers.json entry: read and written again it is the same, the
+    intervals recomputed by scipy's exact method included."""
+    from pathlib import Path
+
+    committed = json.loads((Path(__file__).parent.parent / "results/answers.json").read_text())
+    assert committed
+    for entry in committed:
+        assert FrontierAnswer.from_dict(entry).to_dict() == entry
+
+
+def test_a_cell_resumed_with_another_plan_is_refused_before_anything_is_written(cell_store):
+    from study.config import FrontierGrid
+    from study.errors import ConfigError
+    from study.frontier import run_frontier
+    from study.overview import best_of
+
+    storage, answer, _ = cell_store
+    before = {
+        t.number for t in optuna.load_study(study_name=answer["study"], storage=storage).trials
+    }
+    grid = FrontierGrid((0,), (1,), (300,))
+    with pytest.raises(ConfigError, match="exists with another plan: heldout_seeds=24"):
+        run_frontier(storage, grid, {"heldout_seeds": 24}, settings=TINY, log=lambda _: None)
+    after = {
+        t.number for t in optuna.load_study(study_name=answer["study"], storage=storage).trials
+    }
+    assert after == before
+    # flags that repeat the stored plan, or none, resume it; `study best` shows the answer
+    again = run_frontier(storage, grid, {"heldout_seeds": 20}, settings=TINY, log=lambda _: None)
+    assert [a.to_dict() for a in again] == [answer]
+    assert best_of(answer["study"], storage)["answer"] == answer
+
+
+def test_a_stopped_frontier_fails_its_evaluations_and_says_how_far_it_got(tmp_path, monkeypatch):
+    """A stop inside training: the claimed evaluations are failed with the stop's reason (none
+    left RUNNING), and the line says how many cells were answered."""
+    from study import interrupt
+    from study.config import FrontierGrid
+    from study.frontier import run_frontier
+
+    calls = []
+
+    def stop_on_the_second_check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise interrupt.Stopped(interrupt.SIGTERM)
+
+    monkeypatch.setattr(interrupt, "check", stop_on_the_second_check)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    grid = FrontierGrid((0,), (1,), (300,))
+    with pytest.raises(interrupt.Stopped) as stopped:
+        run_frontier(storage, grid, PLAN.identity(), settings=TINY, log=lambda _: None)
+    assert str(stopped.value).startswith("terminated (SIGTERM): 0 of 1 frontier cells answered")
+    assert interrupt.ending(stopped.value)[1] == 143
+    recipes = optuna.load_study(study_name="frontier-f0-d1-b300-recipe", storage=storage)
+    assert {t.state.name for t in recipes.trials} == {"FAIL"}
+    assert {t.user_attrs["fail_reason"] for t in recipes.trials} == {interrupt.SIGTERM.reason}

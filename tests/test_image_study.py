@@ -18,8 +18,7 @@ from study.export import export_model, load_exported, predict, read_image_file
 from study.image_objective import ImageObjective
 from study.runner import best_feasible, run_study, study_settings
 from study.trainer import evaluate, train
-from tests.conftest import make_images, write_fake_dataset
-from tests.test_boolean_study import cli
+from tests.conftest import cli, make_images, write_fake_dataset
 
 FAST = {"validation_size": 100, "min_epochs": 1, "max_epochs": 2}
 
@@ -39,7 +38,7 @@ def tiny_study(tmp_path, images_dir, name="fashion-mlp", trials=2, **kwargs):
         sampler_seed=0,
         device="cpu",
         settings=settings,
-        progress=False,
+        quiet=True,
         data_dir=str(images_dir),
         **kwargs,
     )
@@ -290,6 +289,7 @@ def test_predict_by_index_and_from_a_png_round_trip(exported, images_dir, tmp_pa
     assert from_file["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_reads_the_export_from_the_stores_artifacts(exported, images_dir, tmp_path):
     storage, out, _ = exported
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
@@ -308,6 +308,7 @@ def test_predict_reads_the_export_from_the_stores_artifacts(exported, images_dir
     assert done.stdout == from_files.stdout and done.stdout.count('Predicted: "') == 2
 
 
+@pytest.mark.slow
 def test_cli_export_and_predict(exported, images_dir, tmp_path):
     storage, _, _ = exported
     out = tmp_path / "cli-export"
@@ -364,7 +365,7 @@ def test_cnn_trial_on_cuda_uses_channels_last_and_bf16(tmp_path, images_dir):
         storage=f"sqlite:///{tmp_path / 'cuda.db'}",
         device="cuda",
         settings=FAST,
-        progress=False,
+        quiet=True,
         data_dir=str(images_dir),
     )
     trial = study.trials[0]

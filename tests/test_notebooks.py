@@ -11,8 +11,7 @@ from nbclient import NotebookClient
 from study.export import export_model
 from study.report import IMAGE_FIGURES, write_report
 from study.runner import run_study
-from tests.conftest import write_fake_dataset
-from tests.test_boolean_study import TINY
+from tests.conftest import TINY, write_fake_dataset
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 IMAGE_SETTINGS = {"validation_size": 100, "min_epochs": 2, "max_epochs": 3}
@@ -25,7 +24,7 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store")
     storage = f"sqlite:///{tmp / 'store.db'}"
     images = write_fake_dataset(tmp / "data", train=400, test=100)
-    common = dict(storage=storage, sampler_seed=0, device="cpu", progress=False)
+    common = dict(storage=storage, sampler_seed=0, device="cpu", quiet=True)
     run_study("boolean-shallow", trials=4, settings=TINY, population=4, **common)
     run_study("boolean-deep", trials=4, settings=TINY, population=4, **common)
     for name in ("fashion-mlp", "fashion-cnn"):
@@ -37,6 +36,7 @@ def store(tmp_path_factory):
     return storage, results, images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["boolean-shallow", "boolean-deep"])
 def test_boolean_report_files(store, tmp_path, name):
     storage, _, _ = store
@@ -72,6 +72,7 @@ def test_image_report_files(store, tmp_path, name):
     assert ("**Test accuracy" in text) == (name == "fashion-mlp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "notebook", ["00_foundations.ipynb", "01_boolean_width.ipynb", "02_fashion_mnist.ipynb"]
 )
@@ -163,6 +164,8 @@ def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
 ):
     """Success shares stay within [0, 1] after jitter; the timeline's legend lists only the
     states its trials have; every legend sits outside the axes (covers no point)."""
+    import contextlib
+
     import optuna
 
     from study import report_boolean, report_image, tables
@@ -170,12 +173,14 @@ def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
     storage, _, _ = store
     shown = {}
 
-    def keep(fig, path):
-        shown[Path(path).name] = fig
-        return tables.save_figure(fig, path)
+    @contextlib.contextmanager
+    def keep(path, *args, **kwargs):
+        with tables.figure(path, *args, **kwargs) as (fig, axes):
+            shown[Path(path).name] = fig
+            yield fig, axes
 
-    monkeypatch.setattr(report_boolean, "save_figure", keep)
-    monkeypatch.setattr(report_image, "save_figure", keep)
+    monkeypatch.setattr(report_boolean, "figure", keep)
+    monkeypatch.setattr(report_image, "figure", keep)
     write_report("boolean-shallow", storage, tmp_path / "b")
     write_report("fashion-mlp", storage, tmp_path / "i")
     share = shown["success_share_vs_width.png"].axes[0]

@@ -3,11 +3,13 @@
 import itertools
 
 import optuna
+import pytest
 
 from study.runner import run_study
-from tests.test_boolean_study import TINY
+from tests.conftest import TINY
 
 
+@pytest.mark.slow
 def test_three_workers_finish_exactly_twelve_trials_on_sqlite(tmp_path):
     storage = f"sqlite:///{tmp_path / 'parallel.db'}"
     study = run_study(
@@ -17,7 +19,7 @@ def test_three_workers_finish_exactly_twelve_trials_on_sqlite(tmp_path):
         sampler_seed=0,
         device="cpu",
         settings={**TINY, "max_epochs": 300},
-        progress=False,
+        quiet=True,
         workers=3,
     )
     states = [t.state.name for t in study.get_trials()]
@@ -30,7 +32,7 @@ def test_three_workers_finish_exactly_twelve_trials_on_sqlite(tmp_path):
     assert overlaps > 0
     # running it again with the same total does nothing new
     again = run_study("boolean-shallow", trials=12, storage=storage, device="cpu",
-                      settings={**TINY, "max_epochs": 300}, progress=False, workers=3)  # fmt: skip
+                      settings={**TINY, "max_epochs": 300}, quiet=True, workers=3)  # fmt: skip
     assert len(again.get_trials()) == 12
     assert optuna.load_study(study_name="boolean-shallow", storage=storage).user_attrs["kind"]
 

@@ -19,8 +19,7 @@ from study.errors import ConfigError
 from study.population import Member, _Group, adam_unit_step, plan_groups, train_population
 from study.runner import run_study
 from study.trainer import train
-
-from .test_boolean_study import TINY
+from tests.conftest import TINY
 
 TARGET = 1e-3
 
@@ -165,7 +164,7 @@ def test_population_study_stores_trials_like_the_sequential_one(tmp_path):
         sampler_seed=0,
         device="cpu",
         settings=TINY,
-        progress=False,
+        quiet=True,
         population=3,
     )
     assert len(study.trials) == 6
@@ -192,12 +191,13 @@ def test_population_study_stores_trials_like_the_sequential_one(tmp_path):
         storage=storage,
         device="cpu",
         settings=TINY,
-        progress=False,
+        quiet=True,
         population=3,
     )
     assert len(resumed.trials) == 8
 
 
+@pytest.mark.slow
 def test_killed_population_leaves_no_trial_running(tmp_path):
     db = tmp_path / "crash.db"
     storage = f"sqlite:///{db}"
@@ -322,7 +322,7 @@ def test_nan_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeyp
         sampler_seed=0,
         device="cpu",
         settings=TINY,
-        progress=False,
+        quiet=True,
         population=population,
     )
     states = {t.number: t.state for t in study.trials}
@@ -507,3 +507,127 @@ def test_without_vector_math_the_kernel_is_built_with_scalar_calls(tmp_path, mon
         assert curves(result)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
     finally:
         native.load.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# the native kernel's boundary: one argument table, checked before the first call
+
+
+def native_buffers(members=3, rows=8, inputs=3, outputs=3, width=5):
+    """Buffers for `members` networks of one hidden layer, as `_NativeState` lays them out."""
+    from study import native
+
+    size = (inputs + 1) * width + (width + 1) * outputs
+    dims = torch.zeros(members, native.MAX_DIMS, dtype=torch.int32)
+    dims[:, :3] = torch.tensor([inputs, width, outputs], dtype=torch.int32)
+    return {
+        "active": torch.ones(members, dtype=torch.uint8),
+        "ndims": torch.full((members,), 3, dtype=torch.int32),
+        "dims": dims,
+        "offsets": torch.arange(members, dtype=torch.int64) * size,
+        "params": torch.zeros(members * size),
+        "exp_avg": torch.zeros(members * size),
+        "exp_avg_sq": torch.zeros(members * size),
+        "steps": torch.zeros(members, dtype=torch.int64),
+        "lr": torch.full((members,), 1e-2),
+        "cosine": torch.zeros(members, dtype=torch.uint8),
+        "total_steps": torch.ones(members, dtype=torch.int64),
+        "batch": torch.full((members,), 4, dtype=torch.int32),
+        "x": torch.zeros(rows, inputs),
+        "y": torch.zeros(rows, outputs),
+        "orders": torch.arange(rows).repeat(members, 1),
+        "train_loss": torch.zeros(members),
+        "eval_loss": torch.zeros(members),
+        "eval_acc": torch.zeros(members),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda b: b.update(lr=b["lr"].double()), "lr: dtype torch.float64"),
+        (
+            lambda b: b.update(
+                {k: b[k][:-1].clone() for k in ("params", "exp_avg", "exp_avg_sq")}
+            ),
+            "offsets: a member's parameters outside",
+        ),
+        (lambda b: b.update(orders=b["orders"].t().contiguous().t()), "orders: not contiguous"),
+        (lambda b: b.update(active=b["active"][:2].clone()), "ndims: shape (3,), not (2,)"),
+        (lambda b: b["dims"].__setitem__((1, 1), 0), "dims: a layer of width 0"),
+        (lambda b: b["dims"].__setitem__((0, 2), 4), "first and last sizes must match"),
+        (lambda b: b["ndims"].__setitem__(0, 40), "ndims: every member needs 2 to 34"),
+        (lambda b: b["batch"].__setitem__(2, 0), "batch: every batch size"),
+        (lambda b: b.pop("eval_acc"), "buffers"),
+    ],
+)
+def test_the_kernel_refuses_buffers_it_would_read_or_write_outside(change, said):
+    from study import native
+
+    kernel = native.load()
+    assert kernel is not None
+    buffers = native_buffers()
+    kernel.bind(**buffers).epoch(threads=1)  # as made: accepted, and it trains
+    change(buffers)
+    with pytest.raises(ValueError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        kernel.bind(**buffers)
+
+
+def test_a_bound_kernel_call_checks_threads_and_replaced_buffers():
+    from study import native
+
+    buffers = native_buffers()
+    call = native.load().bind(**buffers)
+    assert call.epoch(threads=2) == 0 and bool((buffers["train_loss"] > 0).all())
+    with pytest.raises(ConfigError, match="threads"):
+        call.epoch(threads=0)
+    buffers["lr"].set_(torch.full((3,), 1e-2))  # a new storage behind the same tensor
+    with pytest.raises(RuntimeError, match="replaced"):
+        call.epoch(threads=1)
+
+
+def test_the_signature_is_made_from_the_table():
+    import ctypes
+
+    from study import native
+
+    kernel = native.load()
+    assert len(kernel.function.argtypes) == len(native.ARGUMENTS) == 21
+    scalars = [a.name for a in native.ARGUMENTS if a.dtype is None]
+    assert scalars == ["members", "rows", "threads"]
+    assert kernel.function.argtypes.count(ctypes.c_int32) == 3
+
+
+def test_the_kernel_builds_with_warnings_as_errors_into_the_chosen_cache(tmp_path, monkeypatch):
+    """The tests build the kernel with -Wall -Wextra -Werror (conftest), into a cache of their
+    own: $STUDY_CACHE_DIR first, else $XDG_CACHE_HOME/study, else ~/.cache/study."""
+    from study import native
+
+    assert os.environ["STUDY_NATIVE_STRICT"] == "1" and "-Werror" in native._flags()
+    monkeypatch.delenv("STUDY_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_dir() == tmp_path / "xdg" / "study"
+    native.load.cache_clear()
+    try:
+        assert native.load() is not None  # built strictly, without one warning
+        assert len(list((tmp_path / "xdg" / "study").glob("population_kernel-*.so"))) == 1
+    finally:
+        native.load.cache_clear()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert native.cache_dir() == native.Path.home() / ".cache" / "study"
+
+
+def test_every_trial_records_the_engine_that_trained_it(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'e.db'}"
+    one = run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
+                    quiet=True, study_name="one")  # fmt: skip
+    many = run_study("boolean-shallow", trials=4, storage=storage, device="cpu", settings=TINY,
+                     quiet=True, study_name="many", population=4, threads=2)  # fmt: skip
+    assert {(t.user_attrs["engine"], t.user_attrs["threads"]) for t in many.trials} == {
+        ("native", 2)
+    }
+    assert {t.user_attrs["engine"] for t in one.trials} == {"sequential"}
+    from study.report import write_report
+
+    summary = (write_report("many", storage, tmp_path / "r") / "summary.md").read_text()
+    assert "trained by: native kernel on 2 threads (4 trials)" in summary

@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from study.runner import run_study
-from tests.test_boolean_study import TINY_ARGS, cli
+from tests.conftest import TINY_ARGS, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("STUDY_TEST_POSTGRES") or None
@@ -72,6 +72,7 @@ def command(storage, *args):
 # 1, 2: results a user cannot clobber; a report shows its own store only
 
 
+@pytest.mark.slow
 def test_main_job_and_reports_leave_a_fresh_clone_clean(tmp_path):
     clone = tmp_path / "clone"
     files = subprocess.run(
@@ -101,6 +102,7 @@ def test_main_job_and_reports_leave_a_fresh_clone_clean(tmp_path):
     assert status == "", status
 
 
+@pytest.mark.slow
 def test_a_report_shows_its_own_stores_certification_only(tmp_path):
     out = tmp_path / "report"
     first = f"sqlite:///{tmp_path / 'a.db'}"
@@ -128,6 +130,7 @@ def test_a_report_shows_its_own_stores_certification_only(tmp_path):
 # 3, 4: resume from stored settings; validate before writing
 
 
+@pytest.mark.slow
 def test_resume_needs_no_flags_and_a_contradicting_flag_is_refused(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     first = cli("run", "boolean-shallow", "--trials", "2", "--storage", storage, *TINY_ARGS,
@@ -148,21 +151,21 @@ def test_resume_needs_no_flags_and_a_contradicting_flag_is_refused(tmp_path):
     assert len(optuna.load_study(study_name="boolean-shallow", storage=storage).trials) == 3
     # the Python API the same way
     resumed = run_study("boolean-shallow", trials=4, storage=storage, device="cpu",
-                        progress=False)  # fmt: skip
+                        quiet=True)  # fmt: skip
     assert len(resumed.trials) == 4
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--function-seed", str(2**64)], "function_seed:"),
-        (["--function-seed", "-1"], "function_seed:"),
-        (["--seeds", "100000"], "seeds:"),
-        (["--max-learning-rate", "20"], "max_learning_rate:"),
-        (["--sampler-seed", str(2**40)], "sampler_seed:"),
-        (["--workers", "64"], "workers:"),
-        (["--population", "10000000"], "population:"),
-        (["--study-name", ""], "study_name:"),
+        (["--function-seed", str(2**64)], "--function-seed:"),
+        (["--function-seed", "-1"], "--function-seed:"),
+        (["--seeds", "100000"], "--seeds:"),
+        (["--max-learning-rate", "20"], "--max-learning-rate:"),
+        (["--sampler-seed", str(2**40)], "--sampler-seed:"),
+        (["--workers", "64"], "--workers:"),
+        (["--population", "10000000"], "--population:"),
+        (["--study-name", ""], "--study-name:"),
     ],
 )
 def test_a_refused_value_leaves_no_store_behind(tmp_path, args, expected):
@@ -173,6 +176,7 @@ def test_a_refused_value_leaves_no_store_behind(tmp_path, args, expected):
     assert not db.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_an_image_study_with_too_large_a_validation_split_is_not_stored(tmp_path):
     from tests.conftest import write_fake_dataset
 
@@ -228,6 +232,7 @@ def test_two_processes_with_populations_on_one_new_store_finish_exactly(tmp_path
 # 6: no trial stays RUNNING
 
 
+@pytest.mark.slow
 def test_killed_population_then_a_run_at_the_same_total_leaves_nothing_running(tmp_path):
     db = tmp_path / "kill.db"
     args = command(f"sqlite:///{db}", "--trials", "4", "--population", "4", *SLOW_ARGS)
@@ -248,6 +253,7 @@ def test_killed_population_then_a_run_at_the_same_total_leaves_nothing_running(t
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.slow
 def test_a_run_with_nothing_left_to_do_still_fails_dead_trials(tmp_path):
     db = tmp_path / "done.db"
     storage = f"sqlite:///{db}"
@@ -268,6 +274,7 @@ def test_a_run_with_nothing_left_to_do_still_fails_dead_trials(tmp_path):
     assert list(found.values()).count("WAITING") == 4  # re-queued for a run with a larger total
 
 
+@pytest.mark.slow
 def test_two_quick_ctrl_c_end_in_one_line_whenever_the_second_lands(tmp_path):
     """The second Ctrl-C may land inside an epoch, in the store writes that fail the trial or
     while the process exits: every time, exit 130, one line, no trial left RUNNING."""
@@ -294,6 +301,7 @@ def test_two_quick_ctrl_c_end_in_one_line_whenever_the_second_lands(tmp_path):
                for t in failed)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_workers_parent_stops_its_workers(tmp_path):
     db = tmp_path / "s.db"
     args = command(f"sqlite:///{db}", "--trials", "8", "--workers", "2", *SLOW_ARGS)
@@ -323,6 +331,7 @@ def test_sigterm_to_a_workers_parent_stops_its_workers(tmp_path):
 # 7: no secrets in output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)")
 def test_a_storage_password_never_reaches_any_output(tmp_path):
     secret = "s3cret-Pw-4711"
@@ -349,6 +358,7 @@ def test_a_storage_password_never_reaches_any_output(tmp_path):
     optuna.delete_study(study_name=name, storage=POSTGRES)
 
 
+@pytest.mark.slow
 def test_a_trial_of_another_machine_is_failed_once_its_heartbeat_is_stale(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     env = {**os.environ, "STUDY_HEARTBEAT_SECONDS": "1"}
@@ -375,42 +385,38 @@ def test_a_trial_of_another_machine_is_failed_once_its_heartbeat_is_stale(tmp_pa
 # 8: a store that cannot be written says why
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 512 KiB tmpfs (root only; skipped where mounting is not allowed)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)],
-                             capture_output=True, text=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    # lazy: this process may still hold the store open through Optuna's engine
-    subprocess.run(["umount", "--lazy", str(disk)], check=False)
+def _no_file_may_grow_beyond(size: int):
+    """For a child process: a file-size limit of `size` bytes (as a full disk would stop it:
+    a write past it fails with EFBIG instead of the signal that would kill the process)."""
+
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
-def test_a_full_disk_is_said_in_one_line_and_the_store_survives(small_disk):
-    storage = f"sqlite:///{small_disk / 's.db'}"
+@pytest.mark.slow
+def test_a_full_disk_is_said_in_one_line_and_the_store_survives(tmp_path):
+    """The store cannot grow (no root needed: the process's file-size limit stands in for a
+    full disk): one line, exit 2, what was stored intact."""
+    db = tmp_path / "s.db"
+    storage = f"sqlite:///{db}"
     first = cli("run", "boolean-shallow", "--trials", "1", "--storage", storage, *TINY_ARGS)
     assert first.returncode == 0, first.stderr
-    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:  # fill what is left of the disk
-        while True:
-            os.write(filler, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(filler)
-    done = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, *TINY_ARGS)
+    command = [sys.executable, "-m", "study.cli", "run", "boolean-shallow", "--trials", "3",
+               "--storage", storage, *TINY_ARGS]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_no_file_may_grow_beyond(db.stat().st_size))  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "the disk is full" in done.stderr or "could not write" in done.stderr, done.stderr
-    (small_disk / "filler").unlink()
     trials = optuna.load_study(study_name="boolean-shallow", storage=storage).trials
     assert trials[0].state.name in ("COMPLETE", "PRUNED")  # what was stored is intact
 
 
+@pytest.mark.slow
 def test_a_store_whose_journal_cannot_be_written_is_said_in_one_line(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     assert cli("run", "boolean-shallow", "--trials", "1", "--storage", storage,

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from study.runner import run_study
-from tests.test_boolean_study import TINY, TINY_ARGS, cli
+from tests.conftest import TINY, TINY_ARGS, cli
 
 POSTGRES = os.environ.get("STUDY_TEST_POSTGRES") or None
 
@@ -24,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_the_same_command_finishes_the_study(tmp_path):
     db = tmp_path / "kill.db"
     storage = f"sqlite:///{db}"
@@ -70,12 +71,13 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_the_study(tmp_path):
     assert retried[0].state.name in ("COMPLETE", "PRUNED")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)")
 def test_two_workers_on_postgresql(tmp_path):
     name = f"pg-{os.getpid()}-{time.monotonic_ns()}"
     study = run_study("boolean-shallow", trials=6, storage=POSTGRES, study_name=name,
                       sampler_seed=0, device="cpu", settings={**TINY, "min_width": 8},
-                      progress=False, workers=2)  # fmt: skip
+                      quiet=True, workers=2)  # fmt: skip
     states = [t.state.name for t in study.get_trials()]
     assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}
     assert study.best_trial.user_attrs["neurons"] >= 1

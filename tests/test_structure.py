@@ -14,7 +14,7 @@ from study.config import SETTINGS_OF_KIND, BooleanSettings, ImageSettings, field
 from study.errors import ConfigError
 from study.runner import run_study, study_settings
 from study.studies import describe, load
-from tests.test_boolean_study import TINY, cli
+from tests.conftest import TINY, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_a_flag_of_another_kind_is_refused_in_one_line(tmp_path, args, named):
 def test_describe_gives_the_typed_settings_of_new_and_old_stores(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     study = run_study("boolean-shallow", trials=1, storage=storage, device="cpu",
-                      settings=TINY, progress=False)  # fmt: skip
+                      settings=TINY, quiet=True)  # fmt: skip
     info = describe(study)
     assert (info.space, info.kind) == ("boolean-shallow", "boolean")
     assert info.settings == study_settings("boolean-shallow", TINY)
@@ -167,7 +167,7 @@ def test_describe_gives_the_typed_settings_of_new_and_old_stores(tmp_path):
 def test_commands_of_the_other_kind_say_what_the_study_is(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     run_study("boolean-shallow", trials=1, storage=storage, device="cpu", settings=TINY,
-              progress=False)  # fmt: skip
+              quiet=True)  # fmt: skip
     image = optuna.create_study(storage=storage, study_name="images")
     image.set_user_attr("space", "fashion-mlp")
     image.set_user_attr("kind", "image")
@@ -181,3 +181,125 @@ def test_commands_of_the_other_kind_say_what_the_study_is(tmp_path):
     assert "study certify" in done.stderr
     with pytest.raises(ConfigError, match="not a Boolean width study"):
         load("images", storage, kind="boolean", command="certify")
+
+
+# ----------------------------------------------------------------------------------------------
+# a clean tree, one home per rule, flags from the dataclasses
+
+TOP_LEVEL = {
+    ".ci", ".gitignore", "Makefile", "README.md", "notebooks", "pyproject.toml", "results",
+    "search_spaces", "study", "tests",
+}  # fmt: skip
+"""The fixed layout: nothing else is tracked at the top level (no data sets, no stores)."""
+MAX_TRACKED_BYTES = 5 * 2**20
+
+
+def tracked_files() -> list[str]:
+    import subprocess
+
+    done = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [name for name in done.stdout.split("\0") if name]
+
+
+def test_the_top_level_is_the_fixed_layout_and_no_big_file_is_tracked():
+    files = tracked_files()
+    assert {name.split("/")[0] for name in files} <= TOP_LEVEL
+    big = [
+        name
+        for name in files
+        if not name.startswith("results/")
+        and (ROOT / name).is_file()
+        and (ROOT / name).stat().st_size > MAX_TRACKED_BYTES
+    ]
+    assert big == []
+
+
+def test_git_ignores_what_runs_and_installs_leave_behind(tmp_path):
+    """In a fresh repository with the project's .gitignore: a virtual environment (a directory
+    or a symlink to one), scratch stores and caches are ignored."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    (repo / ".venv").symlink_to(tmp_path)  # a venv kept elsewhere, linked in
+    (repo / "results" / "runs").mkdir(parents=True)
+    shutil.copy(ROOT / "results" / "runs" / ".gitignore", repo / "results" / "runs")
+    left = [".venv", "data/x", "results/runs/studies.db", "results/reference.db-journal",
+            "results/reference.db.lock", "study/__pycache__/x.pyc"]  # fmt: skip
+    done = subprocess.run(["git", "check-ignore", "--no-index", *left], cwd=repo,
+                          capture_output=True, text=True)  # fmt: skip
+    assert set(done.stdout.split()) == set(left)
+
+
+def test_run_options_plan_and_grid_are_flags():
+    from study.config import FrontierGrid, FrontierPlan, RunOptions
+
+    parser = build_parser("boolean-shallow")
+    sub = parser._subparsers._group_actions[0].choices
+    run_flags = {o for a in sub["run"]._actions for o in a.option_strings}
+    frontier = sub["frontier"]._subparsers._group_actions[0].choices["run"]
+    frontier_flags = {o for a in frontier._actions for o in a.option_strings}
+    for cls, flags in ((RunOptions, run_flags), (FrontierPlan, frontier_flags),
+                       (FrontierGrid, frontier_flags)):  # fmt: skip
+        docs = field_docs(cls)
+        for f in fields(cls):
+            assert "--" + f.name.replace("_", "-") in flags, f.name
+            assert docs[f.name] and "\n" not in docs[f.name], f.name
+    args = parser.parse_args(["run", "boolean-shallow", "--trials", "3", "--population", "4",
+                              "--timeout", "9.5", "--quiet"])  # fmt: skip
+    from study.cli import given
+
+    assert RunOptions.from_dict(given(args, RunOptions)) == RunOptions(
+        trials=3, population=4, timeout=9.5, quiet=True
+    )
+
+
+def test_run_study_takes_options_or_their_fields(tmp_path):
+    from study.config import RunOptions
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    with pytest.raises(ConfigError, match="progress: unknown run option"):
+        run_study("boolean-shallow", TINY, trials=1, storage=storage, progress=False)
+    with pytest.raises(ConfigError, match="trials: must be"):
+        run_study("boolean-shallow", TINY, trials=0, storage=storage)
+    options = RunOptions(trials=1, storage=storage, device="cpu", quiet=True)
+    study = run_study("boolean-shallow", TINY, options)
+    assert len(study.trials) == 1
+    assert not (tmp_path / "s.db").with_suffix(".db.journal").exists()
+
+
+def test_a_field_error_names_its_flag_on_the_command_line(tmp_path):
+    done = cli("run", "boolean-shallow", "--trials", "2", "--min-width", "20", "--max-width",
+               "10", "--storage", f"sqlite:///{tmp_path / 'x.db'}")  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("study: error: --max-width: must be an integer from")
+    done = cli("frontier", "run", "--required-rate", "1.5")
+    assert done.returncode == 2 and "--required-rate: must be in (0, 1]" in done.stderr
+
+
+def test_reports_draw_without_pyplot_or_a_backend_switch(tmp_path):
+    """Figures are drawn on bare matplotlib Figures: writing a report imports no pyplot and
+    leaves the process's backend as it was (a notebook keeps its inline plots)."""
+    import subprocess
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_study("boolean-shallow", TINY, trials=2, storage=storage, device="cpu", quiet=True)
+    script = (
+        "import sys, matplotlib; matplotlib.use('svg'); "
+        "from study.report import write_report; from study.report_frontier import "
+        "write_frontier_report; from pathlib import Path; "
+        f"write_report('boolean-shallow', {storage!r}, Path({str(tmp_path / 'r')!r})); "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+        "assert 'matplotlib.pyplot' not in sys.modules; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+    assert (tmp_path / "r" / "neurons_vs_loss.png").stat().st_size > 10_000
