@@ -142,6 +142,162 @@ def bench_trainer(
 
 
 # ----------------------------------------------------------------------------------------------
+# The CNN epoch: a plain PyTorch script against the project's trainer, on the same network
+
+CNN_BASELINE = {
+    "type": "cnn",
+    "blocks": [
+        {"channels": 32, "kernel_size": 3, "batch_norm": True, "pool": "max"},
+        {"channels": 64, "kernel_size": 3, "batch_norm": True, "pool": "max"},
+    ],
+    "head_width": 128,
+    "dropout": 0.3,
+}
+"""The fashion-cnn study's baseline network (its first trial)."""
+
+
+def _cnn_config(**changes) -> TrainConfig:
+    """The baseline's training: AdamW lr 2e-3, weight decay 1e-4, cosine, batch 128, 1 epoch."""
+    return TrainConfig(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4,
+                       lr_schedule="cosine", batch_size=128, epochs=1, **changes)  # fmt: skip
+
+
+def _plain_cnn_epoch(root: Path, device: torch.device, seed: int) -> tuple[float, float]:
+    """One epoch as a plain script writes it: torchvision's dataset with a per-sample
+    `ToTensor`, a shuffling `DataLoader`, the model in PyTorch's default memory format, fp32,
+    then the test set; (seconds, test accuracy)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision.transforms import ToTensor
+
+    from study.config import ImageCandidate
+
+    training_data = datasets.FashionMNIST(str(root), train=True, transform=ToTensor())
+    test_data = datasets.FashionMNIST(str(root), train=False, transform=ToTensor())
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(training_data, batch_size=128, shuffle=True, generator=generator)
+    test_loader = DataLoader(test_data, batch_size=128)
+    config = _cnn_config(seed=seed)
+    with dev.seeded(seed):
+        net = ImageCandidate(CNN_BASELINE, config).build((1, 28, 28), 10).to(device)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    dev.synchronize(device)
+    start = time.perf_counter()
+    net.train()
+    tutorial_training_loop(train_loader, net, loss_fn, optimiser, device)
+    accuracy = tutorial_testing_loop(test_loader, net, device)
+    dev.synchronize(device)
+    return time.perf_counter() - start, accuracy
+
+
+def _trainer_cnn_epoch(
+    dataset, device: torch.device, seed: int, compiled: bool = False, **changes
+) -> tuple[float, float]:
+    """One epoch of the same network and training through the project's trainer (channels
+    last, device-resident uint8 images); `changes` to the training (e.g. mixed precision);
+    `compiled`: the model through `torch.compile` (its compilation timed too: a study compiles
+    every trial's model anew)."""
+    from study.config import ImageCandidate
+    from study.image_objective import prepare_model
+
+    config = _cnn_config(seed=seed, **changes)
+    candidate = ImageCandidate(CNN_BASELINE, config)
+    with dev.seeded(seed):
+        net = prepare_model(candidate, dataset.image_shape, dataset.num_classes, device)
+    result = train(torch.compile(net) if compiled else net, dataset.final_task(), config)
+    return result.seconds, result.final.eval_accuracy
+
+
+def cnn_epoch_seconds(data_dir: str | None, threads: int, **changes) -> float:
+    """Seconds of one trainer epoch after a warm-up one, on `threads` threads (for the
+    processes `bench_cnn` starts side by side)."""
+    torch.set_num_threads(threads)
+    dataset = load_image_dataset("fashion-mnist", prepare_raw_files("fashion-mnist", data_dir))
+    _trainer_cnn_epoch(dataset, torch.device("cpu"), 0, **changes)
+    return _trainer_cnn_epoch(dataset, torch.device("cpu"), 1, **changes)[0]
+
+
+def bench_cnn(
+    data_dir: Path | str | None = None,
+    device_name: str = "auto",
+    repeats: int = 2,
+    log=print,
+) -> dict[str, float]:
+    """The fashion-cnn baseline network for one epoch on the 60k training images, then the 10k
+    test images: (a) a plain script (DataLoader, fp32, default memory format) against the
+    project's trainer (b) in fp32 and channels_last, (c) with bf16 autocast where the device
+    has native bf16; interleaved, `repeats` times each, medians; warm-ups not timed. Then, on
+    the CPU, whether two cores serve one process with 2 threads or two with 1 thread better."""
+    device = dev.resolve_device(device_name)
+    root = prepare_raw_files("fashion-mnist", data_dir)
+    dataset = load_image_dataset("fashion-mnist", root, device=device)
+    variants = {
+        "(a) plain script, fp32": lambda seed: _plain_cnn_epoch(root, device, seed),
+        "(b) trainer, fp32, channels_last": lambda seed: _trainer_cnn_epoch(
+            dataset, device, seed, mixed_precision=False
+        ),
+        "(c) trainer, bf16 autocast, channels_last": lambda seed: _trainer_cnn_epoch(
+            dataset, device, seed
+        ),
+        "(d) (c) with torch.compile": lambda seed: _trainer_cnn_epoch(
+            dataset, device, seed, compiled=True
+        ),
+    }
+    try:
+        variants["(d) (c) with torch.compile"](0)
+    except Exception as error:  # no compiler here, or a backend that cannot compile this
+        log(f"torch.compile unavailable here: {type(error).__name__}: {error}"[:200])
+        del variants["(d) (c) with torch.compile"]
+    for run in variants.values():  # warm-up (allocator, kernels, first-touch): not timed
+        run(0)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    accuracy: dict[str, float] = {}
+    for repeat in range(repeats):
+        for name, run in variants.items():
+            taken, accuracy[name] = run(repeat + 1)
+            seconds[name].append(taken)
+            log(f"repeat {repeat + 1}/{repeats}: {name}: {taken:.1f} s")
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    log(
+        f"device: {dev.describe(device)}; torch {torch.__version__}; {torch.get_num_threads()} "
+        f"threads; bf16 native: {dev.bf16_native(device.type)}"
+    )
+    log("fashion-cnn baseline CNN (32-64 conv, BN, head 128), AdamW, batch 128, 1 epoch on 60k "
+        "+ test on 10k")  # fmt: skip
+    plain = medians["(a) plain script, fp32"]
+    for name, value in medians.items():
+        log(f"  {name:<44} {value:6.1f} s/epoch   test accuracy {accuracy[name]:.2%}   "
+            f"{plain / value:4.1f}x")  # fmt: skip
+    ratios = {f"seconds[{k}]": v for k, v in medians.items()}
+    if device.type == "cpu" and (os.cpu_count() or 1) >= 2:
+        ratios.update(_threads_or_processes(data_dir, log))
+    return ratios
+
+
+def _threads_or_processes(data_dir, log) -> dict[str, float]:
+    """Epochs per minute on two cores: one process with 2 threads against two processes with
+    one thread each, side by side (each after its own warm-up)."""
+    code = (
+        "import sys; from study.bench import cnn_epoch_seconds; "
+        "print(cnn_epoch_seconds(sys.argv[1] or None, int(sys.argv[2])))"
+    )
+
+    def epochs(threads: int, processes: int) -> float:
+        command = [sys.executable, "-c", code, str(data_dir or ""), str(threads)]
+        running = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                   for _ in range(processes)]  # fmt: skip
+        taken = [float(p.communicate()[0].strip().splitlines()[-1]) for p in running]
+        return sum(60.0 / t for t in taken)
+
+    one, two = epochs(2, 1), epochs(1, 2)
+    log(f"  two cores: one process with 2 threads {one:.2f} epochs/min; two processes with 1 "
+        f"thread each {two:.2f} epochs/min in all ({two / one:.2f}x)")  # fmt: skip
+    return {"epochs_per_minute[1 process x 2 threads]": one,
+            "epochs_per_minute[2 processes x 1 thread]": two}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
 # Boolean: the tutorial's loop vs the sequential trainer vs the population trainer
 
 
@@ -548,8 +704,9 @@ def bench_pruners(
     pruners: tuple[str, ...] = ("median", "hyperband"),
     data_dir: Path | str | None = None,
     log=print,
+    study: str = "fashion-mlp",
 ) -> dict[str, list[float]]:
-    """fashion-mlp under the same time budget with each pruner, side by side: in each
+    """An image study under the same time budget with each pruner, side by side: in each
     repetition the pruners' studies run at the same time (one process and one thread each,
     same sampler seed), on fresh stores; prints the best validation accuracy each reached."""
     best: dict[str, list[float]] = {p: [] for p in pruners}
@@ -557,7 +714,7 @@ def bench_pruners(
     trials: dict[str, list[int]] = {p: [] for p in pruners}
     for repeat in range(repeats):
         for pruner, (top, found, finished, pruned) in _pruners_side_by_side(
-            pruners, repeat, minutes, data_dir
+            study, pruners, repeat, minutes, data_dir
         ).items():
             best[pruner].append(top)
             searched[pruner].append(found)
@@ -568,7 +725,7 @@ def bench_pruners(
                 f"({pruned} pruned)"
             )
     log(
-        f"fashion-mlp, {minutes:g} minutes per study, sampler seeds 0..{repeats - 1}, one "
+        f"{study}, {minutes:g} minutes per study, sampler seeds 0..{repeats - 1}, one "
         "thread each, the pruners side by side"
     )
     for pruner in pruners:
@@ -589,9 +746,9 @@ def bench_pruners(
 
 
 def _pruners_side_by_side(
-    pruners: tuple[str, ...], repeat: int, minutes: float, data_dir: Path | str | None
+    study: str, pruners: tuple[str, ...], repeat: int, minutes: float, data_dir
 ) -> dict[str, tuple[float, float, int, int]]:
-    """One repetition: a fashion-mlp study per pruner, all at once on fresh stores; per pruner
+    """One repetition: the study once per pruner, all at once on fresh stores; per pruner
     (best accuracy, best of the searched trials, finished trials, pruned trials)."""
     import tempfile
 
@@ -601,7 +758,7 @@ def _pruners_side_by_side(
     with tempfile.TemporaryDirectory() as tmp:
         processes = {}
         for pruner in pruners:
-            command = [sys.executable, "-m", "study.cli", "run", "fashion-mlp", "--trials", "1000",
+            command = [sys.executable, "-m", "study.cli", "run", study, "--trials", "1000",
                        "--storage", f"sqlite:///{tmp}/{pruner}.db", "--pruner", pruner,
                        "--sampler-seed", str(repeat), "--timeout", str(minutes * 60), "--quiet",
                        "--device", "cpu"]  # fmt: skip
@@ -614,10 +771,8 @@ def _pruners_side_by_side(
             _, err = process.communicate()
             if process.returncode != 0:
                 raise RuntimeError(f"{pruner}: {err.strip().splitlines()[-1]}")
-            study = optuna.load_study(
-                study_name="fashion-mlp", storage=f"sqlite:///{tmp}/{pruner}.db"
-            )
-            finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+            stored = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/{pruner}.db")
+            finished = [t for t in stored.trials if t.state.name in ("COMPLETE", "PRUNED")]
             complete = [t for t in finished if t.state.name == "COMPLETE"]
             # the study's first trial is its space's known-good baseline (the same in every
             # run): what the pruner changes is what the search finds besides it

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from search_spaces import SPACES, get_space
-from study import interrupt
+from study import choices, interrupt
 from study.config import (
     IMAGE_DATASETS,
     MAX_SEEDS,
@@ -73,7 +73,13 @@ PARSERS = {
     "tuple[int, ...]": (_int_list, "N,N,..."),
 }
 """How a field of each type is read from the command line, and its metavar."""
-METAVARS = {"storage": "URL", "timeout": "SECONDS", "population": "K", "data_dir": "DIR"}
+METAVARS = {
+    "storage": "URL",
+    "timeout": "SECONDS",
+    "population": "K",
+    "data_dir": "DIR",
+    "export_dir": "DIR",
+}
 
 
 def _shown(value: Any) -> str:
@@ -265,18 +271,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     from study.studies import load
 
     load(args.name, args.storage, kind="image", command="export")  # before --out is made
+    out = _out_dir(args.out, args.name)
     done = export_model(
         args.name,
         args.storage,
-        _out_dir(args.out, args.name),
+        out / "baseline" if args.baseline else out,
         args.device,
         args.data_dir,
         _command_line(),
+        seeds=args.seeds,
+        baseline=args.baseline,
     )
+    seeds = ", ".join(f"{a:.4f}" for a in done.test_accuracy_seeds)
     print(
-        f"{args.name}: test accuracy {done.test_accuracy:.4f} (validation in the search "
-        f"{done.validation_accuracy:.4f}), retrained in {done.seconds:.0f} s; "
-        f"saved to {done.directory}/"
+        f"{args.name}: trial {done.trial}{' (baseline)' * args.baseline}: test accuracy "
+        f"{done.test_accuracy:.4f} (validation in the search {done.validation_accuracy:.4f}), "
+        f"retrained in {done.seconds:.0f} s; over {len(done.test_accuracy_seeds)} seed(s) "
+        f"{done.test_accuracy_mean:.4f} ({seeds}); saved to {done.directory}/"
     )
 
 
@@ -392,14 +403,29 @@ def cmd_frontier_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from study.bench import bench_boolean, bench_long, bench_pruners, bench_step, bench_trainer
+    from study.bench import (
+        bench_boolean,
+        bench_cnn,
+        bench_long,
+        bench_pruners,
+        bench_step,
+        bench_trainer,
+    )
 
     if args.what == "trainer":
         bench_trainer(args.data_dir, args.device, repeats=args.repeats)
+    elif args.what == "cnn":
+        bench_cnn(args.data_dir, args.device, repeats=args.repeats)
     elif args.what == "boolean":
         bench_boolean(trials=args.trials, epochs=args.epochs or 250, device_name=args.device)
     elif args.what == "pruners":
-        bench_pruners(minutes=args.minutes, repeats=args.repeats, data_dir=args.data_dir)
+        if not (args.minutes > 0 and args.minutes <= 10_000):  # also refuses NaN
+            raise ConfigError(f"--minutes: must be a number from 0 to 10000, got {args.minutes}")
+        pruners = tuple(p.strip() for p in args.pruners.split(",") if p.strip())
+        for pruner in pruners:
+            choices.check(None, pruner, "image")
+        bench_pruners(minutes=args.minutes, repeats=args.repeats, data_dir=args.data_dir,
+                      study=args.study, pruners=pruners)  # fmt: skip
     elif args.what == "long":
         bench_long(members=args.members, epochs=args.epochs or 4000, device_name=args.device)
     else:
@@ -462,6 +488,17 @@ def _add_readers(sub) -> None:
             p.add_argument("--device", default="auto")
         if command == "export":
             p.add_argument("--data-dir", help="directory with the IDX files")
+            p.add_argument(
+                "--seeds",
+                type=_bounded_int(1, 100),
+                default=1,
+                help="training seeds, each retrained and tested once; the first "
+                "one's model is saved; seeds exported before are read back (1)",
+            )
+            p.add_argument("--baseline", action="store_true",
+                           help="export the study's enqueued baseline instead of its best "
+                           "(into OUT/baseline): the test accuracy the search is measured "
+                           "against")  # fmt: skip
         if command == "certify":
             p.add_argument("--seeds", type=_bounded_int(1, MAX_SEEDS), default=10,
                            help="fresh seeds per config")  # fmt: skip
@@ -526,8 +563,10 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "boolean", "long", "step", "pruners"],
-        help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); boolean: tutorial "
+        choices=["trainer", "cnn", "boolean", "long", "step", "pruners"],
+        help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); cnn: a plain "
+        "DataLoader script vs the trainer on the fashion-cnn baseline network (fp32, bf16; "
+        "threads or processes); boolean: tutorial "
         "loop vs sequential vs population trainer; long: the long-budget workload "
         "(member-epochs per second, memory per 1,000 members); step: the candidates for a "
         "population step (eager, torch.compile, native kernel); pruners: median against "
@@ -544,6 +583,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--members", type=_bounded_int(1, 100_000), default=64,
                    help="long: members (64)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=15.0, help="pruners: minutes per study")
+    p.add_argument(
+        "--study",
+        choices=["fashion-mlp", "fashion-cnn"],
+        default="fashion-mlp",
+        help="pruners: the image study (fashion-mlp)",
+    )
+    p.add_argument("--pruners", default="median,hyperband",
+                   help="pruners: the pruners side by side (median,hyperband)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 

@@ -29,7 +29,7 @@ IMAGE_DATASETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 titles (also torchvision's class names)."""
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def require(ok: bool, name: str, value: Any, message: str) -> None:
@@ -154,15 +154,36 @@ class TrainConfig(Settings):
     """L2 penalty (decoupled for adamw)."""
     momentum: float = 0.9
     """Momentum of sgd and rmsprop; unused by adam/adamw."""
+    nesterov: bool = False
+    """Nesterov momentum (sgd only)."""
     lr_schedule: str = "constant"
-    """constant, or cosine: per-step cosine decay from `learning_rate` to 0 over all epochs."""
+    """constant; cosine: per-step cosine decay from `learning_rate` to 0 over all epochs;
+    onecycle: per-step linear decay from `learning_rate` to 0 (both after the warm-up)."""
+    warmup_fraction: float = 0.0
+    """Share of all steps over which the rate first rises linearly from 0 (cosine, onecycle)."""
+    label_smoothing: float = 0.0
+    """Share of each target's probability spread evenly over the classes (image tasks)."""
+    crop_padding: int = 0
+    """Augmentation: shift each training image by up to this many pixels each way (zero fill)."""
+    flip: bool = False
+    """Augmentation: flip half the training images left to right."""
+    erase_probability: float = 0.0
+    """Augmentation: chance that a training image gets a random rectangle (2-25% of its area,
+    aspect 0.3-3.3) set to black (random erasing)."""
+    ema_decay: float = 0.0
+    """Per-step decay of an exponential moving average of the weights, which are evaluated and
+    kept at the end instead of the raw ones (0: off)."""
+    test_time_flip: bool = False
+    """Evaluate on each image and its mirror image, averaging the predictions (validation and
+    test alike)."""
     seed: int = 0
     """Seed of the shuffling order and of dropout; initial weights are seeded by the caller."""
     target_loss: float | None = None
     """Stop once the evaluation loss is at or below this value and, for bit targets, every bit
     of the table is right (None: run all epochs)."""
     mixed_precision: bool = True
-    """bf16 autocast on CUDA for image models; Boolean nets and the CPU always use fp32."""
+    """bf16 autocast for image models on CUDA and on CPUs with native bf16 arithmetic
+    (AVX512-BF16, AMX); Boolean nets always use fp32."""
     eval_batch_size: int = 8192
     """Samples per forward pass when evaluating (memory only; no effect on results)."""
 
@@ -185,6 +206,17 @@ class TrainConfig(Settings):
         )
         check(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+        check(isinstance(self.nesterov, bool) and (not self.nesterov or self.optimizer == "sgd"),
+              "nesterov", "is sgd's (true or false)")  # fmt: skip
+        for name in ("warmup_fraction", "label_smoothing", "erase_probability"):
+            value = getattr(self, name)
+            check(is_number(value) and 0 <= value < 1, name, "must be in [0, 1)")
+        check(is_int(self.crop_padding) and 0 <= self.crop_padding <= 8, "crop_padding",
+              "must be an integer from 0 to 8")  # fmt: skip
+        check(is_number(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay",
+              "must be in [0, 1)")  # fmt: skip
+        for name in ("flip", "test_time_flip"):
+            check(isinstance(getattr(self, name), bool), name, "must be true or false")
         check(is_seed(self.seed), "seed", SEED_RANGE)
         check(
             self.target_loss is None or (is_number(self.target_loss) and self.target_loss > 0),
@@ -203,6 +235,11 @@ class TrainConfig(Settings):
         """Build from a mapping; unknown keys are an error naming the key."""
         reject_unknown_fields(cls, values, "training setting")
         return cls(**values)
+
+    @property
+    def augments(self) -> bool:
+        """Any augmentation of the training batches."""
+        return bool(self.crop_padding or self.flip or self.erase_probability)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,6 +480,7 @@ class ImageCandidate:
             blocks=tuple(ConvBlock(**block) for block in a["blocks"]),
             head_width=a["head_width"],
             dropout=a.get("dropout", 0.0),
+            global_pool=a.get("global_pool", False),
         )
         return ConvNet(spec, image_shape, num_classes)
 
@@ -459,14 +497,27 @@ class ImageCandidate:
             blocks = "-".join(
                 f"{b['channels']}c{b['kernel_size']}{'bn' if b['batch_norm'] else ''}"
                 f"{'' if b['pool'] == 'none' else b['pool'][0] + 'p'}"
+                f"{'+res' if b.get('residual') else ''}"
                 for b in a["blocks"]
             )
-            arch = f"CNN [{blocks}] head {a['head_width']}"
+            pooled = " gap" if a.get("global_pool") else ""
+            arch = f"CNN [{blocks}]{pooled} head {a['head_width']}"
         else:
             arch = "MLP [" + "-".join(str(w) for w in a["hidden_layer_profile"]) + "]"
+        schedule = t.lr_schedule + (f" warm-up {t.warmup_fraction:.2f}" * bool(t.warmup_fraction))
+        extras = [
+            "nesterov" * t.nesterov,
+            f"label smoothing {t.label_smoothing:.2f}" * bool(t.label_smoothing),
+            f"crop {t.crop_padding}" * bool(t.crop_padding),
+            "flip" * t.flip,
+            f"erase {t.erase_probability:.2f}" * bool(t.erase_probability),
+            f"ema {t.ema_decay:g}" * bool(t.ema_decay),
+            "test-time flip" * t.test_time_flip,
+        ]
+        extra = "".join(f", {e}" for e in extras if e)
         return (
             f"{arch} dropout {a.get('dropout', 0.0):.2f}; {t.optimizer} lr {t.learning_rate:.3g} "
-            f"({t.lr_schedule}) batch {t.batch_size} epochs {t.epochs} wd {t.weight_decay:.2g}"
+            f"({schedule}) batch {t.batch_size} epochs {t.epochs} wd {t.weight_decay:.2g}{extra}"
         )
 
 
@@ -544,6 +595,12 @@ class RunOptions(Settings):
     """Image studies: the directory with the IDX files."""
     quiet: bool = False
     """No progress bar."""
+    export: bool = False
+    """Image studies: then export the best configuration (`study export`); with a timeout the
+    budget covers both: no trial starts once the time left is what exporting the best trial so
+    far needs (its measured seconds per epoch)."""
+    export_dir: str | None = None
+    """Where --export writes (default results/runs/NAME)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
@@ -576,6 +633,9 @@ class RunOptions(Settings):
         optional("threads", 1, MAX_THREADS)
         need(isinstance(self.device, str), "device", "must be a device name")
         need(isinstance(self.quiet, bool), "quiet", "must be true or false")
+        need(isinstance(self.export, bool), "export", "must be true or false")
+        need(self.export_dir is None or isinstance(self.export_dir, str), "export_dir",
+             "must be a directory")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Everything else asks this module; no other module names a device kind or calls `
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Iterator
 
@@ -67,10 +68,23 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+@functools.cache
+def bf16_native(device_type: str) -> bool:
+    """Whether bf16 arithmetic is native here (faster than fp32, not emulated): CUDA GPUs that
+    support it; CPUs with AVX512-BF16 or AMX (oneDNN's bf16 kernels)."""
+    if device_type == _CUDA:
+        return torch.cuda.is_bf16_supported()
+    if device_type == _CPU:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when enabled; a no-op context everywhere else (one code path)."""
-    if enabled and device.type == _CUDA:
-        return torch.autocast(device_type=_CUDA, dtype=torch.bfloat16)
+    """bf16 autocast when enabled and bf16 is native to the device (CUDA, or a CPU with
+    AVX512-BF16/AMX: 2.4x the fp32 speed of the reference CNN on the project's CPU, `study bench
+    cnn`); a no-op context everywhere else (one code path)."""
+    if enabled and device.type in (_CUDA, _CPU) and bf16_native(device.type):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

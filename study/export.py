@@ -8,6 +8,7 @@ them and classifies test images by index or PNG/JPEG files, as the tutorial does
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
 
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
@@ -25,7 +27,7 @@ from study.data import load_image_dataset, normalize_images
 from study.errors import ConfigError, DataError, StudyError
 from study.image_objective import history_rows, prepare_model
 from study.storage import artifact_store
-from study.studies import EXPORT_ATTR, best_feasible, load
+from study.studies import BASELINE_EXPORT_ATTR, EXPORT_ATTR, best_feasible, load, run_seconds
 from study.trainer import evaluate, train
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.json"
@@ -39,8 +41,16 @@ class Export:
     trial: int
     validation_accuracy: float
     test_accuracy: float
+    """Of the saved model (the first training seed)."""
     test_loss: float
     seconds: float
+    """Retraining and testing the saved model (the first seed), as `export_seconds`."""
+    test_accuracy_seeds: tuple[float, ...] = ()
+    """One per training seed (the first is the saved model's)."""
+
+    @property
+    def test_accuracy_mean(self) -> float:
+        return sum(self.test_accuracy_seeds) / len(self.test_accuracy_seeds)
 
 
 def export_model(
@@ -51,15 +61,18 @@ def export_model(
     data_dir: Path | str | None = None,
     command: str | None = None,
     log=print,
+    seeds: int = 1,
+    baseline: bool = False,
+    study_seconds: float | None = None,
 ) -> Export:
-    """Retrain the best configuration of study `name` on all training images, test it once;
-    save the weights, config and metrics in `out_dir` and in the store's artifacts."""
+    """Retrain the best configuration of study `name` (or, with `baseline`, its enqueued
+    baseline) on all training images with `seeds` training seeds, and test each once; save the
+    first seed's weights, the config and the metrics in `out_dir` and in the store's
+    artifacts. Seeds already exported for the same trial are read back, not retrained."""
     study, info = load(name, storage, kind="image", command="export")
     settings = info.settings
-    best = best_feasible(study)
-    if best is None:
-        raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
-    candidate = ImageCandidate.from_dict(best.user_attrs["config"])
+    trial = _chosen(study, name, baseline)
+    candidate = ImageCandidate.from_dict(trial.user_attrs["config"])
     target = dev.resolve_device(device)
     dataset = load_image_dataset(
         settings.dataset,
@@ -68,37 +81,118 @@ def export_model(
         validation_size=settings.validation_size,
         split_seed=settings.split_seed,
     )
+    out = Path(out_dir) if out_dir is not None else Path("results") / name
+    attr = BASELINE_EXPORT_ATTR if baseline else EXPORT_ATTR
+    earlier = study.user_attrs.get(attr) or {}
+    if earlier.get("trial") != trial.number or not earlier.get("artifacts"):
+        earlier = {}  # another trial (or none) was exported: start afresh
+    done = dict(zip(earlier.get("seeds", []), earlier.get("test_accuracy_seeds", []), strict=True))
+    wanted = [settings.seed + k for k in range(seeds)]
     log(
-        f"{name}: retraining trial {best.number} (validation accuracy {best.value:.4f}) on "
-        f"all {len(dataset.train_images) + len(dataset.validation_images)} training images: "
-        f"{candidate.describe()}"
+        f"{name}: retraining trial {trial.number} (validation accuracy {trial.value:.4f}) on "
+        f"all {len(dataset.train_images) + len(dataset.validation_images)} training images "
+        f"with seeds {[s for s in wanted if s not in done]}: {candidate.describe()}"
     )
-    with dev.seeded(settings.seed):
+    first = None
+    for seed in wanted:
+        if seed not in done:
+            retrained = _retrain(candidate, dataset, seed, target)
+            done[seed] = retrained.test_accuracy
+            if first is None and seed == wanted[0]:
+                first = retrained
+    if first is None:  # the first seed's model was exported before: keep its files
+        fetch_export_record(study, storage, attr, out)
+        earlier = json.loads((out / METRICS_FILE).read_text())
+    metrics = _metrics(study, trial, dataset, wanted, done, earlier, first, command, study_seconds)
+    config = _config(name, trial.number, settings, dataset, candidate)
+    _save(study, storage, out, first.model if first else None, config, metrics, attr)
+    return Export(out, trial.number, trial.value, metrics["test_accuracy"],
+                  metrics["test_loss"], metrics["export_seconds"],
+                  tuple(metrics["test_accuracy_seeds"]))  # fmt: skip
+
+
+def _chosen(study, name: str, baseline: bool):
+    """The trial to export: the best complete one, or the study's enqueued baseline."""
+    if not baseline:
+        best = best_feasible(study)
+        if best is None:
+            raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
+        return best
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("baseline"):
+            return trial
+    raise ConfigError(f"study {name!r} has no complete baseline trial to export")
+
+
+@dataclass(frozen=True)
+class _Retrained:
+    model: torch.nn.Module
+    result: Any
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+
+
+def _retrain(candidate: ImageCandidate, dataset, seed: int, target) -> _Retrained:
+    """Train `candidate` with training seed `seed` on all training images; test it once."""
+    config = candidate.train.replace(seed=seed)
+    with dev.seeded(seed):
         model = prepare_model(candidate, dataset.image_shape, dataset.num_classes, target)
     started = time.perf_counter()
-    result = train(model, dataset.full_training_task(), candidate.train)
-    # the one and only look at the test set
+    result = train(model, dataset.full_training_task(), config)
+    # the one and only look at the test set (as the search evaluated: same flip, same precision)
     test_loss, test_accuracy = evaluate(
-        model, dataset.final_task(), mixed_precision=candidate.train.mixed_precision
+        model,
+        dataset.final_task(),
+        mixed_precision=config.mixed_precision,
+        test_time_flip=config.test_time_flip,
     )
-    seconds = time.perf_counter() - started
-    out = Path(out_dir) if out_dir is not None else Path("results") / name
-    config = _config(name, best.number, settings, dataset, candidate)
-    metrics = {
-        "trial": best.number,
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-        "validation_accuracy_in_search": best.value,
+    return _Retrained(model, result, test_loss, test_accuracy, time.perf_counter() - started)
+
+
+SAVED = ("test_accuracy", "test_loss", "parameters", "epochs", "export_seconds", "device",
+         "history")  # fmt: skip
+"""What metrics.json says of the saved model (the first seed's)."""
+
+
+def _metrics(study, trial, dataset, wanted, done, earlier, first, command, study_seconds) -> dict:
+    """metrics.json: the saved model's test accuracy and history, every seed's accuracy and
+    their mean, the wall times, and the search against its baseline (validation)."""
+    accuracies = [done[s] for s in wanted]
+    baseline = next(
+        (t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+         if t.user_attrs.get("baseline")),
+        None,
+    )  # fmt: skip
+    saved = (
+        {
+            "test_accuracy": first.test_accuracy,
+            "test_loss": first.test_loss,
+            "parameters": first.result.parameters,
+            "epochs": first.result.epochs_run,
+            "export_seconds": round(first.seconds, 2),
+            "device": first.result.device,
+            "history": history_rows(first.result.history),
+        }
+        if first is not None
+        else {k: earlier[k] for k in SAVED if k in earlier}
+    )
+    best = best_feasible(study)
+    return {
+        "trial": trial.number,
+        **saved,
+        "seconds": saved.get("export_seconds"),
+        "validation_accuracy_in_search": trial.value,
         "test_images": len(dataset.test_images),
-        "parameters": result.parameters,
-        "epochs": result.epochs_run,
-        "seconds": round(seconds, 1),
-        "device": result.device,
+        "seeds": wanted,
+        "test_accuracy_seeds": accuracies,
+        "test_accuracy_mean": sum(accuracies) / len(accuracies),
+        "study_seconds": study_seconds if study_seconds is not None else run_seconds(study),
+        "baseline_validation_accuracy": baseline,
+        "best_validation_accuracy": best.value if best is not None else None,
+        "best_is_baseline": bool(best is not None and best.user_attrs.get("baseline")),
         "command": command,
-        "history": history_rows(result.history),
     }
-    _save(study, storage, out, model, config, metrics)
-    return Export(out, best.number, best.value, test_accuracy, test_loss, seconds)
 
 
 def _config(name: str, trial: int, settings, dataset, candidate: ImageCandidate) -> dict:
@@ -117,13 +211,15 @@ def _config(name: str, trial: int, settings, dataset, candidate: ImageCandidate)
     }
 
 
-def _save(study, storage: str, out: Path, model, config: dict, metrics: dict) -> None:
-    """The weights, config and metrics into `out`, and the same files into Optuna's artifact
-    store, attached to the study (Optuna refuses to change a finished trial; the record names
-    the trial): the dashboard shows them and `study predict NAME` reads them from there."""
+def _save(study, storage: str, out: Path, model, config: dict, metrics: dict, attr: str) -> None:
+    """The weights (when retrained now), config and metrics into `out`, and the same files into
+    Optuna's artifact store, attached to the study (Optuna refuses to change a finished trial;
+    the record names the trial): the dashboard shows them and `study predict NAME` reads them
+    from there."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, out / MODEL_FILE)
+    if model is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, out / MODEL_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     store = artifact_store(storage)
@@ -134,15 +230,25 @@ def _save(study, storage: str, out: Path, model, config: dict, metrics: dict) ->
         for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
     }
     record = {k: v for k, v in metrics.items() if k != "history"}
-    study.set_user_attr(EXPORT_ATTR, {**record, "artifacts": artifacts})
+    superseded = (study.user_attrs.get(attr) or {}).get("artifacts") or {}
+    study.set_user_attr(attr, {**record, "artifacts": artifacts})
+    for artifact_id in superseded.values():  # the files of the export this one replaces
+        with contextlib.suppress(Exception):  # already gone
+            store.remove(artifact_id)
 
 
 def fetch_export(name: str, storage: str, into: Path) -> Path:
     """Download study `name`'s exported files from its store's artifact store into `into`."""
+    study, _ = load(name, storage, kind="image", command="predict")
+    return fetch_export_record(study, storage, EXPORT_ATTR, into)
+
+
+def fetch_export_record(study, storage: str, attr: str, into: Path) -> Path:
+    """Download the files of the export recorded under `attr` into `into`."""
     from optuna.artifacts import download_artifact
 
-    study, _ = load(name, storage, kind="image", command="predict")
-    record = study.user_attrs.get(EXPORT_ATTR) or {}
+    name = study.study_name
+    record = study.user_attrs.get(attr) or {}
     artifacts = record.get("artifacts")
     if not artifacts:
         raise ConfigError(

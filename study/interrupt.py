@@ -136,6 +136,11 @@ def forwarded() -> Stop | None:
     return SIGTERM if _state.forwarded[-1] == signal.SIGTERM else CTRL_C
 
 
+def set_deadline(deadline: float | None) -> None:
+    """Move the time budget's end (`time.time()`) of the run being watched."""
+    _state.deadline = deadline
+
+
 def check(trial=None) -> None:
     """Raise `Stopped` once a stop is due (after storing its reason on `trial`)."""
     stop = _state.raised or _state.requested

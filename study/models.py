@@ -100,7 +100,8 @@ class TwinDeepNeuralNet(nn.Module):
 
 @dataclass(frozen=True)
 class ConvBlock:
-    """One convolution block: conv -> [batch norm] -> ReLU -> [2x2 pool]."""
+    """One convolution block: conv -> [batch norm] -> ReLU -> [2x2 pool] -> [residual unit:
+    two more convolutions at the pooled size, added to their input]."""
 
     channels: int
     """Output channels of the convolution."""
@@ -110,8 +111,13 @@ class ConvBlock:
     """Batch normalisation after the convolution."""
     pool: str = "max"
     """Downsampling after the block: "max", "avg" or "none" (2x2, stride 2)."""
+    residual: bool = False
+    """A residual unit after the pool: conv-BN-ReLU-conv-BN plus the unit's input, ReLU
+    (needs batch_norm)."""
 
     def __post_init__(self) -> None:
+        if self.residual and not self.batch_norm:
+            raise ConfigError("residual: a residual unit needs batch_norm")
         if self.channels < 1:
             raise ConfigError(f"channels: must be >= 1, got {self.channels}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -130,7 +136,9 @@ class ConvNetSpec:
     head_width: int = 128
     """Width of the hidden dense layer of the head (0: straight to the classes)."""
     dropout: float = 0.0
-    """Dropout before each dense layer of the head."""
+    """Dropout before the classifier (the head's last dense layer)."""
+    global_pool: bool = False
+    """Average each channel over the image before the head (else flatten every pixel)."""
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -176,22 +184,41 @@ class ConvNet(nn.Module):
                 pool = nn.MaxPool2d(2) if block.pool == "max" else nn.AvgPool2d(2)
                 layers.append(pool)
                 height, width = height // 2, width // 2
+            if block.residual:
+                layers.append(ResidualUnit(block.channels, block.kernel_size))
             channels = block.channels
         self.features = nn.Sequential(*layers)
-        flat = channels * height * width
-        head: list[nn.Module] = [nn.Flatten()]
+        flat = channels if spec.global_pool else channels * height * width
+        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if spec.global_pool else []
+        head.append(nn.Flatten())
         if spec.head_width > 0:
-            if spec.dropout > 0:
-                head.append(nn.Dropout(spec.dropout))
             head += [nn.Linear(flat, spec.head_width), nn.ReLU()]
             flat = spec.head_width
-        if spec.dropout > 0:
-            head.append(nn.Dropout(spec.dropout))
+        if spec.dropout > 0:  # before the classifier only: on the CPU, drawing a mask per
+            head.append(nn.Dropout(spec.dropout))  # flattened pixel costs more than a conv
         head.append(nn.Linear(flat, num_classes))
         self.head = nn.Sequential(*head)
 
     def forward(self, input: Tensor) -> Tensor:
         return self.head(self.features(input))
+
+
+class ResidualUnit(nn.Module):
+    """conv-BN-ReLU-conv-BN, added to the input, then ReLU (same channels and size)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, padding=pad, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size, padding=pad, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.relu(input + self.body(input))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -60,6 +60,10 @@ class Member:
         refused = [
             f"optimizer {c.optimizer!r} (only adam)" if c.optimizer != "adam" else "",
             f"weight_decay {c.weight_decay}" if c.weight_decay != 0 else "",
+            f"lr_schedule {c.lr_schedule!r}" if c.lr_schedule == "onecycle" else "",
+            f"warmup_fraction {c.warmup_fraction}" if c.warmup_fraction else "",
+            f"ema_decay {c.ema_decay}" if c.ema_decay else "",
+            "augmentation" if c.augments else "",
         ]
         refused = [r for r in refused if r]
         if refused:

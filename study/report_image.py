@@ -5,6 +5,7 @@ validation, parameter importances and the timeline."""
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import numpy as np
 import optuna
 import pandas as pd
 from matplotlib.ticker import NullFormatter
+from optuna.trial import TrialState
 
 from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
-from study.studies import StudyInfo, best_feasible
+from study.studies import BASELINE_EXPORT_ATTR, StudyInfo, best_feasible, run_seconds
 from study.tables import STATES, engines, figure, figure_links, markdown_table, outside_legend
 
 # ----------------------------------------------------------------------------------------------
@@ -67,10 +69,7 @@ def image_figures(study: optuna.Study, frame: pd.DataFrame, out: Path) -> list[P
             "Learning rate vs validation accuracy, by optimiser", floor,
             out / "lr_vs_accuracy.png",
         ),
-        _accuracy_against(
-            done, "parameters", "trainable parameters (log scale)",
-            "Validation accuracy vs model size", floor, out / "accuracy_vs_parameters.png",
-        ),
+        _accuracy_vs_cost(done, floor, out / "accuracy_vs_cost.png"),
         _learning_curves(done, floor, out / "learning_curves.png"),
         _train_vs_validation(done, out / "train_vs_validation.png"),
         _importances(study, done, out / "param_importances.png"),
@@ -99,6 +98,45 @@ def _accuracy_against(
         ax.set_ylabel("validation accuracy (last epoch)")
         ax.set_title(title)
         outside_legend(ax, title="optimiser")
+    return path
+
+
+def pareto_max(cost: pd.Series, accuracy: pd.Series) -> pd.DataFrame:
+    """The trials no other beats on both counts (less cost and more accuracy), by cost."""
+    points = pd.DataFrame({"cost": cost, "accuracy": accuracy}).dropna()
+    points = points.sort_values(["cost", "accuracy"], ascending=[True, False])
+    best = points["accuracy"].cummax()
+    keep = points["accuracy"] > best.shift(1, fill_value=-np.inf)
+    return points[keep.to_numpy()]
+
+
+def _accuracy_vs_cost(done: pd.DataFrame, floor: float, path: Path) -> Path:
+    """Validation accuracy of the trials that ran every epoch against their seconds per epoch
+    and their parameters, each with its Pareto front; the baseline marked."""
+    full = done[(done["state"] == "COMPLETE")].copy()
+    full["seconds_per_epoch"] = full["seconds_per_epoch"].astype(float)
+    base = full[full["baseline"] == True] if "baseline" in full else full.iloc[:0]  # noqa: E712
+    with figure(path, 1, 2, figsize=(11, 4.2), sharey=True) as (_, axes):
+        for ax, column, label in (
+            (axes[0], "seconds_per_epoch", "seconds per epoch (this machine)"),
+            (axes[1], "parameters", "trainable parameters (log scale)"),
+        ):
+            ax.scatter(full[column], full["val_accuracy"], s=30, color="tab:blue",
+                       label="complete trials")  # fmt: skip
+            front = pareto_max(full[column], full["val_accuracy"])
+            ax.step(front["cost"], front["accuracy"], where="post", color="black",
+                    linewidth=1.0, label="Pareto front")  # fmt: skip
+            if len(base):
+                ax.scatter(base[column], base["val_accuracy"], s=90, marker="*",
+                           color="crimson", label="baseline")  # fmt: skip
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(label)
+        axes[0].set_ylim(bottom=floor)
+        axes[0].set_ylabel("validation accuracy (last epoch)")
+        axes[0].set_title("Accuracy against time")
+        axes[1].set_title("Accuracy against size")
+        outside_legend(axes[1])
     return path
 
 
@@ -206,7 +244,7 @@ def _timeline(frame: pd.DataFrame, path: Path) -> Path:
 
 IMAGE_FIGURES = [
     ("lr_vs_accuracy.png", "Learning rate vs validation accuracy"),
-    ("accuracy_vs_parameters.png", "Validation accuracy vs parameters"),
+    ("accuracy_vs_cost.png", "Validation accuracy against seconds per epoch and parameters"),
     ("learning_curves.png", "Learning curves of the top trials"),
     ("train_vs_validation.png", "Training vs validation accuracy"),
     ("param_importances.png", "Parameter importances"),
@@ -242,9 +280,14 @@ def image_summary(
         "",
         *_answer(study, export),
         "",
+        "## What the search bought",
+        "",
+        *_against_baseline(study, export),
+        "",
         "## Budget",
         "",
         *_budget(frame, s),
+        *_fidelity(study, frame, s),
         *_best_trials(frame),
         "",
         "## Figures",
@@ -271,14 +314,70 @@ def _answer(study: optuna.Study, export: dict[str, Any] | None) -> list[str]:
     if export is not None:
         trial = export.get("trial", best.number)
         changed = " (the best trial has changed since: export again)" * (trial != best.number)
+        seconds = export.get("export_seconds", export.get("seconds"))
         lines += [
             "",
             f"**Test accuracy {export['test_accuracy']:.4f}** on the {export['test_images']} "
             f"test images, evaluated once, after `study export` retrained trial {trial} "
-            f"on all training images ({export['epochs']} epochs, {export['seconds']:.0f} s "
+            f"on all training images ({export['epochs']} epochs, {seconds:.0f} s "
             f"on {export['device']}){changed}; it saved the weights (`model.pt`), the "
             "config (`config.json`) and these metrics (`metrics.json`).",
         ]
+        accuracies = export.get("test_accuracy_seeds") or []
+        if len(accuracies) > 1:
+            lines += [
+                "",
+                f"Over {len(accuracies)} training seeds ({', '.join(map(str, export['seeds']))}"
+                f"), each retrained and tested once: mean test accuracy "
+                f"**{statistics.mean(accuracies):.4f}** (sd {statistics.stdev(accuracies):.4f}; "
+                f"{', '.join(f'{a:.4f}' for a in accuracies)}).",
+            ]
+    return lines
+
+
+def _against_baseline(study: optuna.Study, export: dict[str, Any] | None) -> list[str]:
+    """The best trial against the study's enqueued baseline: validation, and test where both
+    were exported (`study export`, `study export --baseline`)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    base = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    best = best_feasible(study)
+    if base is None or best is None:
+        return ["No complete baseline trial to compare with."]
+    gain = 100 * (best.value - base.value)
+    lines = [
+        f"- validation accuracy: best {best.value:.4f} (trial {best.number}) against the "
+        f"baseline's {base.value:.4f} (trial {base.number}): {gain:+.2f} points"
+        + (" (the best is the baseline)" if best.number == base.number else "")
+    ]
+    ours = (export or {}).get("test_accuracy_seeds") or []
+    theirs = (study.user_attrs.get(BASELINE_EXPORT_ATTR) or {}).get("test_accuracy_seeds") or []
+    if ours and theirs:
+        test_gain = 100 * (statistics.mean(ours) - statistics.mean(theirs))
+        lines.append(
+            f"- test accuracy, mean over training seeds: best {statistics.mean(ours):.4f} "
+            f"({len(ours)} seeds) against the baseline's {statistics.mean(theirs):.4f} "
+            f"({len(theirs)} seeds): {test_gain:+.2f} points"
+        )
+    return lines
+
+
+def _fidelity(study: optuna.Study, frame: pd.DataFrame, s: ImageSettings) -> list[str]:
+    """Trials per hour of the runs' wall time, and the epochs each trial reached."""
+    done = image_frame(frame)
+    if not len(done):
+        return []
+    lines = []
+    seconds = run_seconds(study)
+    if seconds:
+        lines.append(
+            f"- {len(done) / seconds * 3600:.1f} finished trials per hour of the runs' "
+            f"{seconds / 60:.0f} min of wall time"
+        )
+    reached = done.groupby("epochs_run").size().sort_index()
+    lines.append(
+        f"- fidelity: every trial is scheduled for {s.max_epochs} epochs; reached "
+        + ", ".join(f"{int(e)} epochs: {n} trial{'s' * (n > 1)}" for e, n in reached.items())
+    )
     return lines
 
 

@@ -19,10 +19,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import optuna
+import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
@@ -37,6 +39,7 @@ from study.storage import HEARTBEAT_SECONDS, open_storage, sqlite_path, study_na
 from study.studies import (
     FINISHED,
     KIND_ATTR,
+    RUNS_ATTR,
     SETTINGS_ATTR,
     SPACE_ATTR,
     best_feasible,
@@ -118,6 +121,11 @@ def _resolve(name: str, settings: Mapping[str, Any] | None, options: RunOptions)
     if options.population and space.KIND != "boolean":
         raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
     choices.check(options.sampler, options.pruner, space.KIND)
+    if options.export and space.KIND != "image":
+        raise ConfigError(f"export: only image studies export a model, not {name!r}")
+    out = Path(options.export_dir) if options.export_dir else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"export_dir: {out} exists and is not a directory")
     overrides = {k: v for k, v in (settings or {}).items() if v is not None}
     pruner = options.pruner
     if space.KIND == "boolean" and pruner is not None:  # the Boolean rule is a setting
@@ -203,26 +211,120 @@ def _open(run: _Run) -> optuna.Study:
     return study
 
 
-def _execute(run: _Run, deadline: float | None) -> optuna.Study:
-    """Run in this process, or in `options.workers` processes, until the total is reached."""
-    study = _open(run)
+def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna.Study:
+    """Run in this process, or in `options.workers` processes, until the total is reached;
+    record the run with the study; then export when asked. With `reserve` (or an export to
+    follow), trials leave the export of the best one its time within the budget."""
+    started, study = time.time(), _open(run)
+    options, before = run.options, finished_trials(study)
+    if options.workers > 1 and options.trials > before:
+        _run_workers(run, study, deadline)
+    else:
+        _train_here(run, study, deadline, reserve or options.export)
+    if finished_trials(study) > before and not _in_worker:  # the parent records for all
+        _record_run(study, started, before, options.timeout)
+    if options.export:
+        _export(run, study, time.time() - started)
+    return study
+
+
+def _train_here(run: _Run, study: optuna.Study, deadline: float | None, reserve: bool) -> None:
+    """Claim and train trials in this process until the total is reached (or time is up)."""
     options = run.options
-    if options.workers > 1 and options.trials > finished_trials(study):
-        return _run_workers(run, study, deadline)
     target = dev.resolve_device(options.device)
     if options.population:
         threads = options.threads or os.cpu_count() or 1
         trainer = PopulationBatch(run.space, run.fixed, target, threads)
         size, train = options.population, trainer.train
     elif run.kind == "image":
+        if options.threads:
+            torch.set_num_threads(options.threads)
         trainer = ImageObjective(run.space, run.fixed, device=target, data_dir=options.data_dir)
         size, train = 1, _one_at_a_time(trainer)
     else:
         trainer = BooleanObjective(run.space, run.fixed, device=target)
         size, train = 1, _one_at_a_time(trainer)
+    told = None
+    if reserve and run.kind == "image" and deadline is not None:
+        images = trainer.dataset  # the export trains on all of them, a trial on the split
+        share = (len(images.train_images) + len(images.validation_images)) / len(
+            images.train_images
+        )
+        export_threads = options.threads or os.cpu_count() or 1
+        told = _reserve_export_time(deadline, share, export_threads)
     with interrupt.watching(deadline=deadline):
-        _drive(study, options.storage, options.trials, size, train, not options.quiet, trainer)
-    return study
+        if told is not None:
+            told(study)
+        _drive(
+            study, options.storage, options.trials, size, train, not options.quiet, trainer, told
+        )
+
+
+EXPORT_MARGIN = 1.1
+THREAD_GAIN = 1.5
+"""How much faster an export on all cores trains than a trial that had one core of them: 1.64x
+measured on the 2-core CPU (`study bench cnn`: one process on 2 threads 3.82 epochs/min, each of
+two one-thread processes 2.33); taken lower, so that the reserve errs long."""
+"""Exporting takes the best trial's seconds per epoch x its epochs x (all training images / a
+trial's, 60,000 / 50,000 for FashionMNIST), plus this margin (loading, the test)."""
+
+
+def _reserve_export_time(
+    deadline: float, share: float, export_threads: int = 1
+) -> Callable[[optuna.Study], None]:
+    """With a time budget and an export to follow: after every finished trial, move the
+    budget's end for trials back by what exporting the best trial so far takes (its seconds
+    per epoch x its epochs x `share`, the export's training images per trial's; shorter by
+    THREAD_GAIN when the trial trained on fewer CPU threads than the export will)."""
+
+    def told(study: optuna.Study) -> None:
+        best = best_feasible(study)
+        if best is None or not best.user_attrs.get("seconds_per_epoch"):
+            return
+        epochs = best.user_attrs["config"]["train"]["epochs"]
+        export = best.user_attrs["seconds_per_epoch"] * epochs * share * EXPORT_MARGIN
+        on_cpu = best.user_attrs.get("device") == "cpu"
+        if on_cpu and best.user_attrs.get("threads", export_threads) < export_threads:
+            export /= THREAD_GAIN
+        interrupt.set_deadline(deadline - export)
+
+    return told
+
+
+def _record_run(study: optuna.Study, started: float, before: int, timeout: float | None) -> None:
+    """One record per run that finished trials: the wall time reports and exports read."""
+    runs = list(study.user_attrs.get(RUNS_ATTR, []))
+    runs.append({
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "finished_before": before,
+        "finished_after": finished_trials(study),
+        "timeout": timeout,
+    })  # fmt: skip
+    study.set_user_attr(RUNS_ATTR, runs)
+
+
+def _export(run: _Run, study: optuna.Study, study_seconds: float) -> None:
+    """`study export` of the best configuration, right after the run (`--export`)."""
+    from study.export import export_model
+    from study.storage import default_out
+
+    options = run.options
+    out = Path(options.export_dir) if options.export_dir else default_out(study.study_name)
+    done = export_model(
+        study.study_name,
+        options.storage,
+        out,
+        options.device,
+        options.data_dir,
+        study_seconds=round(study_seconds, 1),
+        log=(lambda *_: None) if options.quiet else print,
+    )
+    print(
+        f"{study.study_name}: exported trial {done.trial}: test accuracy "
+        f"{done.test_accuracy:.4f}, retrained in {done.seconds:.0f} s; study "
+        f"{study_seconds:.0f} s; saved to {done.directory}/"
+    )
 
 
 Train = Callable[[optuna.Study, list[optuna.Trial]], list[optuna.trial.FrozenTrial]]
@@ -261,6 +363,7 @@ def _drive(
     train: Train,
     progress: bool,
     trainer=None,
+    told: Callable[[optuna.Study], None] | None = None,
 ) -> None:
     """Claim up to `size` trials at a time and train them until `total` trials are finished.
 
@@ -273,7 +376,7 @@ def _drive(
         trainer.progress = _Note(bar, study)  # motion inside a trial
     in_flight: list[optuna.Trial] = []
     try:
-        _rounds(study, url, total, size, train, bar, in_flight)
+        _rounds(study, url, total, size, train, bar, in_flight, told)
     except BaseException as error:
         claims.abandon(study, in_flight, error)
         stop = interrupt.stop_of(error)
@@ -294,7 +397,7 @@ def _drive(
             bar.close()
 
 
-def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial]) -> None:
+def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial], told) -> None:
     """The claim-and-train loop of `_drive`; `in_flight` holds the trials in hand."""
     fruitless, waiting_said, settle = 0, False, 0.0
     while True:
@@ -320,10 +423,12 @@ def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial]) 
         waiting_said = False
         before = finished_trials(study)
         with claims.heartbeat(study, in_flight):
-            told = train(study, list(in_flight))
+            done = train(study, list(in_flight))
         in_flight.clear()
+        if told is not None:
+            told(study)
         if bar is not None:
-            bar.update(sum(trial.state in FINISHED for trial in told))
+            bar.update(sum(trial.state in FINISHED for trial in done))
             bar.set_postfix_str(_best_text(study))
         fruitless = 0 if finished_trials(study) > before else fruitless + 1
         if fruitless >= total:
@@ -394,11 +499,12 @@ def _worker(index: int, gpu: str | None, run: _Run, deadline: float | None) -> N
     options = run.options.replace(
         workers=1,
         quiet=True,
+        export=False,  # the parent exports, once the workers are done
         threads=run.options.threads or max(1, (os.cpu_count() or 1) // run.options.workers),
         sampler_seed=None if seed is None else seed + index,  # else: the same samples
     )
     try:
-        _execute(replace(run, options=options), deadline)
+        _execute(replace(run, options=options), deadline, reserve=run.options.export)
     except StudyError as error:
         raise SystemExit(f"worker {index}: {error}") from None
     except KeyboardInterrupt as error:

@@ -38,6 +38,12 @@ SETTINGS_ATTR = "settings"
 
 CERTIFICATION_ATTR = "certification"
 """Study user attribute: the last `study certify` of a Boolean study (its table, command)."""
+RUNS_ATTR = "runs"
+"""Study user attribute: one record per `study run` that trained something (when it started,
+its wall seconds, trials finished before and after, its time budget)."""
+BASELINE_EXPORT_ATTR = "export_baseline"
+"""Study user attribute: the export of the study's enqueued baseline (`study export
+--baseline`), what the search is measured against on the test set."""
 EXPORT_ATTR = "export"
 """Study user attribute: the last `study export` of an image study (test accuracy, ...)."""
 
@@ -218,6 +224,12 @@ def cell_plan(study: optuna.Study | None, overrides: Mapping[str, Any]) -> Front
             "another --storage"
         )
     return base
+
+
+def run_seconds(study: optuna.Study) -> float | None:
+    """Wall time the study's runs spent (as `study run` records them), None when unknown."""
+    runs = study.user_attrs.get(RUNS_ATTR)
+    return round(sum(r["seconds"] for r in runs), 1) if runs else None
 
 
 def finished_trials(study: optuna.Study) -> int:

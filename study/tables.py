@@ -39,6 +39,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "datetime_start": t.datetime_start,
             "datetime_complete": t.datetime_complete,
             "duration_seconds": t.duration.total_seconds() if t.duration else None,
+            # the fidelity a trial reached: epochs (image) or blocks (Boolean) it reported
+            "steps_reported": len(t.intermediate_values),
         }
         row.update({f"param_{k}": v for k, v in t.params.items()})
         row.update({f"constraint_{k}": v for k, v in t.constraints.items()})

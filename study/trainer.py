@@ -8,6 +8,7 @@ the task's tensors live on.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from array import array
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from study import device as dev
+from study.augment import augment
 from study.config import OPTIMIZERS, TrainConfig
 from study.data import Task
 from study.models import count_parameters
@@ -190,7 +192,12 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     # fused kernels: one launch per step for all parameters (CPU and CUDA), same arithmetic
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            parameters, lr=lr, momentum=config.momentum, weight_decay=wd, fused=True
+            parameters,
+            lr=lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=wd,
+            fused=True,
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=lr, weight_decay=wd, fused=True)
@@ -219,8 +226,11 @@ def evaluate(
     task: Task,
     batch_size: int = 8192,
     mixed_precision: bool = False,
+    test_time_flip: bool = False,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) over the task's evaluation set, in eval mode."""
+    """(mean loss, accuracy) over the task's evaluation set, in eval mode. With
+    `test_time_flip`, each image's prediction averages it and its mirror image (the loss is
+    that of the averaged probabilities)."""
     model.eval()
     loss_fn = loss_function(task.kind)
     device = task.device
@@ -231,8 +241,10 @@ def evaluate(
         x = task.prepare(task.eval_inputs[start : start + batch_size])
         y = task.eval_targets[start : start + batch_size]
         with dev.autocast(device, mixed_precision):
-            logits = model(x)
-        logits = logits.float()
+            logits = model(x).float()
+            if test_time_flip:
+                pair = torch.stack([logits, model(x.flip(-1)).float()])
+                logits = torch.logsumexp(pair.log_softmax(-1), dim=0) - math.log(2.0)
         total_loss += loss_fn(logits, y, reduction="sum")
         total_correct += _correct(task.kind, logits, y)
     per_sample = task.eval_targets[0].numel()
@@ -254,12 +266,51 @@ def target_met(kind: str, metrics: EpochMetrics, target_loss: float | None) -> b
 def _scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if config.lr_schedule == "constant":
+    """The per-step schedule: a linear warm-up over `warmup_fraction` of the steps, then
+    constant, cosine or linear (onecycle) decay to 0 at the last step."""
+    if config.lr_schedule == "constant" and not config.warmup_fraction:
         return None
     total = config.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    )
+    warm = round(config.warmup_fraction * total)
+    decay = {
+        "constant": lambda t: 1.0,
+        "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+        "onecycle": lambda t: 1.0 - t,
+    }[config.lr_schedule]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return decay(min(step - warm, total - warm) / max(1, total - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Average:
+    """An exponential moving average of a model's weights (its BN statistics copied), kept in
+    a copy of the model that is evaluated in place of the raw weights. Its decay grows from
+    0.1 to `decay` over the first steps, so that it does not remember the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.decay, self.steps = decay, 0
+        self.average = [p.detach() for p in self.model.parameters()]
+        self.current = [p.detach() for p in model.parameters()]
+        self.buffers = list(zip(self.model.buffers(), model.buffers(), strict=True))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After each optimiser step (one fused operation for all parameters)."""
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, self.current, 1.0 - decay)
+
+    @torch.no_grad()
+    def ready(self) -> nn.Module:
+        """The averaged model, with the current BN statistics, for evaluation."""
+        for mine, theirs in self.buffers:
+            mine.copy_(theirs)
+        return self.model
 
 
 def _mixed(config: TrainConfig, task: Task) -> bool:
@@ -274,26 +325,35 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     order: Tensor,
+    augment_rng: torch.Generator,
+    average: _Average | None,
 ) -> tuple[Tensor, Tensor]:
-    """One pass over the training set in `order`, a batch an index slice; returns the summed
-    batch losses and (image tasks) the correct predictions, as device tensors (no sync)."""
+    """One pass over the training set in `order`, a batch an index slice (augmented as the
+    config says); returns the summed batch losses and (image tasks) the correct predictions,
+    as device tensors (no sync)."""
     device, loss_fn, batch = task.device, loss_function(task.kind), config.batch_size
     mixed = _mixed(config, task)
+    smoothing = {"label_smoothing": config.label_smoothing} if config.label_smoothing else {}
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, task.train_size, batch):
         idx = order[start : start + batch]
-        x = task.prepare(task.train_inputs[idx])
+        inputs = task.train_inputs[idx]
+        if config.augments:
+            inputs = augment(inputs, config, augment_rng)
+        x = task.prepare(inputs)
         y = task.train_targets[idx]
         with dev.autocast(device, mixed):
             logits = model(x)
-        loss = loss_fn(logits.float(), y)
+        loss = loss_fn(logits.float(), y, **smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if average is not None:
+            average.update()
         loss_sum += loss.detach()
         if task.kind == "multiclass":  # the running training accuracy of image tasks
             correct += _correct(task.kind, logits.detach(), y)
@@ -321,6 +381,9 @@ def train(
     steps_per_epoch = math.ceil(n / config.batch_size)
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     shuffle = dev.generator_for(device, config.seed)
+    augment_rng = dev.generator_for(device, (config.seed + 1) % 2**63)
+    average = _Average(model, config.ema_decay) if config.ema_decay else None
+    evaluated = average.model if average is not None else model
     track_train_accuracy = task.kind == "multiclass"
     history: list[EpochMetrics] = []
     reached = stopped = False
@@ -333,9 +396,15 @@ def train(
         for epoch in range(1, config.epochs + 1):
             # --- train: one pass in a seeded random order, batches are index slices
             order = torch.randperm(n, generator=shuffle, device=shuffle.device).to(device)
-            loss_sum, correct = _train_epoch(model, task, config, optimizer, scheduler, order)
+            loss_sum, correct = _train_epoch(
+                model, task, config, optimizer, scheduler, order, augment_rng, average
+            )
             # --- evaluate on the whole evaluation set (the full truth table for Boolean)
-            eval_loss, eval_accuracy = evaluate(model, task, config.eval_batch_size, mixed)
+            if average is not None:
+                average.ready()
+            eval_loss, eval_accuracy = evaluate(
+                evaluated, task, config.eval_batch_size, mixed, config.test_time_flip
+            )
             train_loss = (loss_sum / steps_per_epoch).item()  # host sync, once per epoch
             if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
                 bad = train_loss if not math.isfinite(train_loss) else eval_loss
@@ -358,6 +427,8 @@ def train(
             if on_epoch is not None and on_epoch(metrics):
                 stopped = True
                 break
+    if average is not None:  # the weights kept are the averaged ones
+        model.load_state_dict(average.ready().state_dict())
     dev.synchronize(device)
     return TrainResult(
         history=history,

@@ -62,3 +62,28 @@ def test_bench_pruners_runs_the_pruners_side_by_side(tmp_path):
     assert any("hyperband" in line and "best validation accuracy" in line for line in logged)
     assert any("searched trials only" in line for line in logged)
     assert logged[-1].split("better: ")[1].split()[0] in ("median", "hyperband")
+
+
+@pytest.mark.slow
+def test_bench_cnn_compares_a_plain_script_with_the_trainer(tmp_path):
+    """The plain DataLoader script and the trainer's variants train the same network one epoch
+    each and report a ratio; on the CPU, threads against processes side by side."""
+    from study.bench import bench_cnn
+
+    source = write_fake_dataset(tmp_path / "fashion", train=10_300, test=100)
+    logged = []
+    result = bench_cnn(source, "cpu", repeats=1, log=logged.append)
+    plain = result["seconds[(a) plain script, fp32]"]
+    assert plain > 0 and result["seconds[(c) trainer, bf16 autocast, channels_last]"] > 0
+    assert any("(c) trainer, bf16 autocast" in line and "x" in line for line in logged)
+    assert any("two processes with 1 thread each" in line for line in logged)
+    assert result["epochs_per_minute[2 processes x 1 thread]"] > 0
+
+
+def test_bench_pruners_refuses_a_nonsense_budget_in_one_line():
+    for minutes in ("nan", "-1", "inf"):
+        done = run("bench", "pruners", "--minutes", minutes)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "--minutes" in done.stderr
+    done = run("bench", "pruners", "--pruners", "median,target-unreachable")
+    assert done.returncode == 2 and "pruner" in done.stderr

@@ -17,10 +17,12 @@ def test_auto_picks_an_available_device():
         assert device == torch.device("cpu")
 
 
-def test_cpu_is_always_there_and_autocast_is_a_no_op():
+def test_cpu_is_always_there_and_autocast_follows_native_bf16():
     cpu = dev.resolve_device("CPU")
     assert cpu.type == "cpu"
-    assert isinstance(dev.autocast(cpu, enabled=True), contextlib.nullcontext)
+    assert isinstance(dev.autocast(cpu, enabled=False), contextlib.nullcontext)
+    native = dev.bf16_native("cpu")  # AVX512-BF16 or AMX: this project's CPU has it
+    assert isinstance(dev.autocast(cpu, enabled=True), contextlib.nullcontext) != native
     assert dev.peak_memory_bytes(cpu) is None
     assert dev.describe(cpu) == "cpu"
 

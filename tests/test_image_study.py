@@ -8,7 +8,7 @@ import optuna
 import pytest
 import torch
 
-from search_spaces import fashion_cnn, fashion_mlp
+from search_spaces import _training, fashion_cnn, fashion_mlp
 from study import device as dev
 from study import trainer as trainer_module
 from study.config import ImageCandidate
@@ -49,51 +49,28 @@ def tiny_study(tmp_path, images_dir, name="fashion-mlp", trials=2, **kwargs):
 
 
 def _corners(space):
-    """Fixed trials at the edges of a space: every layer/block count, the extreme widths,
-    channels, kernels, heads, both schedules and every optimiser."""
-    base = {
-        "lr_schedule": "cosine",
-        "batch_size": 512,
-        "epochs": 1,
-        "weight_decay": 1e-2,
-        "dropout": 0.5,
-    }
-    optimizers = [
-        ("sgd", "learning_rate_sgd", 0.3),
-        ("adam", "learning_rate_adam", 1e-4),
-        ("adamw", "learning_rate_adam", 1e-2),
-    ]
+    """Fixed trials at the edges of a space: every layer/block count, the extreme widths, heads,
+    residual units, both optimisers and schedules, every extra on and off."""
+    trainings = [
+        {**_training.plain_training("sgd", 0.4, 2e-3), "lr_schedule": "onecycle",
+         "warmup_fraction": 0.3, "batch_size": 512, "label_smoothing": 0.15, "crop_padding": 2,
+         "flip": True, "erase_probability": 0.4, "ema_decay": 0.998, "test_time_flip": True},
+        {**_training.plain_training("adamw", 3e-4, 0.2), "batch_size": 128},
+    ]  # fmt: skip
     params = []
     if space is fashion_mlp:
         for layers in (1, 2, 3, 4):
             for width in (fashion_mlp.MIN_WIDTH, fashion_mlp.MAX_WIDTH):
-                opt, lr_name, lr = optimizers[(layers + width) % 3]
                 widths = {f"width_{i}": width for i in range(layers)}
-                params.append({**base, "layers": layers, **widths, "optimizer": opt, lr_name: lr})
+                training = trainings[(layers + width) % 2]
+                params.append({"layers": layers, **widths, "dropout": 0.5, **training})
     else:
-        for blocks in (1, 2, 3):
-            for channels, kernel, pool, bn, head in [
-                (16, 3, "max", True, 0),
-                (64, 5, "avg", False, 256),
-                (32, 5, "max", False, 64),
-            ]:
-                opt, lr_name, lr = optimizers[(blocks + channels) % 3]
-                per_block = {}
-                for i in range(blocks):
-                    per_block[f"channels_{i}"] = channels
-                    per_block[f"kernel_size_{i}"] = kernel
-                params.append(
-                    {
-                        **base,
-                        "blocks": blocks,
-                        **per_block,
-                        "pool": pool,
-                        "batch_norm": bn,
-                        "head_width": head,
-                        "optimizer": opt,
-                        lr_name: lr,
-                    }
-                )
+        for blocks in (2, 3):
+            for pick, residual, head, pooled in [(0, False, 0, False), (-1, True, 256, True)]:
+                channels = {f"channels_{i}": fashion_cnn.WIDTHS[i][pick] for i in range(blocks)}
+                params.append({"blocks": blocks, "residual": residual, **channels,
+                               "head_width": head, "global_pool": pooled, "dropout": 0.5,
+                               **trainings[blocks % 2]})  # fmt: skip
     return params
 
 
@@ -105,7 +82,7 @@ def test_every_corner_of_the_space_builds_and_trains(space, images_dir):
         candidate = space.suggest(optuna.trial.FixedTrial(params), settings)
         model = candidate.build(dataset.image_shape, dataset.num_classes)
         result = train(model, dataset.search_task(), candidate.train)
-        assert result.epochs_run == 1, params
+        assert result.epochs_run == settings.max_epochs == candidate.train.epochs, params
         assert 0.0 <= result.final.eval_accuracy <= 1.0
         # the stored config rebuilds the same network
         again = ImageCandidate.from_dict(json.loads(json.dumps(candidate.to_dict())))
@@ -129,11 +106,12 @@ def test_two_sampled_trials_of_each_space_complete(tmp_path, images_dir, name):
         )
         assert t.value == pytest.approx(attrs["history"][-1]["val_accuracy"], abs=1e-5)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
-    # a new study starts from the space's baseline, clipped to the study's epoch range
+    # a new study starts from the space's baseline, scheduled for the study's epochs as
+    # every trial is (the epochs are the pruners' resource, not a searched parameter)
     space = fashion_mlp if name == "fashion-mlp" else fashion_cnn
     expected = space.baseline(study_settings(name, FAST))
     assert trials[0].user_attrs["baseline"] is True and trials[0].params == expected
-    assert expected["epochs"] == FAST["max_epochs"]
+    assert {t.user_attrs["config"]["train"]["epochs"] for t in trials} == {FAST["max_epochs"]}
 
 
 def test_search_trains_on_the_split_and_validates_without_the_test_set(images_dir):
@@ -152,31 +130,33 @@ GOOD = {
     "layers": 1,
     "width_0": 64,
     "dropout": 0.0,
-    "optimizer": "adam",
-    "learning_rate_adam": 1e-2,
-    "lr_schedule": "constant",
-    "batch_size": 64,
-    "epochs": 4,
-    "weight_decay": 1e-6,
+    **_training.plain_training("adamw", 1e-2, 1e-4),
 }
-# one SGD step per epoch at a tiny rate: stays near chance while the good ones learn
-BAD = {**GOOD, "optimizer": "sgd", "learning_rate_sgd": 1e-3, "batch_size": 512}
+# one SGD step per epoch at the smallest rate: stays near chance while the good ones learn
+BAD = {**_training.plain_training("sgd", 0.01, 1e-5), "layers": 1, "width_0": 64,
+       "dropout": 0.0, "batch_size": 512}  # fmt: skip
 
 
-def test_a_weak_trial_is_pruned_in_a_rigged_study(tmp_path, images_dir):
+@pytest.mark.parametrize(("first_judged", "expected"), [(1, "PRUNED"), (4, "COMPLETE")])
+def test_a_weak_trial_is_pruned_in_a_rigged_study(tmp_path, images_dir, first_judged, expected):
+    """After 4 finished trials the median pruner stops a weak one; never at its last epoch
+    (with `min_epochs` 4 of 4, its first judged epoch is its last: it completes)."""
     storage = f"sqlite:///{tmp_path / 'images.db'}"
     study = optuna.create_study(storage=storage, study_name="fashion-mlp", direction="maximize")
     for _ in range(4):  # the median pruner waits for 4 finished trials
         study.enqueue_trial(GOOD)
     study.enqueue_trial(BAD)
-    study.enqueue_trial({**BAD, "epochs": 3})  # as weak, but its first judged epoch is its last
-    study = tiny_study(tmp_path, images_dir, trials=6, settings={"max_epochs": 4})
+    settings = {"max_epochs": 4, "min_epochs": first_judged}
+    study = tiny_study(tmp_path, images_dir, trials=5, settings=settings, pruner="median")
     states = [t.state.name for t in study.get_trials()]
-    assert states == ["COMPLETE"] * 4 + ["PRUNED", "COMPLETE"]
-    assert study.trials[5].value < 0.5  # weak indeed, yet not cut after its training was done
-    pruned = study.trials[4]
-    assert len(pruned.intermediate_values) < 4  # stopped before its budget
-    assert pruned.user_attrs["history"]  # what it learned before it was stopped is kept
+    assert states == ["COMPLETE"] * 4 + [expected]
+    weak = study.trials[4]
+    if expected == "PRUNED":
+        assert len(weak.intermediate_values) < 4  # stopped before its budget
+        assert weak.user_attrs["history"]  # what it learned before it was stopped is kept
+    else:
+        # weaker than every other, yet not cut after its training was done
+        assert weak.value < min(t.value for t in study.trials[:4])
 
 
 def test_out_of_memory_fails_one_trial_and_the_study_goes_on(tmp_path, images_dir, monkeypatch):
@@ -264,12 +244,85 @@ def test_export_writes_weights_config_and_test_accuracy(exported, images_dir):
     assert metrics["test_images"] == 100
     assert metrics["test_accuracy"] == pytest.approx(done.test_accuracy)
     assert len(metrics["history"]) == 3
-    # the saved weights reproduce the reported test accuracy
-    model, _ = load_exported(out)
+    # the saved weights reproduce the reported test accuracy (evaluated as the export did)
+    model, config = load_exported(out)
     dataset = load_image_dataset("fashion-mnist", images_dir, validation_size=100)
-    _, accuracy = evaluate(model, dataset.final_task())
+    train = config["train"]
+    _, accuracy = evaluate(model, dataset.final_task(), mixed_precision=train["mixed_precision"],
+                           test_time_flip=train["test_time_flip"])  # fmt: skip
     assert accuracy == pytest.approx(metrics["test_accuracy"])
     assert accuracy > 0.5  # the fake classes are easy: a trained model is far above chance
+    assert metrics["test_accuracy_seeds"] == [metrics["test_accuracy"]] and metrics["seeds"] == [0]
+    assert metrics["baseline_validation_accuracy"] is not None
+    assert metrics["best_is_baseline"] == (metrics["trial"] == 0)
+
+
+def test_export_more_seeds_reads_back_the_ones_done_and_the_baseline_too(
+    tmp_path, images_dir, monkeypatch
+):
+    """Seeds already exported for the same trial are not retrained; the saved model stays the
+    first seed's; the baseline's export is recorded apart and the report compares both."""
+    from study import export as export_module
+    from study.report import write_report
+
+    settings = {**FAST, "min_epochs": 2, "max_epochs": 2}
+    tiny_study(tmp_path, images_dir, trials=2, settings=settings)
+    storage = f"sqlite:///{tmp_path / 'images.db'}"
+    out = tmp_path / "out"
+    first = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None)
+    weights = (out / "model.pt").read_bytes()
+    trained = []
+    real = export_module._retrain
+    monkeypatch.setattr(export_module, "_retrain", lambda c, d, seed, t: trained.append(seed)
+                        or real(c, d, seed, t))  # fmt: skip
+    more = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None,
+                        seeds=3)  # fmt: skip
+    assert trained == [1, 2]  # seed 0 was read back
+    assert more.test_accuracy == first.test_accuracy and len(more.test_accuracy_seeds) == 3
+    assert (out / "model.pt").read_bytes() == weights  # still the first seed's model
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1, 2]
+    assert metrics["test_accuracy_mean"] == pytest.approx(more.test_accuracy_mean)
+    assert len(metrics["history"]) == 2
+    base = export_model("fashion-mlp", storage, out / "baseline", "cpu", images_dir,
+                        log=lambda *_: None, seeds=2, baseline=True)  # fmt: skip
+    assert base.trial == 0 and (out / "baseline" / "model.pt").is_file()
+    # the store keeps the files of the exports on record only (3 each), none superseded
+    kept = [p for p in (tmp_path / "images.db.artifacts").rglob("*") if p.is_file()]
+    assert len(kept) == 6
+    summary = (write_report("fashion-mlp", storage, tmp_path / "r") / "summary.md").read_text()
+    assert "## What the search bought" in summary
+    assert "test accuracy, mean over training seeds: best" in summary
+    assert "3 seeds) against the baseline's" in summary and "(2 seeds)" in summary
+
+
+def test_run_export_fits_the_time_budget_and_records_both_times(tmp_path, images_dir):
+    """`study run --export`: the study leaves the export of its best trial the time it needs
+    (measured seconds per epoch), records its run, and the export says both wall times."""
+    from study import interrupt
+    from study.runner import _reserve_export_time
+
+    settings = {**FAST, "min_epochs": 2, "max_epochs": 2}
+    study = tiny_study(tmp_path, images_dir, trials=2, settings=settings, export=True,
+                       export_dir=str(tmp_path / "exported"), timeout=3600)  # fmt: skip
+    runs = study.user_attrs["runs"]
+    assert len(runs) == 1 and runs[0]["finished_after"] == 2 and runs[0]["timeout"] == 3600
+    metrics = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    assert 0 < metrics["study_seconds"] <= runs[0]["seconds"] + 60
+    assert metrics["export_seconds"] > 0  # retraining and the one test, timed
+    # the reserve: the budget's end for trials moves back by the best trial's export time
+    best = study.best_trial
+    per_epoch = best.user_attrs["seconds_per_epoch"]
+    threads = best.user_attrs["threads"]
+    with interrupt.watching(deadline=10_000.0):
+        _reserve_export_time(10_000.0, 1.5, threads)(study)  # 300 training images, 200 in a trial
+        moved = interrupt._state.deadline
+        # an export on more threads than the trial had trains faster: a shorter reserve
+        _reserve_export_time(10_000.0, 1.5, threads + 1)(study)
+        moved_more_threads = interrupt._state.deadline
+    expected = per_epoch * 2 * 1.5 * 1.1
+    assert moved == pytest.approx(10_000.0 - expected)
+    assert moved_more_threads == pytest.approx(10_000.0 - expected / 1.5)
 
 
 def test_predict_by_index_and_from_a_png_round_trip(exported, images_dir, tmp_path):

@@ -57,11 +57,14 @@ def test_image_report_files(store, tmp_path, name):
     out = write_report(name, storage, tmp_path / name)
     frame = pd.read_csv(out / "trials.csv")
     expected = ["number", "state", "value", "duration_seconds", "param_optimizer",
-                "param_batch_size", "param_epochs", "learning_rate", "parameters", "device",
-                "seconds_per_epoch", "peak_memory_bytes", "history", "config"]  # fmt: skip
+                "param_batch_size", "param_lr_schedule", "steps_reported", "learning_rate",
+                "parameters", "device", "seconds_per_epoch", "peak_memory_bytes", "history", "config"]  # fmt: skip
     for column in expected:
         assert column in frame, column
     assert len(frame) == 6
+    # the fidelity each trial reached: a pruned trial stopped before the complete ones
+    steps = frame.groupby("state")["steps_reported"].max()
+    assert steps["PRUNED"] < frame.loc[frame.state == "COMPLETE", "steps_reported"].min()
     for png, _ in IMAGE_FIGURES:
         assert (out / png).stat().st_size > 10_000, png
     summary = (out / "summary.md").read_text()

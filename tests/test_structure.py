@@ -82,8 +82,8 @@ def test_every_setting_has_a_one_line_docstring_and_a_flag(kind):
         ("boolean-deep", "--max-width", "[default: 128]"),
         ("boolean-deep", "--min-layers", "[default: 2]"),
         ("boolean-shallow", "--max-width", "[default: 256]"),
-        ("fashion-cnn", "--max-epochs", "[default: 15]"),
-        ("fashion-mlp", "--min-epochs", "[default: 10]"),
+        ("fashion-cnn", "--max-epochs", "[default: 18]"),
+        ("fashion-mlp", "--min-epochs", "[default: 3]"),
     ],
 )
 def test_run_help_shows_the_chosen_studys_defaults(name, flag, default):
@@ -159,7 +159,7 @@ def test_describe_gives_the_typed_settings_of_new_and_old_stores(tmp_path):
     old.set_user_attr("settings", get_space("fashion-cnn").base_settings().identity())
     info = describe(old)
     assert (info.space, info.kind) == ("fashion-cnn", "image")
-    assert info.settings == ImageSettings(min_epochs=6, max_epochs=15)
+    assert info.settings == ImageSettings(min_epochs=3, max_epochs=18)
     # every space declares a kind that has a settings class
     assert {get_space(n).KIND for n in SPACES} == set(SETTINGS_OF_KIND)
 

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -172,3 +173,143 @@ def test_same_function_and_learning_on_each_device(device_name):
     result = train(net, fn.task(), cfg)
     assert result.reached_target
     assert result.device.startswith(device.type)
+
+
+# ----------------------------------------------------------------------------------------------
+# what wins at small compute: augmentation, schedules, smoothing, averaging, test-time flip
+
+
+def test_augmentation_acts_on_whole_batches_seeded_and_keeps_pixels():
+    from study.augment import batch_crop, batch_erase, batch_flip
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 255, (64, 8, 8), dtype=torch.uint8, generator=g)
+    flipped = batch_flip(images, torch.Generator().manual_seed(1))
+    same = (flipped == images).flatten(1).all(1)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    shifted = batch_crop(images, 2, torch.Generator().manual_seed(1))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    # each image is its own shift: its nonzero pixels are a shifted window of the original
+    for original, moved in zip(images, shifted, strict=True):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(torch.roll(original, (dy, dx), (0, 1))[2:-2, 2:-2],
+                                moved[2:-2, 2:-2])]  # fmt: skip
+        assert found
+    erased = batch_erase(images, 1.0, torch.Generator().manual_seed(1))
+    black = (erased == 0).flatten(1).sum(1)
+    assert bool((black >= 1).all()) and bool((black <= 0.25 * 64 + 8).all())
+    assert torch.equal(batch_erase(images, 0.0, torch.Generator().manual_seed(1)), images)
+    again = batch_crop(images, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(again, shifted)  # seeded: the same draws, the same batch
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    from study.trainer import _scheduler
+
+    def rates(**config):
+        param = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.SGD([param], lr=1.0)
+        scheduler = _scheduler(optimizer, TrainConfig(learning_rate=1.0, epochs=10, **config), 10)
+        seen = []
+        for _ in range(100):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    cosine = rates(lr_schedule="cosine")
+    assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.5) and cosine[-1] < 1e-3
+    warm = rates(lr_schedule="onecycle", warmup_fraction=0.2)
+    assert warm[0] == pytest.approx(0.05) and warm[19] == pytest.approx(1.0)
+    assert warm[20] == pytest.approx(1.0) and warm[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in itertools.pairwise(warm[19:]))
+    assert rates(warmup_fraction=0.1)[50] == 1.0  # constant after its warm-up
+
+
+def test_every_extra_trains_an_image_model(tiny_images):
+    """Nesterov, one-cycle with warm-up, label smoothing, crop, erasing and a weight average,
+    together: it learns, the average is what is kept and evaluated. (The tiny images tell
+    classes by where a block sits, left or right: flips would make them ambiguous.)"""
+    from study.trainer import evaluate
+
+    with dev.seeded(0):
+        net = ConvNet(ConvNetSpec(blocks=(ConvBlock(8), ConvBlock(8, residual=True)),
+                                  head_width=0, global_pool=True, dropout=0.1))  # fmt: skip
+    cfg = TrainConfig(optimizer="sgd", nesterov=True, learning_rate=0.1, batch_size=32,
+                      epochs=8, lr_schedule="onecycle", warmup_fraction=0.2,
+                      label_smoothing=0.1, crop_padding=1, erase_probability=0.2,
+                      ema_decay=0.9)  # fmt: skip
+    task = tiny_images.search_task()
+    result = train(net, task, cfg)
+    assert result.best_eval_accuracy > 0.5
+    # the model kept holds the average, whose accuracy the last epoch reported
+    _, accuracy = evaluate(net, task, mixed_precision=True)
+    assert accuracy == pytest.approx(result.final.eval_accuracy)
+
+
+def test_test_time_flip_averages_an_image_and_its_mirror():
+    from study.trainer import evaluate
+
+    class LeftHalf(nn.Module):  # class 0: the left half is brighter; a mirror says the other
+        def forward(self, x):
+            side = x[..., :14].mean(dim=(1, 2, 3)) - x[..., 14:].mean(dim=(1, 2, 3))
+            return torch.stack([side, -side], dim=1)
+
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    images[:2, :, :14] = 200  # classes 0: bright on the left; 1: bright on the right
+    images[2:, :, 14:] = 200
+    labels = torch.tensor([0, 0, 1, 1])
+    task = Task("t", "multiclass", images, labels, images, labels, 0.0, 1.0)
+    assert evaluate(LeftHalf(), task)[1] == 1.0
+    _, flipped = evaluate(LeftHalf(), task, test_time_flip=True)
+    assert flipped == 0.5  # both views weigh equally: no image is told apart any more
+
+
+def test_bf16_runs_where_the_cpu_has_it():
+    """Autocast is on for image tasks where bf16 is native (this project's CPU has AVX512-BF16)
+    and a no-op elsewhere; Boolean nets never use it."""
+    on = dev.autocast(torch.device("cpu"), True)
+    if dev.bf16_native("cpu"):
+        with on:
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert torch.is_autocast_enabled("cpu")
+    else:
+        assert isinstance(on, type(dev.autocast(torch.device("cpu"), False)))
+    with dev.autocast(torch.device("cpu"), False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("nesterov", True), ("warmup_fraction", 1.0), ("label_smoothing", -0.1),
+     ("crop_padding", 9), ("erase_probability", 1.5), ("ema_decay", 1.0), ("flip", 1)],
+)  # fmt: skip
+def test_the_extras_are_checked(field, value):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        TrainConfig(**{field: value})  # nesterov: only with sgd
+
+
+@pytest.mark.cuda
+def test_augmentation_and_extras_run_on_cuda(tiny_images):
+    """The same batched augmentation on the device the images live on (its own seeded
+    generator there), bf16 autocast, a weight average and test-time flip, on CUDA."""
+    if not dev.cuda_available():
+        pytest.skip("no CUDA device")
+    from study.augment import augment
+
+    device = dev.resolve_device("cuda")
+    images = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8, device=device)
+    config = TrainConfig(crop_padding=2, flip=True, erase_probability=0.5)
+    out = augment(images, config, dev.generator_for(device, 0))
+    assert out.device == images.device and out.shape == images.shape
+    with dev.seeded(0):
+        net = ConvNet(ConvNetSpec(blocks=(ConvBlock(8), ConvBlock(8, residual=True))))
+    task = tiny_images.search_task()
+    task = Task(task.name, task.kind, task.train_inputs.to(device), task.train_targets.to(device),
+                task.eval_inputs.to(device), task.eval_targets.to(device), task.pixel_mean,
+                task.pixel_std)  # fmt: skip
+    cfg = TrainConfig(optimizer="sgd", nesterov=True, learning_rate=0.05, batch_size=32,
+                      epochs=2, ema_decay=0.9, test_time_flip=True, crop_padding=1)  # fmt: skip
+    result = train(net, task, cfg)
+    assert result.device.startswith("cuda") and result.epochs_run == 2
