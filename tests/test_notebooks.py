@@ -58,7 +58,8 @@ def test_image_report_files(store, tmp_path, name):
     frame = pd.read_csv(out / "trials.csv")
     expected = ["number", "state", "value", "duration_seconds", "param_optimizer",
                 "param_batch_size", "param_lr_schedule", "steps_reported", "learning_rate",
-                "parameters", "device", "seconds_per_epoch", "peak_memory_bytes", "history", "config"]  # fmt: skip
+                "parameters", "device", "seconds_per_epoch", "peak_memory_bytes", "history",
+                "config"]  # fmt: skip
     for column in expected:
         assert column in frame, column
     assert len(frame) == 6
