@@ -72,13 +72,19 @@ def _tutorial_epoch(root: Path, device: torch.device, seed: int) -> tuple[float,
     test_dataloader = DataLoader(test_data, batch_size=64)
     with dev.seeded(seed):
         net = DeepNeuralNet(28 * 28, [512, 512], 10).to(device)
-    loss_fn = nn.CrossEntropyLoss()
     optimiser = torch.optim.SGD(net.parameters(), lr=1e-3)
+    return _timed_script_epoch(net, train_dataloader, test_dataloader, optimiser, device)
+
+
+def _timed_script_epoch(net, train_loader, test_loader, optimiser, device) -> tuple[float, float]:
+    """One epoch of the tutorial's own training loop and its test pass, timed: the plain
+    `DataLoader` + `nn.Module` side of the trainer and CNN benchmarks."""
+    loss_fn = nn.CrossEntropyLoss()
     dev.synchronize(device)
     start = time.perf_counter()
     net.train()
-    tutorial_training_loop(train_dataloader, net, loss_fn, optimiser, device)
-    accuracy = tutorial_testing_loop(test_dataloader, net, device)
+    tutorial_training_loop(train_loader, net, loss_fn, optimiser, device)
+    accuracy = tutorial_testing_loop(test_loader, net, device)
     dev.synchronize(device)
     return time.perf_counter() - start, accuracy
 
@@ -181,14 +187,7 @@ def _plain_cnn_epoch(root: Path, device: torch.device, seed: int) -> tuple[float
     with dev.seeded(seed):
         net = ImageCandidate(CNN_BASELINE, config).build((1, 28, 28), 10).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    dev.synchronize(device)
-    start = time.perf_counter()
-    net.train()
-    tutorial_training_loop(train_loader, net, loss_fn, optimiser, device)
-    accuracy = tutorial_testing_loop(test_loader, net, device)
-    dev.synchronize(device)
-    return time.perf_counter() - start, accuracy
+    return _timed_script_epoch(net, train_loader, test_loader, optimiser, device)
 
 
 def _trainer_cnn_epoch(
