@@ -98,7 +98,7 @@ def export_model(
         if seed not in done:
             retrained = _retrain(candidate, dataset, seed, target)
             done[seed] = retrained.test_accuracy
-            if first is None and seed == wanted[0]:
+            if seed == wanted[0]:
                 first = retrained
     if first is None:  # the first seed's model was exported before: keep its files
         fetch_export_record(study, storage, attr, out)
@@ -118,10 +118,16 @@ def _chosen(study, name: str, baseline: bool):
         if best is None:
             raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
         return best
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get("baseline"):
-            return trial
-    raise ConfigError(f"study {name!r} has no complete baseline trial to export")
+    trial = _baseline_trial(study)
+    if trial is None:
+        raise ConfigError(f"study {name!r} has no complete baseline trial to export")
+    return trial
+
+
+def _baseline_trial(study):
+    """The study's enqueued baseline, once complete; None before."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return next((t for t in complete if t.user_attrs.get("baseline")), None)
 
 
 @dataclass(frozen=True)
@@ -159,11 +165,8 @@ def _metrics(study, trial, dataset, wanted, done, earlier, first, command, study
     """metrics.json: the saved model's test accuracy and history, every seed's accuracy and
     their mean, the wall times, and the search against its baseline (validation)."""
     accuracies = [done[s] for s in wanted]
-    baseline = next(
-        (t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-         if t.user_attrs.get("baseline")),
-        None,
-    )  # fmt: skip
+    baseline_trial = _baseline_trial(study)
+    baseline = baseline_trial.value if baseline_trial is not None else None
     saved = (
         {
             "test_accuracy": first.test_accuracy,

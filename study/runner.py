@@ -261,12 +261,12 @@ def _train_here(run: _Run, study: optuna.Study, deadline: float | None, reserve:
 
 
 EXPORT_MARGIN = 1.1
+"""Exporting takes the best trial's seconds per epoch x its epochs x (all training images / a
+trial's, 60,000 / 50,000 for FashionMNIST), plus this margin (loading, the test)."""
 THREAD_GAIN = 1.5
 """How much faster an export on all cores trains than a trial that had one core of them: 1.64x
 measured on the 2-core CPU (`study bench cnn`: one process on 2 threads 3.82 epochs/min, each of
 two one-thread processes 2.33); taken lower, so that the reserve errs long."""
-"""Exporting takes the best trial's seconds per epoch x its epochs x (all training images / a
-trial's, 60,000 / 50,000 for FashionMNIST), plus this margin (loading, the test)."""
 
 
 def _reserve_export_time(
