@@ -69,7 +69,9 @@ def images(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner", ["hyperband", "successive-halving", "none", "median"])
+@pytest.mark.parametrize(
+    "pruner", ["hyperband", "successive-halving", "none", "median", "quartile"]
+)
 def test_an_image_pruner_is_stored_shown_and_used(tmp_path, images, pruner):
     storage = f"sqlite:///{tmp_path / 'p.db'}"
     done = cli("run", "fashion-mlp", "--trials", "3", "--storage", storage, "--pruner", pruner,

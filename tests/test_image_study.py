@@ -11,7 +11,8 @@ import torch
 from search_spaces import _training, fashion_cnn, fashion_mlp
 from study import device as dev
 from study import trainer as trainer_module
-from study.config import ImageCandidate
+from study.choices import make_image_pruner
+from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset
 from study.errors import ConfigError
 from study.export import export_model, load_exported, predict, read_image_file
@@ -53,7 +54,7 @@ def _corners(space):
     residual units, both optimisers and schedules, every extra on and off."""
     trainings = [
         {**_training.plain_training("sgd", 0.4, 2e-3), "lr_schedule": "onecycle",
-         "warmup_fraction": 0.3, "batch_size": 512, "label_smoothing": 0.15, "crop_padding": 2,
+         "warmup_fraction": 0.3, "batch_size": 256, "label_smoothing": 0.15, "crop_padding": 2,
          "flip": True, "erase_probability": 0.4, "ema_decay": 0.998, "test_time_flip": True},
         {**_training.plain_training("adamw", 3e-4, 0.2), "batch_size": 128},
     ]  # fmt: skip
@@ -66,10 +67,10 @@ def _corners(space):
                 params.append({"layers": layers, **widths, "dropout": 0.5, **training})
     else:
         for blocks in (2, 3):
-            for pick, residual, head, pooled in [(0, False, 0, False), (-1, True, 256, True)]:
+            for pick, residual, head in [(0, False, 0), (-1, True, 128)]:
                 channels = {f"channels_{i}": fashion_cnn.WIDTHS[i][pick] for i in range(blocks)}
                 params.append({"blocks": blocks, "residual": residual, **channels,
-                               "head_width": head, "global_pool": pooled, "dropout": 0.5,
+                               "head_width": head, "dropout": 0.3,
                                **trainings[blocks % 2]})  # fmt: skip
     return params
 
@@ -132,9 +133,9 @@ GOOD = {
     "dropout": 0.0,
     **_training.plain_training("adamw", 1e-2, 1e-4),
 }
-# one SGD step per epoch at the smallest rate: stays near chance while the good ones learn
-BAD = {**_training.plain_training("sgd", 0.01, 1e-5), "layers": 1, "width_0": 64,
-       "dropout": 0.0, "batch_size": 512}  # fmt: skip
+# few SGD steps per epoch at the smallest rate: stays near chance while the good ones learn
+BAD = {**_training.plain_training("sgd", 0.02, 1e-5), "layers": 1, "width_0": 32,
+       "dropout": 0.5, "batch_size": 256, "warmup_fraction": 0.3}  # fmt: skip
 
 
 @pytest.mark.parametrize(("first_judged", "expected"), [(1, "PRUNED"), (4, "COMPLETE")])
@@ -155,8 +156,34 @@ def test_a_weak_trial_is_pruned_in_a_rigged_study(tmp_path, images_dir, first_ju
         assert len(weak.intermediate_values) < 4  # stopped before its budget
         assert weak.user_attrs["history"]  # what it learned before it was stopped is kept
     else:
-        # weaker than every other, yet not cut after its training was done
-        assert weak.value < min(t.value for t in study.trials[:4])
+        # weaker than every other where the other case cut it (epoch 1), yet not cut after its
+        # training was done
+        first = min(t.intermediate_values[1] for t in study.trials[:4])
+        assert weak.intermediate_values[1] < first and len(weak.intermediate_values) == 4
+
+
+@pytest.mark.parametrize(("pruner", "pruned"), [("median", [0.80, 0.855]), ("quartile", [0.80])])
+def test_the_quartile_pruner_stops_only_the_lowest_quarter(pruner, pruned):
+    """Finished trials stood at 0.82, 0.86, 0.88 and 0.90 at epoch 3: the median pruner stops a
+    trial at 0.855 there (median 0.87), the quartile pruner only one below their lowest quarter
+    (0.85): 0.855 goes on."""
+    settings = ImageSettings(min_epochs=3, max_epochs=9)
+    study = optuna.create_study(direction="maximize", pruner=make_image_pruner(pruner, settings))
+    for value in (0.82, 0.86, 0.88, 0.90):
+        trial = study.ask()
+        for epoch in range(1, 4):
+            trial.report(value, epoch)
+        study.tell(trial, value)
+    stopped = []
+    for value in (0.80, 0.855, 0.875, 0.95):
+        trial = study.ask()
+        for epoch in range(1, 4):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                assert epoch == settings.min_epochs  # not judged before its first rung
+                stopped.append(value)
+                break
+    assert stopped == pruned
 
 
 def test_out_of_memory_fails_one_trial_and_the_study_goes_on(tmp_path, images_dir, monkeypatch):
