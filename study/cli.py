@@ -206,30 +206,38 @@ def _command_line() -> str:
     return " ".join(["study", *shown])
 
 
-def _out_dir(given_dir: str | None, name: str) -> Path:
-    """Where a command writes: --out, else results/runs/NAME; one line if it cannot be."""
+def _out_dir(given_dir: str | None, name: str, flag: str = "--out", create: bool = True) -> Path:
+    """Where a command writes: --out, else results/runs/NAME; one line if it cannot be.
+    Without `create` it is only checked (a run checks its report directory before it trains)."""
     out = Path(given_dir) if given_dir else default_out(name)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"--out: cannot create {out} ({error.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"--out: {out} is not writable")
+        raise ConfigError(f"{flag}: {out} exists and is not a directory")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: cannot create {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{flag}: {existing} is not writable")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{flag}: cannot create {out} ({error.strerror})") from None
     return out
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from study.report import write_report
-    from study.runner import run_study
+    from study.runner import default_study_name, run_study
 
     overrides = settings_overrides(args)
     options = RunOptions.from_dict(given(args, RunOptions))
-    study = run_study(args.name, overrides, options)
+    if args.report:  # checked before anything is trained or stored
+        name = options.study_name or default_study_name(args.name, overrides)
+        _out_dir(args.report_dir, name, "--report-dir", create=False)
+    study = run_study(args.name, overrides, options, command=_command_line())
     print(_best_line(study, get_space(args.name).KIND))
     if args.report:
-        out = _out_dir(args.report_dir, study.study_name)
+        out = _out_dir(args.report_dir, study.study_name, "--report-dir")
         write_report(study.study_name, options.storage, out, _command_line())
         print(f"report: {out}/summary.md")
 
@@ -262,7 +270,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     # one line for a missing store or study, or a frontier study, before --out is made
     load(args.name, args.storage, kind=("boolean", "image"), command="report")
-    out = write_report(args.name, args.storage, _out_dir(args.out, args.name), _command_line())
+    out = _out_dir(args.out, args.name, create=False)  # made once the study is found fit
+    out = write_report(args.name, args.storage, out, _command_line())
     print(f"report: {out}/summary.md")
 
 
@@ -338,6 +347,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
         from optuna_dashboard import run_server
     except ModuleNotFoundError:
         raise StudyError("dashboard: optuna-dashboard is not installed; pip install it") from None
+    _check_listen(args.host, args.port)  # a bad host or a busy port: no banner, one line
     print(
         f"optuna-dashboard for {redact(args.storage)} on http://{args.host}:{args.port}/ "
         "(Ctrl-C stops)"
@@ -345,11 +355,30 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     try:
         run_server(
-            storage, host=args.host, port=args.port, artifact_store=artifact_store(args.storage)
+            storage,
+            host=args.host,
+            port=args.port,
+            artifact_store=artifact_store(args.storage, create=False),
         )
     except OSError as error:
         raise StudyError(
             f"dashboard: cannot listen on {args.host}:{args.port} ({error})"
+        ) from None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """That the dashboard can listen on host:port: the name resolves and the port is free."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = found[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise StudyError(
+            f"dashboard: cannot listen on {host}:{port} ({error.strerror or error})"
         ) from None
 
 
@@ -670,6 +699,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader that has gone is noticed here, not at exit
+    except BrokenPipeError:  # `study best ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
     except StudyError as error:
         print(_user_line(error, parser), file=sys.stderr)
         return 2

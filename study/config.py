@@ -16,6 +16,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -537,7 +538,20 @@ WORKER_MEMORY_BYTES = 1_500_000_000
 --workers by this machine's memory."""
 MAX_TIMEOUT_SECONDS = 10**8
 MAX_THREADS = 1024
-MAX_NAME_LENGTH = 500
+MAX_NAME_LENGTH = 100
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What a new study may be called: a letter or digit, then letters, digits, '.', '_', '-', at
+most MAX_NAME_LENGTH in all. A name is never a path ('/', '..', a newline); where a stored
+study of another origin has such a name, `study.storage.default_out` maps it to one."""
+
+
+def is_study_name(name: Any) -> bool:
+    """Whether `name` is a name a new study may take (STUDY_NAME, MAX_NAME_LENGTH)."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_NAME_LENGTH
+        and STUDY_NAME.fullmatch(name) is not None
+    )
 
 
 def cache_dir() -> Path:
@@ -571,7 +585,9 @@ class RunOptions(Settings):
     storage: str = DEFAULT_STORAGE
     """Optuna storage URL: SQLite by default, PostgreSQL for many machines."""
     study_name: str | None = None
-    """Name in the storage (default: the study's name; an image study on MNIST: mnist-*)."""
+    """Name in the storage (default: the study's name; an image study on MNIST: mnist-*):
+    letters, digits, '.', '_' and '-', at most 100; it also names the default output directory
+    results/runs/NAME."""
     sampler: str | None = None
     """Optuna's sampler: tpe (the default), random, qmc, cmaes or gp; stored with the study."""
     pruner: str | None = None
@@ -615,13 +631,10 @@ class RunOptions(Settings):
              f"must be an integer from 1 to {MAX_TRIALS}")  # fmt: skip
         need(isinstance(self.storage, str) and bool(self.storage), "storage", "must be a URL")
         need(
-            self.study_name is None
-            or (
-                isinstance(self.study_name, str)
-                and 0 < len(self.study_name.strip()) <= len(self.study_name) <= MAX_NAME_LENGTH
-            ),
+            self.study_name is None or is_study_name(self.study_name),
             "study_name",
-            f"must be 1 to {MAX_NAME_LENGTH} characters",
+            f"must be 1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit",
         )
         optional("population", 1, MAX_POPULATION)
         limit = max_workers()

@@ -145,3 +145,23 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "out of memory", "not enough memory")
+"""How PyTorch's allocators say that a tensor did not fit (the CPU one raises a plain
+RuntimeError)."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says that memory ran out (host or device), not a bug."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        text in str(error).lower() for text in OUT_OF_MEMORY_TEXTS
+    )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (allocator messages run to dozens of lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

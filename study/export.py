@@ -26,7 +26,7 @@ from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset, normalize_images
 from study.errors import ConfigError, DataError, StudyError
 from study.image_objective import history_rows, prepare_model
-from study.storage import artifact_store
+from study.storage import artifact_store, default_out
 from study.studies import BASELINE_EXPORT_ATTR, EXPORT_ATTR, best_feasible, load, run_seconds
 from study.trainer import evaluate, train
 
@@ -81,7 +81,7 @@ def export_model(
         validation_size=settings.validation_size,
         split_seed=settings.split_seed,
     )
-    out = Path(out_dir) if out_dir is not None else Path("results") / name
+    out = Path(out_dir) if out_dir is not None else default_out(name)
     attr = BASELINE_EXPORT_ATTR if baseline else EXPORT_ATTR
     earlier = study.user_attrs.get(attr) or {}
     if earlier.get("trial") != trial.number or not earlier.get("artifacts"):
@@ -281,6 +281,11 @@ def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.
             f"{directory}: no exported model ({CONFIG_FILE} and {MODEL_FILE}); "
             "run `study export NAME` first"
         )
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DataError(
+            f"{config_path}: {config_path.stat().st_size:,} bytes is not an export config (at "
+            f"most {MAX_CONFIG_BYTES:,}); export again"
+        )
     try:
         config = json.loads(config_path.read_text())
         candidate = ImageCandidate.from_dict(config)
@@ -291,8 +296,14 @@ def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.
         float(config["pixel_mean"]), float(config["pixel_std"])
         if len(shape) != 3 or min(shape) < 1 or max(shape) > 4096 or num_classes != len(classes):
             raise ValueError("image_shape, num_classes and class_names do not fit together")
+        with torch.device("meta"):  # sized first, without memory: a hostile width is refused
+            size = sum(p.numel() for p in candidate.build(shape, num_classes).parameters())
+        if size > MAX_EXPORT_PARAMETERS:
+            raise ValueError(f"{size:,} parameters (at most {MAX_EXPORT_PARAMETERS:,})")
         model = candidate.build(shape, num_classes)
-    except (ValueError, KeyError, TypeError, AttributeError, StudyError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, StudyError, RecursionError,
+            OverflowError, MemoryError, RuntimeError) as error:  # fmt: skip
+        # RuntimeError, MemoryError: a network too large to build in this machine's memory
         raise DataError(
             f"{config_path}: not a usable export config ({type(error).__name__}: "
             f"{_first_line(error)}); export again"
@@ -319,6 +330,13 @@ def _first_line(error: BaseException) -> str:
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest picture `predict` reads (a 40-megapixel photo); anything larger is refused before
 it is decoded, so that a huge or hostile file cannot exhaust memory."""
+MAX_IMAGE_SIDE = 1024
+"""A picture's longest side is scaled down to this (keeping its shape) before it is padded
+to a square: a 40,000,000 x 1 strip would otherwise become a 40M x 40M square."""
+MAX_EXPORT_PARAMETERS = 200_000_000
+"""Largest network `predict` builds from a config (800 MB of float32 weights)."""
+MAX_CONFIG_BYTES = 1_000_000
+"""Largest `config.json` `predict` reads (an export's is a few kilobytes)."""
 
 
 def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
@@ -345,6 +363,10 @@ def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
         raise DataError(f"{path}: not a readable PNG/JPEG image ({_first_line(error)})") from None
     if min(image.size) < 1:
         raise DataError(f"{path}: the image is empty")
+    if max(image.size) > MAX_IMAGE_SIDE:  # a thin strip would pad to a huge square
+        scale = MAX_IMAGE_SIDE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BOX)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).float().mean()
     if border > 127:

@@ -1,17 +1,20 @@
 """Reports from a stored study: a pandas table of trials, a summary and matplotlib figures.
 
 This module only reads a storage. `write_report` puts `trials.csv`, `summary.md` and PNG
-figures under `results/<study>/`; the Boolean and the image report are `study.report_boolean`
-and `study.report_image`, the shared tables `study.tables`.
+figures in a directory (default `results/runs/<study>/`); the Boolean and the image report
+are `study.report_boolean` and `study.report_image`, the shared tables `study.tables`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from study.certify import stored_certification
+from study.errors import StudyError
 from study.report_boolean import BOOLEAN_FIGURES, boolean_figures, boolean_summary, pareto_front
 from study.report_image import IMAGE_FIGURES, image_figures, image_frame, image_summary
+from study.storage import default_out
 from study.studies import EXPORT_ATTR, load
 from study.tables import markdown_table, trials_frame
 
@@ -35,7 +38,11 @@ def write_report(
 ) -> Path:
     """Write trials.csv, summary.md and figures for a stored study; return the directory."""
     study, info = load(study_name, storage, kind=("boolean", "image"), command="report")
-    out = Path(out_dir) if out_dir is not None else Path("results") / study_name
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    if not states["complete"] + states["pruned"]:  # before the output directory is made
+        held = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
+        raise StudyError(f"study {study_name!r} has no finished trial to report yet ({held})")
+    out = Path(out_dir) if out_dir is not None else default_out(study_name)
     out.mkdir(parents=True, exist_ok=True)
     frame = trials_frame(study)
     frame.to_csv(out / "trials.csv", index=False)

@@ -35,7 +35,7 @@ from study.boolean_objective import BooleanObjective, PopulationBatch
 from study.config import BooleanSettings, ImageSettings, RunOptions
 from study.errors import ConfigError, StudyError, TrialFailed
 from study.image_objective import ImageObjective
-from study.storage import HEARTBEAT_SECONDS, open_storage, sqlite_path, study_names
+from study.storage import HEARTBEAT_SECONDS, holds_store, open_storage, study_names
 from study.studies import (
     FINISHED,
     KIND_ATTR,
@@ -82,6 +82,8 @@ class _Run:
     fixed: BooleanSettings | ImageSettings
     chosen: dict[str, str]
     """The sampler and pruner it runs with."""
+    command: str | None = None
+    """The command line that started the run, recorded by `--export` in `metrics.json`."""
 
     @property
     def space(self) -> ModuleType:
@@ -96,6 +98,8 @@ def run_study(
     name: str,
     settings: Mapping[str, Any] | None = None,
     options: RunOptions | None = None,
+    *,
+    command: str | None = None,
     **option_fields: Any,
 ) -> optuna.Study:
     """Create or resume study `options.study_name` (default: `name`) and run it to
@@ -106,13 +110,14 @@ def run_study(
     it again with the same number does nothing new. A new study takes the space's defaults
     with `settings` applied; an existing one runs with its stored settings (`settings` may
     repeat them, not change them). Everything is validated before anything is written.
+    `command` (the command line, as `study run` passes it) is recorded by `--export`.
     """
     if options is None:
         options = RunOptions.from_dict(option_fields)
     elif option_fields:
         raise ConfigError(f"give either options or {sorted(option_fields)}, not both")
     deadline = None if options.timeout is None else time.time() + options.timeout
-    return _execute(_resolve(name, settings, options), deadline)
+    return _execute(replace(_resolve(name, settings, options), command=command), deadline)
 
 
 def _resolve(name: str, settings: Mapping[str, Any] | None, options: RunOptions) -> _Run:
@@ -155,8 +160,7 @@ def _stored_or_requested(
     kind = get_space(space_name).KIND
     chosen = {"sampler": choices.DEFAULT_SAMPLER, "pruner": choices.DEFAULT_PRUNERS[kind]}
     chosen.update({k: v for k, v in run.items() if v is not None})
-    path = sqlite_path(storage)
-    if path is not None and not path.exists():
+    if not holds_store(storage):
         return requested, chosen  # a new store: a new study
     rdb = open_storage(storage, heartbeat=False)
     if study_name not in study_names(rdb):
@@ -185,7 +189,66 @@ def _stored_or_requested(
             f"study {study_name!r} exists with other fixed settings: {', '.join(conflicts)}; "
             "leave them out to use the stored ones, or use another --study-name"
         )
+    _refuse_a_changed_space(study, get_space(space_name), stored)
     return stored, stored_run
+
+
+class _Replay(optuna.trial.FixedTrial):
+    """A stored trial's parameters asked again by the space of today: each parameter the
+    stored trial has must come from a distribution Optuna can store beside the old one."""
+
+    def __init__(self, stored: optuna.trial.FrozenTrial) -> None:
+        super().__init__(stored.params, stored.number)
+        self.stored = stored
+
+    def _suggest(self, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+        old = self.stored.distributions.get(name)
+        if old is None:  # new in today's space: any of its values follows the same branches
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                return distribution.choices[0]
+            return distribution.low  # type: ignore[attr-defined]
+        try:
+            optuna.distributions.check_distribution_compatibility(old, distribution)
+        except ValueError:
+            raise _Changed(name, old, distribution) from None
+        return self.stored.params[name]
+
+
+class _Changed(Exception):
+    def __init__(self, name: str, old, new) -> None:
+        super().__init__(name)
+        self.name, self.old, self.new = name, old, new
+
+    def __str__(self) -> str:
+        def shown(d) -> str:
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                return f"choices {tuple(d.choices)}"
+            return f"{type(d).__name__}(log={d.log})"
+
+        return f"{self.name!r} had {shown(self.old)}, the space now has {shown(self.new)}"
+
+
+def _refuse_a_changed_space(study: optuna.Study, space: ModuleType, settings: Any) -> None:
+    """Refuse, before anything is written, a study whose stored trials asked a parameter from
+    a distribution the space of today asks differently (other categorical choices, another
+    kind or log scale): Optuna cannot store both in one study, so every new trial would fail.
+    Each stored branch of the space (set of parameter names) is asked again once."""
+    seen: set[frozenset[str]] = set()
+    for trial in study.get_trials(deepcopy=False):
+        names = frozenset(trial.distributions)
+        if not names or names in seen:
+            continue
+        seen.add(names)
+        try:
+            space.suggest(_Replay(trial), settings)
+        except _Changed as changed:
+            raise ConfigError(
+                f"study {study.study_name!r} was made by another version of the "
+                f"{space.NAME} space ({changed}): Optuna cannot resume it with the new "
+                "choices; use another --study-name"
+            ) from None
+        except (ValueError, StudyError):  # a stored value today's space rejects: not ours to judge
+            continue
 
 
 def _open(run: _Run) -> optuna.Study:
@@ -317,6 +380,7 @@ def _export(run: _Run, study: optuna.Study, study_seconds: float) -> None:
         out,
         options.device,
         options.data_dir,
+        command=run.command,
         study_seconds=round(study_seconds, 1),
         log=(lambda *_: None) if options.quiet else print,
     )
@@ -343,6 +407,12 @@ def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
             except optuna.TrialPruned:
                 told.append(study.tell(trial, state=TrialState.PRUNED))
             except TrialFailed:  # its reason is stored: the study goes on
+                told.append(study.tell(trial, state=TrialState.FAIL))
+            except (MemoryError, RuntimeError) as error:
+                if not dev.out_of_memory(error):
+                    raise  # a bug keeps its traceback
+                reason = f"does not fit in memory: {dev.first_line(error)}"
+                trial.set_user_attr("fail_reason", reason)
                 told.append(study.tell(trial, state=TrialState.FAIL))
             else:
                 told.append(study.tell(trial, value))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from study.config import DEFAULT_STORAGE, RUNS_DIR
+from study.config import DEFAULT_STORAGE, RUNS_DIR, is_study_name
 from study.errors import StorageError
 
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
@@ -30,17 +32,29 @@ HEARTBEAT_SECONDS = int(os.environ.get("STUDY_HEARTBEAT_SECONDS", "30"))
 MAX_RETRIES = 3
 """How often a trial whose worker died is re-queued before it is left failed."""
 SQLITE_HEADER = b"SQLite format 3\x00"
+OPTUNA_TABLES = {"studies", "version_info", "alembic_version"}
+"""Tables that mark an Optuna RDB store (the first ones Optuna creates): an SQLite file with
+tables but none of these is another application's database, and is left untouched."""
 
 
 def default_out(name: str) -> Path:
-    """The default directory of a study's report, export and certification files."""
-    return RUNS_DIR / name
+    """The default directory of a study's report, export and certification files: one
+    directory in RUNS_DIR, whatever the name. A name a new study may take is used as it is;
+    any other (a stored study made elsewhere: '../x', '/abs', '.', a newline, 300 characters)
+    becomes its safe characters and a digest of the whole name, so that it never leaves
+    RUNS_DIR and two names never share a directory."""
+    if is_study_name(name):
+        return RUNS_DIR / name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("._-")[:40] or "study"
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return RUNS_DIR / f"{safe}-{digest}"
 
 
-def artifact_store(url: str):
+def artifact_store(url: str, create: bool = True):
     """Optuna's artifact store that belongs to store `url`: a directory beside an SQLite file
     (`studies.db.artifacts/`); for a server, $STUDY_ARTIFACTS or results/runs/artifacts (a
-    directory every machine can reach, for many machines)."""
+    directory every machine can reach, for many machines). Without `create` (commands that
+    only read) a store with no artifacts yet gives None and nothing is made."""
     from optuna.artifacts import FileSystemArtifactStore
 
     path = sqlite_path(url)
@@ -48,20 +62,23 @@ def artifact_store(url: str):
         base = Path(f"{path}.artifacts")
     else:
         base = Path(os.environ.get("STUDY_ARTIFACTS", RUNS_DIR / "artifacts"))
+    if not create and not base.is_dir():
+        return None
     base.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(base_path=str(base))
 
 
 def redact(url: str) -> str:
-    """`url` with its password replaced by ***: the only form a URL is ever shown in."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:  # not a URL we can parse: hide whatever sits between : and @
-        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
-    return parsed.render_as_string(hide_password=True) if parsed.password else url
+    """`url` with its password replaced by ***: the only form a URL is ever shown in. Read as
+    text, not parsed: a password may hold '@', ':' or '/' unescaped, or sit in the query."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        user, colon, _ = rest[:at].partition(":") if at >= 0 else ("", "", "")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    shown = f"{scheme}{sep}{rest}"
+    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -81,10 +98,20 @@ def _check_sqlite_path(path: Path, create: bool) -> None:
     if path.exists():
         if path.is_dir():
             raise StorageError(f"storage: {path} is a directory, not a database file")
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang, a device be written
+            raise StorageError(f"storage: {path} is not a regular file (a pipe or a device?)")
         with path.open("rb") as handle:
             head = handle.read(16)
         if head and head != SQLITE_HEADER:
             raise StorageError(f"storage: {path} exists but is not an SQLite database")
+        tables = _sqlite_tables(path) if head else set()
+        if tables and not OPTUNA_TABLES & tables:
+            raise StorageError(
+                f"storage: {path} is an SQLite database of another application (no Optuna "
+                "tables); give a new file or an Optuna store"
+            )
+        if not tables and not create:  # an empty file: only a command that writes fills it
+            raise StorageError(f"storage: {path} is empty, not a store (run a study first)")
         if create and not os.access(path, os.W_OK):
             raise StorageError(f"storage: {path} is not writable")
         return
@@ -98,6 +125,21 @@ def _check_sqlite_path(path: Path, create: bool) -> None:
         )
     if not os.access(parent, os.W_OK):
         raise StorageError(f"storage: cannot create {path}: {parent} is not writable")
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of an SQLite file, read without writing it (a read-only connection)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=120)
+        ) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in rows}
+    except sqlite3.DatabaseError as error:
+        raise StorageError(f"storage: cannot read {path}: {error}") from None
 
 
 @contextlib.contextmanager
@@ -125,15 +167,18 @@ def open_storage(
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is empty or not a number
         raise StorageError(
             f"storage: malformed URL {redact(url)!r}; expected e.g. {DEFAULT_STORAGE} or "
             "postgresql://user:password@host:5432/db"
         ) from None
+    if parsed.host and "@" in parsed.host:  # the tail of such a password would pose as host
+        raise StorageError(
+            f"storage: malformed URL {redact(url)!r}: write an '@' in the password as %40"
+        )
     engine_kwargs: dict = {}
     path = sqlite_path(url)
     if path is not None:
-        _check_sqlite_path(path, create)
         # several worker processes share one file: wait for the lock instead of failing
         engine_kwargs["connect_args"] = {"timeout": 120}
     elif parsed.get_backend_name().startswith("postgresql"):
@@ -148,11 +193,31 @@ def open_storage(
                 max_retry=MAX_RETRIES
             ),
         }
-    creating = path is not None and not path.exists()
-    lock = file_lock(Path(f"{path}.lock")) if creating else contextlib.nullcontext()
+    if path is not None:
+        _check_sqlite_path(path, create)  # before any lock file is made beside it
+    # processes that may create the store's tables go one at a time: the check and the
+    # creation under one lock beside the file, so that none sees another's half-made store
+    creating = path is not None and create
+    lock = contextlib.nullcontext()
+    if creating:
+        lock_path = Path(f"{path}.lock")
+        try:
+            lock_path.touch()
+        except OSError as error:
+            raise StorageError(
+                f"storage: cannot write beside {path} ({error.strerror}); SQLite writes its "
+                "journal there too"
+            ) from None
+        lock = file_lock(lock_path)
+    elif parsed.get_backend_name().startswith("postgresql"):
+        lock = _advisory_lock(url, engine_kwargs, create)
     try:
         with lock:
+            if creating:
+                _check_sqlite_path(path, create)
             return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except StorageError:
+        raise
     except ModuleNotFoundError as error:
         raise StorageError(
             f"storage: the driver for {parsed.get_backend_name()!r} is not installed "
@@ -160,6 +225,52 @@ def open_storage(
         ) from None
     except Exception as error:  # SQLAlchemy raises many types for one cause
         raise StorageError(f"storage: cannot open {redact(url)}: {_reason(error)}") from None
+
+
+class NoStoreYet(StorageError):
+    """A database server's database without Optuna's tables, opened by a command that reads."""
+
+
+CREATE_LOCK_KEY = 0x5354_5544_5900  # "STUDY": the advisory lock key of creating the tables
+"""PostgreSQL advisory lock held while a process creates or checks the store's tables."""
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, engine_kwargs: dict, create: bool) -> Iterator[None]:
+    """The PostgreSQL form of the lock file: processes that open one new database at once
+    create Optuna's tables one at a time (concurrent CREATE TABLEs collide in pg_type).
+    Without `create`, a database with no Optuna tables is refused (a read makes no store)."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(url, **engine_kwargs)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": CREATE_LOCK_KEY})
+            try:
+                if not create and not OPTUNA_TABLES & set(inspect(connection).get_table_names()):
+                    raise NoStoreYet(
+                        f"storage: {redact(url)} holds no Optuna store yet (run a study first)"
+                    )
+                yield
+            finally:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": CREATE_LOCK_KEY}
+                )
+    finally:
+        engine.dispose()
+
+
+def holds_store(url: str) -> bool:
+    """Whether `url` already holds an Optuna store (a new run asks before it writes): an SQLite
+    file with Optuna's tables, a database server with them. Opens nothing for writing."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.is_file() and path.stat().st_size > 0
+    try:
+        open_storage(url, heartbeat=False)
+    except NoStoreYet:
+        return False
+    return True
 
 
 def _reason(error: BaseException) -> str:

@@ -5,7 +5,9 @@ SQLite store holding a small Boolean study and an image study record; a few case
 fresh process (signals, imports) live in test_runs.py."""
 
 import hashlib
+import os
 import pickle
+import socket
 from pathlib import Path
 
 import optuna
@@ -31,12 +33,29 @@ def world(tmp_path_factory):
     images.set_user_attr("space", "fashion-mlp")
     images.set_user_attr("kind", "image")
     images.set_user_attr("settings", ImageSettings().identity())
+    stuck = optuna.create_study(storage=storage, study_name="stuck", direction="maximize")
+    for key in ("space", "kind", "settings"):
+        stuck.set_user_attr(key, images.user_attrs[key])
+    stuck.ask()  # RUNNING (its process gone)
+    stuck.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
     (tmp / "a-file").write_text("not a directory")
+    # other people's files: another application's SQLite database, an empty file, a pipe
+    import sqlite3
+
+    with sqlite3.connect(tmp / "other.db") as other:
+        other.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        other.execute("INSERT INTO notes (text) VALUES ('mine')")
+    other.close()
+    (tmp / "empty.db").write_bytes(b"")
+    os.mkfifo(tmp / "fifo.db")
     # an export whose model file is garbage, one whose config is broken, one that is hostile
     for name, model, config in [
         ("garbage", b"\x00not a torch file", None),
         ("badconfig", None, '{"architecture": {"type": "mlp"}, "train": {}}'),
         ("hostile", pickle.dumps(Hostile()), None),
+        ("nested", None, "[" * 100_000 + "]" * 100_000),
+        ("bigconfig", None, EXPORT_CONFIG + " " * 1_100_000),
+        ("hugenet", None, EXPORT_CONFIG.replace("[8]", "[4000000000, 4000000000]")),
     ]:
         d = tmp / name
         d.mkdir()
@@ -104,6 +123,23 @@ CASES = [
         ],
         "cannot open postgresql://u:***@",
     ),
+    (
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "2",
+            "--storage",
+            "postgresql://u:hunter2@x@127.0.0.1:1/db",
+        ],
+        "write an '@' in the password as %40",
+    ),
+    (
+        ["list", "--storage", "postgresql://u@127.0.0.1:1/db?password=hunter2"],
+        "cannot open postgresql://u@127.0.0.1:1/db?password=***",
+    ),
+    (["list", "--storage", "postgresql://u:hunter2@127.0.0.1:/db"], "malformed URL"),
+    (["list", "--storage", "postgresql://u:hunter2@127.0.0.1:abc/db"], "malformed URL"),
     (["run", "boolean-wide", "--trials", "2"], "invalid choice"),
     ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "--function-seed: must be"),
     ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
@@ -144,7 +180,7 @@ CASES = [
             "--data-dir",
             "{tmp}/nothing-here",
         ],
-        "not found in",
+        "nothing-here does not exist; give the directory with the IDX files",
     ),
     (
         [
@@ -173,6 +209,14 @@ CASES = [
         "exists as a boolean-shallow study",
     ),
     (["report", "nope", "--storage", "{storage}"], "study 'nope' not found"),
+    (
+        ["report", "stuck", "--storage", "{storage}", "--out", "{tmp}/stuck-report"],
+        "no finished trial to report yet (1 fail, 1 running)",
+    ),
+    (
+        ["report", "images", "--storage", "{storage}", "--out", "{tmp}/images-report"],
+        "no finished trial to report yet (no trials)",
+    ),
     (["report", "x", "--storage", "sqlite:///{tmp}/missing.db"], "no store at"),
     (
         ["report", "boolean-shallow", "--storage", "{storage}", "--out", "{tmp}/a-file"],
@@ -184,14 +228,116 @@ CASES = [
     (["certify", "boolean-shallow", "--storage", "{storage}", "--top", "0"], "--top"),
     (["dashboard", "--storage", "{storage}", "--port", "70000"], "--port"),
     (["dashboard", "--storage", "sqlite:///{tmp}/missing.db"], "no store at"),
+    (
+        ["dashboard", "--storage", "{storage}", "--host", "no-such-host.invalid"],
+        "dashboard: cannot listen on no-such-host.invalid",
+    ),
+    (["dashboard", "--storage", "{storage}", "--port", "{busy}"], "cannot listen on"),
     (["predict", "x", "--dir", "{tmp}/garbage", "--image", "{tmp}/huge.png"], "model.pt"),
     (["predict", "x", "--dir", "{tmp}/badconfig", "--image", "{tmp}/huge.png"], "config.json"),
     (["predict", "x", "--dir", "{tmp}/hostile", "--image", "{tmp}/huge.png"], "model.pt"),
     (["predict", "x", "--dir", "{tmp}/nothing", "--index", "0"], "no exported model"),
+    (["predict", "x", "--dir", "{tmp}/nested", "--index", "0"], "not a usable export config"),
+    (["predict", "x", "--dir", "{tmp}/bigconfig", "--index", "0"], "is not an export config"),
+    (["predict", "x", "--dir", "{tmp}/hugenet", "--index", "0"], "config.json"),
     (["data", "mnist", "--data-dir", "{tmp}/fashion"], "FashionMNIST train labels"),
     (["data", "mnist", "--data-dir", "{tmp}/same"], "are the same file"),
     (["bench", "boolean", "--trials", "0"], "--trials"),
+    (
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "3",
+            "--storage",
+            "{storage}",
+            "--report",
+            "--report-dir",
+            "{tmp}/a-file",
+        ],
+        "--report-dir: ",
+    ),
+    (
+        [
+            "run",
+            "boolean-shallow",
+            "--trials",
+            "3",
+            "--storage",
+            "{storage}",
+            "--report",
+            "--report-dir",
+            "{tmp}/a-file/below",
+        ],
+        "--report-dir: cannot create",
+    ),
+    (["data", "mnist", "--data-dir", "{tmp}/no-such-dir", "--download"], "does not exist"),
+    (
+        [
+            "run",
+            "fashion-mlp",
+            "--trials",
+            "1",
+            "--storage",
+            "{storage}",
+            "--data-dir",
+            "{tmp}/no-such-dir",
+        ],
+        "no-such-dir does not exist",
+    ),
+    (["data", "fashion-mnist", "--data-dir", "{tmp}/a-file"], "is not a directory"),
+    # only our own stores are written: another application's database, an empty file for a
+    # command that only reads, a pipe, a device
+    (["list", "--storage", "sqlite:///{tmp}/other.db"], "SQLite database of another application"),
+    (
+        ["run", "boolean-shallow", "--trials", "1", "--storage", "sqlite:///{tmp}/other.db"],
+        "SQLite database of another application",
+    ),
+    (["report", "x", "--storage", "sqlite:///{tmp}/other.db"], "of another application"),
+    (["list", "--storage", "sqlite:///{tmp}/empty.db"], "is empty, not a store"),
+    (["dashboard", "--storage", "sqlite:///{tmp}/empty.db"], "is empty, not a store"),
+    (["list", "--storage", "sqlite:///{tmp}/fifo.db"], "is not a regular file"),
+    (
+        ["run", "boolean-shallow", "--trials", "1", "--storage", "sqlite:///{tmp}/fifo.db"],
+        "is not a regular file",
+    ),
+    (
+        ["run", "boolean-shallow", "--trials", "1", "--storage", "sqlite:////dev/null"],
+        "is not a regular file",
+    ),
+    # a study name is a name, never a path (nor a line, nor a page)
+    *[
+        (
+            [
+                "run",
+                "boolean-shallow",
+                "--trials",
+                "3",
+                "--storage",
+                "{storage}",
+                f"--study-name={hostile}",  # '=' so that "-x" is a value
+            ],
+            "--study-name: must be 1 to 100 letters",
+        )
+        for hostile in [
+            "../boolean-shallow",
+            "../../x",
+            "/tmp/abs",
+            ".",
+            "..",
+            "a\nb",
+            "x" * 300,
+            "-x",
+            " x",
+            "a/b",
+        ]
+    ],
 ]
+
+
+BUSY = socket.socket()  # a port someone else listens on
+BUSY.bind(("127.0.0.1", 0))
+BUSY.listen()
 
 
 def fingerprint(path: Path) -> str:
@@ -201,14 +347,15 @@ def fingerprint(path: Path) -> str:
 @pytest.mark.parametrize(("argv", "expected"), CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input_is_one_line_and_changes_no_store(world, capsys, argv, expected):
     tmp, storage = world
-    argv = [a.format(storage=storage, tmp=tmp) for a in argv]
+    argv = [a.format(storage=storage, tmp=tmp, busy=BUSY.getsockname()[1]) for a in argv]
     store = Path(storage.removeprefix("sqlite:///"))
     before = {p: fingerprint(p) for p in tmp.rglob("*") if p.is_file()}
     try:
         status = main(argv)
     except SystemExit as exit_:  # argparse's usage errors
         status = exit_.code
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "optuna-dashboard for" not in out  # no banner before the error
     assert status not in (0, None), err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -218,3 +365,5 @@ def test_bad_input_is_one_line_and_changes_no_store(world, capsys, argv, expecte
     changed = {p for p in after if before.get(p) != after[p]} - {Path(f"{store}.lock")}
     assert changed == set(), changed
     assert not Path("/tmp/study-hostile-marker").exists()
+    assert not Path("/dev/null-journal").exists()
+    assert not any((tmp / d).exists() for d in ("no-such-dir", "stuck-report", "images-report"))

@@ -10,7 +10,8 @@ import time
 import optuna
 import pytest
 
-from tests.conftest import TINY_ARGS, cli, write_fake_dataset
+from study.runner import run_study
+from tests.conftest import TINY, TINY_ARGS, cli, write_fake_dataset
 
 SLOW = ["--no-prune", "--quiet", "--input-bits", "5", "--output-bits", "2", "--max-width", "16",
         "--max-epochs", "2000", "--seeds", "2", "--batch-sizes", "8", "--device", "cpu",
@@ -179,3 +180,69 @@ def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images
     refused = cli("run", "fashion-mlp", "--trials", "2", "--storage", storage, "--pruner",
                   "hyperband")  # fmt: skip
     assert refused.returncode == 2 and "(stored 'median')" in refused.stderr
+
+
+def test_any_stored_name_maps_to_one_directory_of_its_own_in_results_runs():
+    """A study made elsewhere may have any name: its default output directory is still one
+    directory in results/runs/, distinct per name; the names a new study may take map as
+    they are."""
+    from study.config import RUNS_DIR, is_study_name
+    from study.storage import default_out
+
+    assert default_out("fashion-mlp") == RUNS_DIR / "fashion-mlp"
+    assert default_out("frontier-f0-d1-b500-recipe") == RUNS_DIR / "frontier-f0-d1-b500-recipe"
+    hostile = [
+        "../boolean-shallow",
+        "../../x",
+        "/etc",
+        ".",
+        "..",
+        "a\nb",
+        "x" * 300,
+        "",
+        "é",
+        "a/b",
+        "a b",
+        "a\\b",
+    ]
+    outs = [default_out(name) for name in hostile]
+    assert len(set(outs)) == len(hostile)  # no two names share a directory
+    for name, out in zip(hostile, outs, strict=True):
+        assert not is_study_name(name)
+        assert out.parent == RUNS_DIR and out.name not in (".", "..", ""), (name, out)
+        assert "/" not in out.name and "\n" not in out.name and len(out.name) <= 60
+        assert default_out(name) == out  # the same name, the same directory, every time
+
+
+def test_report_of_a_study_named_like_a_path_stays_in_results_runs(tmp_path, monkeypatch):
+    """`study report` without --out of a stored study called '../boolean-shallow' (made with
+    Optuna directly) writes under results/runs/ and nowhere else."""
+    from study.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
+              quiet=True, sampler_seed=0, study_name="made-here")  # fmt: skip
+    optuna.copy_study(from_study_name="made-here", from_storage=storage, to_storage=storage,
+                      to_study_name="../boolean-shallow")  # fmt: skip
+    (tmp_path / "results" / "boolean-shallow").mkdir(parents=True)
+    assert main(["report", "../boolean-shallow", "--storage", storage]) == 0
+    written = [p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+               if p.is_file() and not p.name.startswith("elsewhere.db")]  # fmt: skip
+    assert any(p.name == "summary.md" for p in written)
+    assert all(p.parts[:2] == ("results", "runs") and len(p.parts) >= 4 for p in written), written
+    assert not any((tmp_path / "results" / "boolean-shallow").iterdir())
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`study best ... | head`: the reader goes away; no traceback, the status of SIGPIPE."""
+    storage = f"sqlite:///{tmp_path / 'piped.db'}"
+    run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
+              quiet=True, sampler_seed=0)  # fmt: skip
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line is written
+    done = subprocess.run([sys.executable, "-m", "study.cli", "best", "boolean-shallow",
+                           "--storage", storage, "--json"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=300)  # fmt: skip
+    os.close(write)
+    assert done.stderr == "" and done.returncode == 141, done.stderr

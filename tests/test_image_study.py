@@ -90,6 +90,29 @@ def test_every_corner_of_the_space_builds_and_trains(space, images_dir):
         assert again == candidate
 
 
+def test_a_study_of_an_older_space_is_refused_before_anything_is_written(
+    tmp_path, images_dir, monkeypatch
+):
+    """A study made when the space had other batch sizes: Optuna cannot store a trial of the
+    new choices beside the old ones, so the resumed run is refused in one line, store intact;
+    a change Optuna can store (a wider float range) resumes."""
+    monkeypatch.setattr(_training, "BATCH_SIZES", (128, 256, 512))
+    tiny_study(tmp_path, images_dir, trials=1)
+    monkeypatch.undo()
+    db = tmp_path / "images.db"
+    before = db.read_bytes()
+    done = cli("run", "fashion-mlp", "--trials", "2", "--storage", f"sqlite:///{db}",
+               "--data-dir", str(images_dir), "--device", "cpu", "--quiet")  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "'batch_size' had choices (128, 256, 512), the space now has choices (128, 256)" in (
+        done.stderr
+    )
+    assert "another --study-name" in done.stderr and db.read_bytes() == before
+    monkeypatch.setattr(_training, "BATCH_SIZES", (128, 256, 512))
+    monkeypatch.setattr(_training, "LEARNING_RATES", {"sgd": (0.001, 1.0), "adamw": (1e-5, 0.1)})
+    assert len(tiny_study(tmp_path, images_dir, trials=2).trials) == 2
+
+
 @pytest.mark.parametrize("name", ["fashion-mlp", "fashion-cnn"])
 def test_two_sampled_trials_of_each_space_complete(tmp_path, images_dir, name):
     study = tiny_study(tmp_path, images_dir, name, trials=2)
@@ -330,11 +353,21 @@ def test_run_export_fits_the_time_budget_and_records_both_times(tmp_path, images
     from study.runner import _reserve_export_time
 
     settings = {**FAST, "min_epochs": 2, "max_epochs": 2}
-    study = tiny_study(tmp_path, images_dir, trials=2, settings=settings, export=True,
-                       export_dir=str(tmp_path / "exported"), timeout=3600)  # fmt: skip
+    typed = "study run fashion-mlp --export --timeout 3600"
+    study = tiny_study(
+        tmp_path,
+        images_dir,
+        trials=2,
+        settings=settings,
+        export=True,
+        export_dir=str(tmp_path / "exported"),
+        timeout=3600,
+        command=typed,
+    )
     runs = study.user_attrs["runs"]
     assert len(runs) == 1 and runs[0]["finished_after"] == 2 and runs[0]["timeout"] == 3600
     metrics = json.loads((tmp_path / "exported" / "metrics.json").read_text())
+    assert metrics["command"] == typed  # what produced the export: the run's command line
     assert 0 < metrics["study_seconds"] <= runs[0]["seconds"] + 60
     assert metrics["export_seconds"] > 0  # retraining and the one test, timed
     # the reserve: the budget's end for trials moves back by the best trial's export time
@@ -367,6 +400,18 @@ def test_predict_by_index_and_from_a_png_round_trip(exported, images_dir, tmp_pa
     from_file = predict(out, files=[path])[0]
     assert from_file["predicted"] == rows[0]["predicted"]
     assert from_file["probability"] == pytest.approx(rows[0]["probability"], abs=1e-5)
+
+
+def test_predict_reads_a_thin_strip_without_padding_it_to_a_huge_square(exported, tmp_path):
+    """A 4,000,000 x 1 picture (within the pixel limit) is scaled down before it is padded."""
+    from PIL import Image
+
+    _, out, _ = exported
+    strip = tmp_path / "strip.png"
+    Image.new("L", (4_000_000, 1), 200).save(strip)
+    assert read_image_file(strip, (28, 28)).shape == (28, 28)
+    (row,) = predict(out, files=[strip])
+    assert row["source"] == str(strip) and 0 < row["probability"] <= 1
 
 
 @pytest.mark.slow
@@ -452,3 +497,35 @@ def test_cnn_trial_on_cuda_uses_channels_last_and_bf16(tmp_path, images_dir):
     assert trial.state.name == "COMPLETE"
     assert trial.user_attrs["device"].startswith("cuda")
     assert trial.user_attrs["peak_memory_bytes"] > 0
+
+
+def test_a_trial_that_does_not_fit_in_memory_fails_with_one_line(tmp_path, images_dir,
+                                                                  monkeypatch):  # fmt: skip
+    """The CPU allocator's dozens of lines become the trial's one-line reason; the study goes
+    on with the next trial. Any other error keeps its traceback."""
+    import study.image_objective as objective_module
+
+    calls = []
+
+    def too_big(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 81920000000000 bytes.\n" + "frame\n" * 50
+            )
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "train", too_big)
+    study = tiny_study(tmp_path, images_dir, trials=2)  # a failed trial does not count
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"], states
+    reason = study.trials[0].user_attrs["fail_reason"]
+    assert reason.startswith("does not fit in memory: [enforce fail") and "\n" not in reason
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(objective_module, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        tiny_study(tmp_path, images_dir, trials=3)

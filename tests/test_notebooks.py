@@ -115,6 +115,19 @@ def test_notebook_executes(store, notebook, monkeypatch):
         assert 'Predicted: "' in text and 'Actual: "' in text
 
 
+@pytest.mark.parametrize("notebook", ["01_boolean_width.ipynb", "02_fashion_mnist.ipynb"])
+def test_a_notebook_shows_no_password_of_its_store(notebook, monkeypatch):
+    """The setup cell says which store it reads, without the password in the saved output."""
+    monkeypatch.setenv("STUDY_STORAGE", "postgresql://me:hunter2@db.example/studies")
+    book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    setup = next(i for i, c in enumerate(book.cells) if "STUDY_STORAGE" in c.source)
+    book.cells = book.cells[: setup + 1]
+    NotebookClient(book, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()  # fmt: skip
+    shown = "\n".join(str(o.get("text", "")) for o in book.cells[setup].outputs)
+    assert "postgresql://me:***@db.example/studies" in shown and "hunter2" not in shown
+
+
 def test_pareto_front_keeps_only_non_dominated_trials():
     from study.report import pareto_front
 

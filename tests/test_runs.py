@@ -228,6 +228,52 @@ def test_two_processes_with_populations_on_one_new_store_finish_exactly(tmp_path
         optuna.delete_study(study_name=name, storage=storage)
 
 
+RACE = """
+import sys, time
+import optuna
+from study.storage import open_storage
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+url, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:  # every process opens the new store at the same moment
+    time.sleep(0.001)
+optuna.create_study(study_name="race", storage=open_storage(url, create=True), load_if_exists=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)"))])  # fmt: skip
+def test_four_processes_creating_one_new_store_at_once_all_succeed(tmp_path, backend):
+    """Workers started together on a new store (how a user starts several machines): the
+    tables are created once, under a lock file (SQLite) or an advisory lock (PostgreSQL)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT") if POSTGRES else None
+    for round_ in range(3):
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / f'race-{round_}.db'}"
+        else:
+            database = f"race_{os.getpid()}_{round_}"
+            with admin.connect() as connection:
+                connection.execute(text(f"DROP DATABASE IF EXISTS {database}"))
+                connection.execute(text(f"CREATE DATABASE {database}"))
+            url = make_url(POSTGRES).set(database=database).render_as_string(hide_password=False)
+        start = str(time.time() + 4)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACE, url, start], stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(4)
+        ]
+        for p in processes:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        assert len(optuna.get_all_study_summaries(url)) == 1
+        if backend == "postgresql":
+            with admin.connect() as connection:
+                connection.execute(text(f"DROP DATABASE {database} WITH (FORCE)"))
+
+
 # ----------------------------------------------------------------------------------------------
 # 6: no trial stays RUNNING
 
