@@ -239,7 +239,7 @@ def prepare_raw_files(
     cls = _dataset_class(name)
     if data_dir is not None and not Path(data_dir).is_dir():  # only the default is made
         what = "is not a directory" if Path(data_dir).exists() else "does not exist"
-        raise DataError(f"--data-dir {data_dir} {what}; give the directory with the IDX files")
+        raise DataError(f"--data-dir {data_dir} {what}; {_HOW_TO_GET[name]}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     raw = root / cls.__name__ / "raw"
     sources = [raw, root, *SYSTEM_DIRS.get(name, ())]

@@ -180,7 +180,7 @@ CASES = [
             "--data-dir",
             "{tmp}/nothing-here",
         ],
-        "nothing-here does not exist; give the directory with the IDX files",
+        "nothing-here does not exist; pass --data-dir DIR holding the four MNIST IDX files",
     ),
     (
         [
