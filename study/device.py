@@ -159,9 +159,3 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         text in str(error).lower() for text in OUT_OF_MEMORY_TEXTS
     )
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (allocator messages run to dozens of lines)."""
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__

@@ -25,3 +25,10 @@ class StorageError(StudyError):
 class TrialFailed(RuntimeError):
     """A trial failed for a reason stored with it (a diverged loss, out of memory); the study
     fails that trial and goes on. Not a user error: raised inside objectives only."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for a one-line reason (allocator and decoder
+    messages run to dozens of lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
 from study.data import load_image_dataset, normalize_images
-from study.errors import ConfigError, DataError, StudyError
+from study.errors import ConfigError, DataError, StudyError, first_line
 from study.image_objective import history_rows, prepare_model
 from study.storage import artifact_store, default_out
 from study.studies import BASELINE_EXPORT_ATTR, EXPORT_ATTR, best_feasible, load, run_seconds
@@ -306,7 +306,7 @@ def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.
         # RuntimeError, MemoryError: a network too large to build in this machine's memory
         raise DataError(
             f"{config_path}: not a usable export config ({type(error).__name__}: "
-            f"{_first_line(error)}); export again"
+            f"{first_line(error)}); export again"
         ) from None
     try:  # weights only: a model file never runs code (a hostile pickle is refused)
         with warnings.catch_warnings():
@@ -316,15 +316,10 @@ def load_exported(directory: Path | str, device: str = "cpu") -> tuple[torch.nn.
     except Exception as error:  # unpickling, zip and shape errors come in many types
         raise DataError(
             f"{model_path}: not a usable model for {CONFIG_FILE} ({type(error).__name__}: "
-            f"{_first_line(error)}); export again"
+            f"{first_line(error)}); export again"
         ) from None
     target = dev.resolve_device(device)
     return model.to(target).eval(), config
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -360,7 +355,7 @@ def read_image_file(path: Path | str, shape: tuple[int, int]) -> torch.Tensor:
     except Image.DecompressionBombError as error:
         raise DataError(f"{path}: refused, too large to decode ({error})") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable PNG/JPEG image ({_first_line(error)})") from None
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({first_line(error)})") from None
     if min(image.size) < 1:
         raise DataError(f"{path}: the image is empty")
     if max(image.size) > MAX_IMAGE_SIDE:  # a thin strip would pad to a huge square

@@ -16,7 +16,7 @@ import torch
 from study import device as dev
 from study import interrupt
 from study.config import ImageSettings
-from study.errors import TrialFailed
+from study.errors import TrialFailed, first_line
 from study.models import count_parameters
 from study.trainer import EpochMetrics, train
 
@@ -113,7 +113,7 @@ class ImageObjective:
         try:
             result = train(model, self.task, candidate.train, on_epoch)
         except torch.cuda.OutOfMemoryError as error:
-            reason = f"device out of memory: {str(error).splitlines()[0]}"
+            reason = f"device out of memory: {first_line(error)}"
         finally:
             # however the trial ends (complete, pruned, interrupted, failed): what it learned,
             # written once rather than every epoch

@@ -33,7 +33,7 @@ from study import choices, claims, interrupt
 from study import device as dev
 from study.boolean_objective import BooleanObjective, PopulationBatch
 from study.config import BooleanSettings, ImageSettings, RunOptions
-from study.errors import ConfigError, StudyError, TrialFailed
+from study.errors import ConfigError, StudyError, TrialFailed, first_line
 from study.image_objective import ImageObjective
 from study.storage import HEARTBEAT_SECONDS, holds_store, open_storage, study_names
 from study.studies import (
@@ -411,7 +411,7 @@ def _one_at_a_time(objective: Callable[[optuna.Trial], float]) -> Train:
             except (MemoryError, RuntimeError) as error:
                 if not dev.out_of_memory(error):
                     raise  # a bug keeps its traceback
-                reason = f"does not fit in memory: {dev.first_line(error)}"
+                reason = f"does not fit in memory: {first_line(error)}"
                 trial.set_user_attr("fail_reason", reason)
                 told.append(study.tell(trial, state=TrialState.FAIL))
             else:
