@@ -787,3 +787,49 @@ def _pruners_side_by_side(
 
 def _nan_low(value: float) -> float:
     return -1.0 if value != value else value  # NaN (nothing besides the baseline): last
+
+
+def bench_claims(trials: int = 2000, storage: str | None = None, log=print) -> dict[str, float]:
+    """Claiming `trials` trials and reaping them once their process is dead, one Optuna call
+    per trial against `CHUNK` trials per transaction, on the same kind of store in one run
+    (a fresh SQLite file each, or studies on the given `storage`); prints both and the ratio."""
+    import socket
+    import tempfile
+    import uuid
+
+    import optuna
+
+    from study import claims
+    from study.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process of this machine that has ended: its trials are reaped at once
+    dead = {"host": socket.gethostname(), "pid": ended.pid, "started": "0"}
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds: dict[tuple[str, str], float] = {}
+        for way in ("one call per trial", "chunked"):
+            url = storage or f"sqlite:///{tmp}/{way.replace(' ', '-')}.db"
+            name = f"bench-claims-{uuid.uuid4().hex[:8]}"
+            study = optuna.create_study(study_name=name, storage=open_storage(url, create=True))
+            batched = way == "chunked"
+            started = time.perf_counter()
+            asked = claims.claim(study, trials, owner=dead, batched=batched)
+            seconds[way, "claim"] = time.perf_counter() - started
+            asked[0].suggest_int("x", 0, 9)  # one with parameters: the reap re-queues it
+            started = time.perf_counter()
+            reaped = claims.reap(study, batched=batched)
+            seconds[way, "reap"] = time.perf_counter() - started
+            if reaped != trials:
+                raise RuntimeError(f"{way}: reaped {reaped} of {trials} trials")
+            if storage:
+                optuna.delete_study(study_name=name, storage=url)
+            log(
+                f"{way}: claim {trials} trials {seconds[way, 'claim']:.2f} s, reap them "
+                f"{seconds[way, 'reap']:.2f} s"
+            )
+    for step in ("claim", "reap"):
+        ratios[step] = seconds["one call per trial", step] / seconds["chunked", step]
+        log(f"{step}: chunked is {ratios[step]:.1f}x faster than one call per trial")
+    return ratios

@@ -100,12 +100,28 @@ class PopulationBatch:
     ) -> list[optuna.trial.FrozenTrial]:
         """Sample, train together and tell `trials` (asked, RUNNING); returns the told trials.
         A stop (`interrupt.Stopped`) propagates: the runner fails the trials with its reason."""
-        runs = [self.objective.trial(trial) for trial in trials]
-        train_together(runs, self.fn, self.threads, watch=interrupt.check, progress=self.progress)
+        runs = []
+        for i, trial in enumerate(trials):
+            if i % 64 == 63:
+                interrupt.check()  # sampling thousands takes a while: a stop is honoured
+            runs.append(self.objective.trial(trial))
         members = sum(len(run.seeds) for run in runs)
-        told = []
-        for trial, run in zip(trials, runs, strict=True):
-            trial.set_user_attr("population_size", members)
-            verdict = record(trial, run, self.fn)
-            told.append(study.tell(trial, verdict.value, state=verdict.state))
-        return told
+        try:
+            train_together(
+                runs, self.fn, self.threads, watch=interrupt.check, progress=self.progress
+            )
+        except interrupt.Stopped:
+            # the trials decided before the stop are kept; the runner fails the others
+            with interrupt.shielded():
+                for trial, run in zip(trials, runs, strict=True):
+                    if run.decided:
+                        self._tell(study, trial, run, members)
+            raise
+        return [
+            self._tell(study, trial, run, members) for trial, run in zip(trials, runs, strict=True)
+        ]
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, run: BooleanTrial, members: int):
+        trial.set_user_attr("population_size", members)
+        verdict = record(trial, run, self.fn)
+        return study.tell(trial, verdict.value, state=verdict.state)

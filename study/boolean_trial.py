@@ -131,10 +131,17 @@ class CandidateOutcome:
         return sum(r.result.seconds for r in self.runs)
 
     def user_attrs(self, input_bits: int, output_bits: int) -> dict[str, Any]:
-        """What a trial stores: neurons, parameters, per-seed losses, share, time, device."""
+        """What a trial stores: its configuration (whatever its space named the parameters),
+        neurons, parameters, per-seed losses, share, time, device."""
         runs = self.runs
         return {
             "hidden_layer_profile": list(self.candidate.hidden_layer_profile),
+            "recipe": {
+                "learning_rate": self.candidate.learning_rate,
+                "batch_size": self.candidate.batch_size,
+                "epochs": self.candidate.epochs,
+                "lr_schedule": self.candidate.lr_schedule,
+            },
             "neurons": self.candidate.neurons,
             "parameters": self.candidate.parameters(input_bits, output_bits),
             "seeds": [r.seed for r in runs],
@@ -228,6 +235,12 @@ class BooleanTrial:
         return index in self._results
 
     @property
+    def decided(self) -> bool:
+        """Its verdict is known: every seed has ended, or the trial is decisive and over (a
+        stop that comes now keeps it: nothing of it is still training)."""
+        return self.stops_others or all(self.finished(k) for k in range(len(self.seeds)))
+
+    @property
     def divergence(self) -> Divergence | None:
         """The first diverged seed's reason, if any seed diverged."""
         return next((r.divergence for _, r in sorted(self._results.items()) if r.divergence), None)
@@ -278,15 +291,21 @@ def train_seeds(
 ) -> BooleanTrial:
     """The one-at-a-time path: train the trial's seeds in turn until it is over.
 
-    `watch()` runs before the rules after every epoch (e.g. to honour a Ctrl-C)."""
+    `watch()` runs between epochs (e.g. to honour a Ctrl-C or the time budget), never after
+    a trial's last one: a trial that has ended is kept, whatever stops the run then."""
     task = fn.task()
     profile = trial.candidate.hidden_layer_profile
     for index, seed in enumerate(trial.seeds):
+        if index and watch is not None:
+            watch()  # between seeds
 
-        def on_epoch(metrics: EpochMetrics, index: int = index) -> bool:
-            if watch is not None:
-                watch()
-            return trial.on_epoch(index, metrics)
+        def on_epoch(
+            metrics: EpochMetrics, index: int = index, epochs: int = trial.config(index).epochs
+        ) -> bool:
+            stop = trial.on_epoch(index, metrics)
+            if not stop and metrics.epoch < epochs and watch is not None:
+                watch()  # more epochs of this seed follow
+            return stop
 
         model = models.build_boolean_net(profile, fn.input_bits, fn.output_bits, seed)
         trial.finish(index, train(model, task, trial.config(index), on_epoch))
@@ -306,8 +325,9 @@ def train_together(
     (`study.population`), trained at once on `threads` CPU threads; the trials' rules decide
     when a seed stops, and a trial that `stops_others` stops its remaining seeds at once.
 
-    `watch()` runs after every epoch (e.g. to honour a Ctrl-C); `progress` is told how far the
-    population is. Studies, the frontier and certification all train through here."""
+    `watch()` runs after every epoch but the last (e.g. to honour a Ctrl-C or the time
+    budget: the trials `decided` by then are the caller's to keep); `progress` is told how far
+    the population is. Studies, the frontier and certification all train through here."""
     owner = [(j, k) for j, trial in enumerate(trials) for k in range(len(trial.seeds))]
     members = [
         Member(trials[j].candidate.hidden_layer_profile, trials[j].config(k)) for j, k in owner
@@ -322,8 +342,6 @@ def train_together(
         return trials[j].stops_others or trials[j].on_epoch(k, metrics)
 
     def after_epoch(ended_now: dict[int, TrainResult]) -> set[int]:
-        if watch is not None:
-            watch()
         for i, result in ended_now.items():
             j, k = owner[i]
             trials[j].finish(k, result)
@@ -338,6 +356,8 @@ def train_together(
                 f"population of {len(members)} networks: epoch {epoch}, "
                 f"{len(members) - len(ended)} still training"
             )
+        if watch is not None and len(ended) < len(members):
+            watch()  # a stop now leaves the decided trials decided
         return stop
 
     results = train_population(members, fn, on_epoch, after_epoch, threads=threads)

@@ -128,12 +128,15 @@ def runner_up_trials(study, best, count: int) -> list:
 
 
 def candidate_from_trial(trial) -> BooleanCandidate:
-    params = trial.params
+    """The configuration a trial trained: its stored recipe (a trial stored before recipes
+    were: the parameters of the tool's own spaces)."""
+    recipe = trial.user_attrs.get("recipe") or trial.params
     return BooleanCandidate(
         tuple(trial.user_attrs["hidden_layer_profile"]),
-        float(params["learning_rate"]),
-        int(params["batch_size"]),
-        int(params["epochs"]),
+        float(recipe["learning_rate"]),
+        int(recipe["batch_size"]),
+        int(recipe["epochs"]),
+        recipe.get("lr_schedule", "constant"),
     )
 
 
@@ -174,6 +177,13 @@ def certify(
         settings.input_bits, settings.function_seed, settings.output_bits, device_
     )
     roles = _roles(study, best, top)
+    stored = stored_certification(study, settings)
+    if stored is not None and _same_work(stored, roles, seeds):
+        log(
+            f"{study_name!r} is certified already with these configurations and {seeds} fresh "
+            "seeds (the stored certification is shown; nothing retrained or written)"
+        )
+        return stored
     for _, _, candidate in roles:
         log(f"training {candidate.describe()} on {seeds} fresh seeds")
     # every configuration x seed is one member of a single population, trained to its full
@@ -191,6 +201,28 @@ def certify(
     cert = Certification(study_name, settings, table, command)
     study.set_user_attr(CERTIFICATION_ATTR, cert.record())  # stored with what it certifies
     return cert
+
+
+def _same_work(stored: Certification, roles, seeds: int) -> bool:
+    """Whether `stored` retrained exactly `roles` on the same `seeds` fresh seeds (training is
+    seeded: doing it again would store the same table)."""
+    table = stored.table
+    if len(table) != len(roles) or (table["seeds"] != seeds).any():
+        return False
+    for row, (role, trial, candidate) in zip(table.to_dict("records"), roles, strict=True):
+        mine = {
+            "role": role,
+            "trial": trial,
+            "hidden_layer_profile": "-".join(map(str, candidate.hidden_layer_profile)),
+            "learning_rate": candidate.learning_rate,
+            "batch_size": candidate.batch_size,
+            "epochs": candidate.epochs,
+        }
+        theirs = {key: row[key] for key in mine}
+        theirs["trial"] = None if pd.isna(theirs["trial"]) else int(theirs["trial"])
+        if theirs != mine:
+            return False
+    return True
 
 
 def _roles(study, best, top: int) -> list[tuple[str, int | None, BooleanCandidate]]:

@@ -3,11 +3,17 @@
 Every process that runs a study asks for new trials the same way: under a lock shared by every
 process on the store (a lock file on this machine; on PostgreSQL also an advisory lock in the
 database, so that machines share it), it counts the trials that are finished or running and asks
-only for what is missing to the total. Each asked trial records its owner (host, process id,
-process start time) and gets a heartbeat from a background thread. A RUNNING trial whose owner
-is a process of this machine that no longer exists is failed at once; one of another machine
-once its heartbeat is stale. Either way it is re-queued with the same parameters
-(`RetryHeartbeatStaleTrialCallback`), and its `fail_reason` says why.
+only for what is missing to the total. Each asked trial is created RUNNING with its owner (host,
+process id, process start time) and a first heartbeat in the same write, and then beats from a
+background thread. A RUNNING trial whose owner is a process of this machine that no longer
+exists is failed at once; one of another machine once its heartbeat is stale. Either way it is
+re-queued with the same parameters (`RetryHeartbeatStaleTrialCallback`), and its `fail_reason`
+says why.
+
+Optuna's RDB storage writes one call per transaction; asking or failing thousands of trials
+that way takes minutes. Here they go `CHUNK` per transaction, through the storage's own
+session and models (`_claim_chunk`, `_fail_chunk`), with Optuna's calls one by one as the
+fallback for a storage that is not a database (`study bench claims` measures both).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,11 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 DEAD_PROCESS = "its process ({owner}) ended before the trial finished"
 STALE = "its heartbeat stopped: the process running it died or lost the store"
+
+
+CHUNK = 256
+"""Most trials asked or failed in one transaction: a signal waits for one chunk at most, and a
+kill leaves each chunk wholly written or not at all."""
 
 
 def heartbeat_interval(storage) -> int | None:
@@ -64,6 +75,8 @@ def owner_alive(owner: dict) -> bool | None:
     if owner.get("host") != socket.gethostname():
         return None
     pid = int(owner.get("pid", -1))
+    if pid <= 0:  # not a process (and os.kill would signal a whole group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,20 +91,82 @@ def describe_owner(owner: dict) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}"
 
 
-def claim(study: optuna.Study, count: int) -> list[optuna.Trial]:
-    """Ask `count` trials and record this process as their owner and a first heartbeat (a
-    RUNNING trial without any heartbeat would never turn stale)."""
-    storage = study._storage
-    owner = this_process()
-    trials = []
-    with _quiet_heartbeat_warning():
-        for _ in range(count):
-            trial = study.ask()
-            storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
-            if heartbeat_interval(storage):
-                storage.record_heartbeat(trial._trial_id)
-            trials.append(trial)
+def claim(
+    study: optuna.Study,
+    count: int,
+    into: list[optuna.Trial] | None = None,
+    owner: dict | None = None,
+    batched: bool = True,
+) -> list[optuna.Trial]:
+    """Ask `count` trials (enqueued ones first, as `Study.ask` does), each RUNNING with this
+    process as its owner and a first heartbeat in the same write (a RUNNING trial without an
+    owner or a heartbeat could never be reaped). Asked `CHUNK` at a time, one transaction
+    each: a signal waits for one chunk at most and stops the claim between chunks (the trials
+    asked so far are in `into`, for the caller to fail), and a kill leaves each chunk wholly
+    written or not at all. `owner` defaults to this process; `batched=False` makes one
+    Optuna call per trial, as on a storage that is not a database."""
+    trials = [] if into is None else into
+    owner = owner or this_process()
+    backend = _rdb(study._storage) if batched else None
+    while count > 0:
+        size = min(count, CHUNK)
+        with interrupt.held():
+            if backend is not None:
+                ids = _claim_chunk(study, backend, size, owner)
+            else:
+                ids = [_claim_one(study, owner) for _ in range(size)]
+            _forget_cached_trials(study)
+            trials += [optuna.Trial(study, trial_id) for trial_id in ids]
+        count -= size
+        if count > 0:
+            interrupt.check()
     return trials
+
+
+def _claim_one(study: optuna.Study, owner: dict) -> int:
+    """One trial through Optuna's own calls (a storage that is not a database)."""
+    storage = study._storage
+    with _quiet_heartbeat_warning():
+        trial = study.ask()
+    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
+    if heartbeat_interval(storage):
+        storage.record_heartbeat(trial._trial_id)
+    return trial._trial_id
+
+
+def _claim_chunk(study: optuna.Study, backend, size: int, owner: dict) -> list[int]:
+    """`size` trials in one transaction: WAITING ones set RUNNING, then new ones created."""
+    from optuna.storages._rdb import models
+
+    beat = heartbeat_interval(study._storage) is not None
+    ids = []
+    with _transaction(backend) as session:
+        models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+        waiting = (
+            session.query(models.TrialModel)
+            .filter(models.TrialModel.study_id == study._study_id)
+            .filter(models.TrialModel.state == TrialState.WAITING)
+            .order_by(models.TrialModel.trial_id)
+            .limit(size)
+            .with_for_update()
+            .all()
+        )
+        for trial in waiting:
+            trial.state = TrialState.RUNNING
+            trial.datetime_start = datetime.datetime.now()
+            backend._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial.trial_id, OWNER_ATTR, owner
+            )
+            ids.append(trial.trial_id)
+        for _ in range(size - len(waiting)):
+            template = _running_template({}, {}, {}, owner)
+            row = backend._get_prepared_new_trial(study._study_id, template, session)
+            ids.append(row.trial_id)
+        session.flush()
+        if beat:
+            for trial_id in ids:
+                _beat_without_commit(session, trial_id)
+    return ids
 
 
 def claim_fixed(
@@ -106,24 +181,36 @@ def claim_fixed(
     owner = this_process()
     trials = []
     for values, attrs in zip(params, user_attrs, strict=True):
-        template = FrozenTrial(
-            number=-1,
-            state=TrialState.RUNNING,
-            value=None,
-            datetime_start=datetime.datetime.now(),
-            datetime_complete=None,
-            params=values,
-            distributions={name: distributions[name] for name in values},
-            user_attrs=attrs,
-            system_attrs={OWNER_ATTR: owner},
-            intermediate_values={},
-            trial_id=-1,
+        template = _running_template(
+            values, {name: distributions[name] for name in values}, attrs, owner
         )
         trial_id = storage.create_new_trial(study._study_id, template_trial=template)
         if heartbeat_interval(storage):
             storage.record_heartbeat(trial_id)
         trials.append(optuna.Trial(study, trial_id))
     return trials
+
+
+def _running_template(
+    params: dict[str, Any],
+    distributions: dict[str, BaseDistribution],
+    user_attrs: dict[str, Any],
+    owner: dict,
+) -> FrozenTrial:
+    """A new RUNNING trial owned by `owner` (Optuna's template for `create_new_trial`)."""
+    return FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params=params,
+        distributions=distributions,
+        user_attrs=user_attrs,
+        system_attrs={OWNER_ATTR: owner},
+        intermediate_values={},
+        trial_id=-1,
+    )
 
 
 @contextlib.contextmanager
@@ -162,39 +249,121 @@ def heartbeat(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]
         thread.join()
 
 
-def fail(study: optuna.Study, trial_id: int, reason: str, retry: bool = True) -> bool:
-    """Fail a RUNNING trial with `reason` and (with `retry`) re-queue its parameters; False
-    when another process changed its state first."""
+def fail_many(
+    study: optuna.Study,
+    reasons: Mapping[int, str],
+    retry: bool = True,
+    between: Callable[[], None] | None = None,
+    batched: bool = True,
+) -> int:
+    """Fail the trials of `reasons` (trial id -> reason) that are still RUNNING, storing the
+    reason, and (with `retry`) re-queue the parameters of those that had any, as the store's
+    `RetryHeartbeatStaleTrialCallback` does. `CHUNK` trials per transaction on a database (a
+    thousand in about a second, where one call per trial took a minute); `between` runs
+    between chunks (a stop check); `batched=False` makes one Optuna call per trial. Returns
+    how many this call failed."""
+    storage = study._storage
+    callback = None
+    if retry and heartbeat_interval(storage):
+        callback = storage.get_heartbeat_stale_trial_callback()
+    backend = _rdb(storage) if batched else None
+    items = list(reasons.items())
+    failed = 0
+    for start in range(0, len(items), CHUNK):
+        if start and between is not None:
+            between()
+        chunk = items[start : start + CHUNK]
+        with interrupt.held():
+            if backend is not None:
+                failed += _fail_chunk(study, backend, chunk, callback)
+            else:
+                failed += sum(_fail_one(study, i, reason, callback) for i, reason in chunk)
+    return failed
+
+
+def _retries(callback, trial: FrozenTrial) -> list[FrozenTrial]:
+    """The WAITING copies `callback` makes of the failed `trial`: none without a callback, or
+    for a trial that never had parameters (claimed, never sampled: the next run samples anew).
+    A copy does not inherit the failed trial's reason."""
+    if callback is None or not (trial.params or "fixed_params" in trial.system_attrs):
+        return []
+    failed = copy.deepcopy(trial)
+    failed.state = TrialState.FAIL
+    collected: list[FrozenTrial] = []
+    callback(_Collect(collected), failed)
+    return collected
+
+
+class _Collect:
+    """Stands in for the study given to Optuna's retry callback: keeps the trial it adds."""
+
+    def __init__(self, into: list[FrozenTrial]) -> None:
+        self.into = into
+
+    def add_trial(self, trial: FrozenTrial) -> None:
+        self.into.append(trial)
+
+
+def _fail_one(study: optuna.Study, trial_id: int, reason: str, callback) -> int:
     storage = study._storage
     try:
+        if storage.get_trial(trial_id).state != TrialState.RUNNING:
+            return 0
         storage.set_trial_user_attr(trial_id, "fail_reason", reason)
         if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-            return False
+            return 0
     except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    callback = (
-        storage.get_heartbeat_stale_trial_callback() if heartbeat_interval(storage) else None
-    )
-    if retry and callback is not None:
-        callback(study, copy.deepcopy(storage.get_trial(trial_id)))
-    return True
+        return 0
+    trial = storage.get_trial(trial_id)
+    for retry in _retries(callback, trial):
+        retry.user_attrs.pop("fail_reason", None)
+        storage.create_new_trial(study._study_id, template_trial=retry)
+    return 1
 
 
-def reap(study: optuna.Study, requeue: bool = True) -> int:
+def _fail_chunk(study: optuna.Study, backend, chunk: list[tuple[int, str]], callback) -> int:
+    from optuna.storages._rdb import models
+
+    failed = 0
+    with _transaction(backend) as session:
+        models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+        for trial_id, reason in chunk:
+            row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if row.state != TrialState.RUNNING:
+                continue  # told or failed by its owner or another reaper meanwhile
+            trial = backend._build_frozen_trial_from_trial_model(row)
+            backend._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, "fail_reason", reason
+            )
+            row.state = TrialState.FAIL
+            row.datetime_complete = datetime.datetime.now()
+            failed += 1
+            for retry in _retries(callback, trial):
+                backend._get_prepared_new_trial(study._study_id, retry, session)
+    return failed
+
+
+def reap(study: optuna.Study, requeue: bool = True, batched: bool = True) -> int:
     """Fail the RUNNING trials whose process is gone (and, with `requeue`, re-queue their
     parameters): at once for a process of this machine, after the heartbeat grace for one
-    elsewhere. Returns how many."""
+    elsewhere. Returns how many. Thousands take seconds (`fail_many`), and a stop is honoured
+    between chunks."""
     storage = study._storage
-    reaped = 0
+    reasons: dict[int, str] = {}
+    alive: dict[tuple, bool | None] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
-        if owner is not None and owner_alive(owner) is False:
-            reason = DEAD_PROCESS.format(owner=describe_owner(owner))
-            reaped += fail(study, trial._trial_id, reason, retry=requeue)
+        if owner is None:
+            continue
+        key = (owner.get("host"), owner.get("pid"), owner.get("started"))
+        if key not in alive:
+            alive[key] = owner_alive(owner)
+        if alive[key] is False:
+            reasons[trial._trial_id] = DEAD_PROCESS.format(owner=describe_owner(owner))
     if heartbeat_interval(storage):
         for trial_id in storage._get_stale_trial_ids(study._study_id):
-            reaped += fail(study, trial_id, STALE, retry=requeue)
-    return reaped
+            reasons.setdefault(trial_id, STALE)
+    return fail_many(study, reasons, retry=requeue, between=interrupt.check, batched=batched)
 
 
 def abandon(
@@ -212,10 +381,8 @@ def abandon(
         reason = interrupt.reason_of(error)
         stop = interrupt.stop_of(error)
         retry = (stop is not None and stop.requeue) if requeue is None else requeue
-        for trial in trials:
-            with contextlib.suppress(Exception):  # already told, or the store is gone
-                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    fail(study, trial._trial_id, reason, retry=retry)
+        with contextlib.suppress(Exception):  # the store is gone: the next run reaps them
+            fail_many(study, {trial._trial_id: reason for trial in trials}, retry=retry)
 
 
 def running_elsewhere(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -269,3 +436,52 @@ def _database_lock(storage: optuna.storages.BaseStorage, study_name: str) -> Ite
             yield
         finally:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+# ----------------------------------------------------------------------------------------------
+# many trials in one transaction (Optuna's RDBStorage writes one call per transaction)
+
+
+def _rdb(storage):
+    """The `RDBStorage` under Optuna's cache, or None for a storage without one (in memory):
+    then every trial goes through Optuna's own calls."""
+    backend = getattr(storage, "_backend", storage)
+    needed = (
+        "_get_prepared_new_trial",
+        "_set_trial_attr_without_commit",
+        "_build_frozen_trial_from_trial_model",
+        "scoped_session",
+    )
+    if isinstance(backend, optuna.storages.RDBStorage) and all(
+        hasattr(backend, name) for name in needed
+    ):
+        return backend
+    return None
+
+
+@contextlib.contextmanager
+def _transaction(backend) -> Iterator[Any]:
+    """One session of `backend`, committed when the block ends (rolled back on an error)."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session) as session:
+        yield session
+
+
+def _beat_without_commit(session, trial_id: int) -> None:
+    """A trial's first heartbeat (now, the database's clock), in the caller's transaction."""
+    from optuna.storages._rdb import models
+
+    if models.TrialHeartbeatModel.where_trial_id(trial_id, session) is None:
+        session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+
+
+def _forget_cached_trials(study: optuna.Study) -> None:
+    """What `Study.ask` does before making a `Trial`: the study's cached trial list is stale;
+    and Optuna's storage cache learns the trials written past it (it writes a trial's
+    parameters only for trials it knows)."""
+    local = getattr(study, "_thread_local", None)
+    if local is not None and hasattr(local, "cached_all_trials"):
+        local.cached_all_trials = None
+    if getattr(study._storage, "_backend", None) is not None:
+        study._storage.get_all_trials(study._study_id, deepcopy=False, states=())

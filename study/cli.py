@@ -18,7 +18,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from search_spaces import SPACES, get_space
+import search_spaces
+from search_spaces import get_space
 from study import choices, interrupt
 from study.config import (
     IMAGE_DATASETS,
@@ -137,7 +138,7 @@ def given(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:
 def add_settings_flags(parser: argparse.ArgumentParser, name: str | None) -> None:
     """One flag per field of every kind's settings: with the defaults of study `name` when
     known; a field of one kind only says so."""
-    chosen = get_space(name) if name in SPACES else None
+    chosen = _known_space(name)
     group = parser.add_argument_group(
         "fixed settings of the study" + (f" (defaults of {name})" if chosen else ""),
         "stored with the study; a resumed study must be run with the same ones",
@@ -165,10 +166,21 @@ RUN_OPTIONS_OF_KIND = {"population": "boolean", "data_dir": "image"}
 """`study run` options that are not settings but apply to one kind of study only."""
 
 
-def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the user gave for study `args.name`; a flag that does not apply to its
-    kind is refused in one line that names the kind."""
-    kind = get_space(args.name).KIND
+def _known_space(name: str | None):
+    """The space of a name known without a store (for --help's defaults), else None."""
+    if name is None:
+        return None
+    try:
+        if name.endswith(".py"):
+            return search_spaces.load_file(name)
+        return get_space(name) if name in search_spaces.names() else None
+    except ConfigError:
+        return None
+
+
+def settings_overrides(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """The settings the user gave for study `args.name` of `kind`; a flag that does not
+    apply to its kind is refused in one line that names the kind."""
     own = _names(SETTINGS_OF_KIND[kind])
     gave = {key for cls in SETTINGS_OF_KIND.values() for key in given(args, cls)}
     gave |= {k for k in RUN_OPTIONS_OF_KIND if getattr(args, k) is not None}
@@ -182,12 +194,23 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in own if getattr(args, key) is not None}
 
 
+STORAGE_VARIABLE = "STUDY_STORAGE"
+"""The environment variable that names the store when --storage is not given (the notebooks
+read it too)."""
+
+
+def default_storage() -> str:
+    """$STUDY_STORAGE, else the default store results/runs/studies.db (made where you stand)."""
+    return os.environ.get(STORAGE_VARIABLE) or DEFAULT_STORAGE
+
+
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
-        default=DEFAULT_STORAGE,
+        default=default_storage(),
         metavar="URL",
-        help=f"Optuna storage URL (default {DEFAULT_STORAGE}; PostgreSQL for many machines)",
+        help=f"Optuna storage URL (default ${STORAGE_VARIABLE}, else {DEFAULT_STORAGE}; "
+        "PostgreSQL for many machines)",
     )
 
 
@@ -229,17 +252,36 @@ def cmd_run(args: argparse.Namespace) -> None:
     from study.report import write_report
     from study.runner import default_study_name, run_study
 
-    overrides = settings_overrides(args)
-    options = RunOptions.from_dict(given(args, RunOptions))
+    options = RunOptions.from_dict({"storage": default_storage(), **given(args, RunOptions)})
+    space = _space_of_run(args, options)
+    args.name = space.NAME
+    overrides = settings_overrides(args, space.KIND)
     if args.report:  # checked before anything is trained or stored
         name = options.study_name or default_study_name(args.name, overrides)
         _out_dir(args.report_dir, name, "--report-dir", create=False)
-    study = run_study(args.name, overrides, options, command=_command_line())
-    print(_best_line(study, get_space(args.name).KIND))
+    study = run_study(space, overrides, options, command=_command_line())
+    print(_best_line(study, space.KIND))
     if args.report:
         out = _out_dir(args.report_dir, study.study_name, "--report-dir")
         write_report(study.study_name, options.storage, out, _command_line())
         print(f"report: {out}/summary.md")
+
+
+def _space_of_run(args: argparse.Namespace, options: RunOptions):
+    """The space `study run` runs: --space FILE, a known study, or the space a stored study
+    of that name came from."""
+    from study.runner import find_space
+
+    if args.space is not None:
+        space = search_spaces.load_file(args.space)
+        if args.name is not None and args.name != space.NAME:
+            raise ConfigError(f"--space {args.space} defines {space.NAME!r}, not {args.name!r}")
+        return space
+    if args.name is None:
+        raise ConfigError(
+            f"give a study ({', '.join(search_spaces.names())}) or your own with --space FILE"
+        )
+    return find_space(args.name, options)
 
 
 def _best_line(study, kind: str) -> str:
@@ -316,9 +358,32 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    import json
+
     from study.overview import format_list, list_studies
 
-    print(format_list(list_studies(args.storage)))
+    rows = list_studies(args.storage)
+    print(json.dumps(rows, indent=1) if args.json else format_list(rows))
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    import optuna
+
+    from study.storage import load_study, open_storage
+
+    storage = open_storage(args.storage, heartbeat=False)
+    study = load_study(args.name, storage)  # one line for a missing store or study
+    trials = len(study.get_trials(deepcopy=False))
+    where = redact(args.storage)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"delete: {args.name!r} has {trials} trials; add --yes to delete")
+        answer = input(f"delete study {args.name!r} ({trials} trials) from {where}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return
+    optuna.delete_study(study_name=args.name, storage=open_storage(args.storage))
+    print(f"deleted study {args.name!r} ({trials} trials) from {where}")
 
 
 def cmd_best(args: argparse.Namespace) -> None:
@@ -434,6 +499,7 @@ def cmd_frontier_report(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from study.bench import (
         bench_boolean,
+        bench_claims,
         bench_cnn,
         bench_long,
         bench_pruners,
@@ -446,7 +512,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "cnn":
         bench_cnn(args.data_dir, args.device, repeats=args.repeats)
     elif args.what == "boolean":
-        bench_boolean(trials=args.trials, epochs=args.epochs or 250, device_name=args.device)
+        bench_boolean(trials=args.trials or 32, epochs=args.epochs or 250, device_name=args.device)
     elif args.what == "pruners":
         if not (args.minutes > 0 and args.minutes <= 10_000):  # also refuses NaN
             raise ConfigError(f"--minutes: must be a number from 0 to 10000, got {args.minutes}")
@@ -455,6 +521,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             choices.check(None, pruner, "image")
         bench_pruners(minutes=args.minutes, repeats=args.repeats, data_dir=args.data_dir,
                       study=args.study, pruners=pruners)  # fmt: skip
+    elif args.what == "claims":
+        bench_claims(trials=args.trials or 2000)
     elif args.what == "long":
         bench_long(members=args.members, epochs=args.epochs or 4000, device_name=args.device)
     else:
@@ -488,8 +556,12 @@ def _add_run(sub, name: str | None) -> None:
     p = sub.add_parser(
         "run", help="create or resume a study and run it to N trials in total", allow_abbrev=False
     )
-    p.add_argument("name", choices=list(SPACES), metavar="NAME",
-                   help=f"the study: {', '.join(SPACES)}")  # fmt: skip
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help=f"the study: {', '.join(search_spaces.names())}, or one a space file "
+                   "made in this store")  # fmt: skip
+    p.add_argument("--space", metavar="FILE",
+                   help="your own search space, a Python file (see search_spaces/__init__.py); "
+                   "NAME defaults to its NAME")  # fmt: skip
     options = p.add_argument_group("how this run runs (not stored with the study)")
     add_fields(options, RunOptions)
     p.add_argument("--report", action="store_true", help="write the report afterwards")
@@ -577,10 +649,16 @@ def _add_frontier(sub) -> None:
 
 
 def _add_store_commands(sub) -> None:
-    """list and dashboard: the whole store."""
+    """list, delete and dashboard: the whole store."""
     p = sub.add_parser("list", help="the studies in a store: kind, trials by state, best value")
     _add_storage(p)
+    p.add_argument("--json", action="store_true", help="as JSON (one object per study)")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("delete", help="delete a study and its trials from a store")
+    p.add_argument("name", help="study name in the storage")
+    _add_storage(p)
+    p.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    p.set_defaults(func=cmd_delete)
     p = sub.add_parser("dashboard", help="browse a storage's studies in optuna-dashboard")
     _add_storage(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
@@ -592,21 +670,22 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "cnn", "boolean", "long", "step", "pruners"],
+        choices=["trainer", "cnn", "boolean", "long", "step", "pruners", "claims"],
         help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); cnn: a plain "
         "DataLoader script vs the trainer on the fashion-cnn baseline network (fp32, bf16; "
         "threads or processes); boolean: tutorial "
         "loop vs sequential vs population trainer; long: the long-budget workload "
         "(member-epochs per second, memory per 1,000 members); step: the candidates for a "
         "population step (eager, torch.compile, native kernel); pruners: median against "
-        "hyperband for fashion-mlp under one time budget",
+        "hyperband for fashion-mlp under one time budget; claims: claiming and reaping "
+        "trials, one call per trial against chunks of them per transaction",
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=_bounded_int(1, 100), default=3,
                    help="trainer: timed epochs (3); pruners: repetitions")  # fmt: skip
-    p.add_argument("--trials", type=_bounded_int(1, 4096), default=32,
-                   help="boolean: configurations")  # fmt: skip
+    p.add_argument("--trials", type=_bounded_int(1, 4096),
+                   help="boolean: configurations (32); claims: trials (2000)")  # fmt: skip
     p.add_argument("--epochs", type=_bounded_int(1, 10**6),
                    help="boolean: epochs each (250); long: epochs (4000)")  # fmt: skip
     p.add_argument("--members", type=_bounded_int(1, 100_000), default=64,
@@ -669,7 +748,9 @@ def _study_of_run(argv: list[str]) -> str | None:
     """The study named on a `study run` command line, before parsing (for its help)."""
     if not argv or argv[0] != "run":
         return None
-    return next((a for a in argv[1:] if a in SPACES), None)
+    if "--space" in argv[:-1]:
+        return argv[argv.index("--space") + 1]
+    return next((a for a in argv[1:] if a in search_spaces.names()), None)
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -583,7 +583,8 @@ class RunOptions(Settings):
     trials: int
     """Total number of finished trials the study should have (a resumed study counts its own)."""
     storage: str = DEFAULT_STORAGE
-    """Optuna storage URL: SQLite by default, PostgreSQL for many machines."""
+    """Optuna storage URL (the command line: default $STUDY_STORAGE, else this SQLite file,
+    made where you stand); PostgreSQL for many machines."""
     study_name: str | None = None
     """Name in the storage (default: the study's name; an image study on MNIST: mnist-*):
     letters, digits, '.', '_' and '-', at most 100; it also names the default output directory

@@ -32,6 +32,7 @@ evaluations running elsewhere moves on to another cell and comes back (`run_fron
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -58,7 +59,7 @@ from study.config import (
 )
 from study.errors import ConfigError
 from study.storage import open_storage, study_names
-from study.studies import ANSWER_ATTR, bind_cell, cell_plan
+from study.studies import ANSWER_ATTR, FRONTIER_NAME, PLAN_ATTR, bind_cell, cell_plan
 
 SELECTION_SEED = 2_000_000
 """Selection seeds (recipe and width stages) are SELECTION_SEED + i."""
@@ -77,6 +78,10 @@ BATCH_SIZES = (8, 16, 32, 64, 128, 256)
 """Batch sizes of the recipe search, up to the full 256-row table."""
 SCHEDULES = ("constant", "cosine")
 MAX_NEURONS = MAX_FRONTIER_NEURONS
+STATED = "stated"
+"""The constraint of a cell's evaluations (`stated_constraint`): Optuna's best trial of a cell
+(the fewest neurons among feasible trials, what `optuna best-trial`, `load_study().best_trial`
+and optuna-dashboard show) is then the confirmation of the stated width."""
 STAGE_ATTR = "stage"
 POLL_SECONDS = 1.0
 """How often a process whose remaining cells all wait on other processes looks again."""
@@ -299,6 +304,58 @@ class FrontierAnswer:
             choice,
             Pooled(pooled["heldout_successes"], pooled["heldout_seeds"], tuple(pooled["blocks"])),
         )
+
+
+def stated_constraint(stage: str, successes: int, required: int) -> float:
+    """<= 0 only for a confirmation block its width passed: the evaluation an answer is stated
+    from (confirmations run in increasing width, and the first that passes is the answer)."""
+    return float(required - successes) if stage == "confirm" else 1.0
+
+
+def align_with_optuna(storage) -> int:
+    """Give the evaluations of frontier cells stored before `STATED` existed (value: their
+    success share, no constraint) their value (neurons) and constraint, so that plain Optuna
+    tools name the stated width as a cell's best; one transaction per cell. Returns how many
+    evaluations changed. Touches nothing else."""
+    from optuna.storages._rdb import models
+
+    backend = claims._rdb(storage)
+    if backend is None:
+        return 0
+    changed = 0
+    for name in study_names(storage):
+        match = FRONTIER_NAME.match(name)
+        if match is None or match.group(4):  # not a cell, or its recipe search (consistent)
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        plan = FrontierPlan.from_dict(study.user_attrs.get(PLAN_ATTR) or {})
+        old = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if f"constraints:{STATED}" not in t.system_attrs
+        ]
+        if not old:
+            continue
+        with claims._transaction(backend) as session:
+            for t in old:
+                attrs = t.user_attrs
+                value = stated_constraint(
+                    attrs.get(STAGE_ATTR, ""),
+                    attrs["successes"],
+                    plan.required(attrs["seeds_planned"]),
+                )
+                session.query(models.TrialValueModel).filter(
+                    models.TrialValueModel.trial_id == t._trial_id
+                ).update({"value": float(t.params["neurons"])})
+                session.add(  # a finished trial: Optuna's own setter refuses it
+                    models.TrialSystemAttributeModel(
+                        trial_id=t._trial_id,
+                        key=f"constraints:{STATED}",
+                        value_json=json.dumps(value),
+                    )
+                )
+                changed += 1
+    return changed
 
 
 def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
@@ -637,9 +694,13 @@ class CellRun:
             except BaseException as error:
                 claims.abandon(self.study, claimed, error, requeue=False)
                 raise
-            for trial, outcome in zip(claimed, outcomes, strict=True):
+            for trial, unit, outcome in zip(claimed, mine, outcomes, strict=True):
                 self._store(trial, outcome)
-                self.study.tell(trial, outcome.success_share)
+                required = self.plan.required(outcome.seeds_planned)
+                trial.set_constraint(
+                    STATED, stated_constraint(unit.stage, outcome.successes, required)
+                )
+                self.study.tell(trial, float(unit.neurons))
 
     def _claimed(self, keys: set[tuple]) -> dict[tuple, FrozenTrial]:
         """The complete evaluations with these keys and those a live process of this tool is
@@ -720,6 +781,10 @@ def run_frontier(
         for cell in cells
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if existing:
+        with interrupt.held():
+            if align_with_optuna(open_storage(storage_url)):  # cells of earlier versions
+                storage = open_storage(storage_url)  # no cache of the values before
     base = settings or BooleanSettings(prune=True)
     threads = threads or os.cpu_count() or 1
     runs = {

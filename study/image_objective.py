@@ -100,13 +100,14 @@ class ImageObjective:
                     f"val {metrics.eval_accuracy:.4f}, "
                     f"{metrics.seconds / metrics.epoch:.1f} s/epoch"
                 )
-            interrupt.check(trial)
+            if metrics.epoch < candidate.train.epochs:
+                interrupt.check(trial)  # after the last epoch the trial is done: it is kept
             trial.report(metrics.eval_accuracy, metrics.epoch)
             # the last epoch is done anyway: a trial that got there completes
             if metrics.epoch < candidate.train.epochs and trial.should_prune():
                 raise optuna.TrialPruned(
                     f"validation accuracy {metrics.eval_accuracy:.4f} after epoch "
-                    f"{metrics.epoch} is below the median of earlier trials"
+                    f"{metrics.epoch} is below what the study's pruner keeps at that epoch"
                 )
 
         reason = None

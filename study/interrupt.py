@@ -60,7 +60,8 @@ SECOND_CTRL_C = Stop(
 SIGTERM = Stop("terminated (SIGTERM)", "terminated (SIGTERM) before it finished", True, 143, False)
 TIME_BUDGET = Stop(
     "time budget reached",
-    "stopped by the run's time budget (--timeout) before it finished; re-queued",
+    "stopped by the run's time budget (--timeout) before it finished; re-queued with its "
+    "parameters, to train again from its first epoch (trials keep no checkpoints)",
     False,
     0,
     True,

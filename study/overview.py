@@ -55,29 +55,38 @@ def list_studies(storage_url: str) -> list[dict[str, Any]]:
     return rows
 
 
+BEST_KEYS = ("study", "kind", "space", "settings", "best", "certified", "export", "answer")
+"""`study best --json`: these keys for every kind of study, None where one does not apply.
+`best`: the best trial (number, value, params and what it stored: neurons and
+hidden_layer_profile as a list for Boolean studies, config for image ones); `certified`: the
+smallest configuration that passed certification (a Boolean study's row of it, the profile a
+list too); `export`: an image study's exported model and its test accuracy; `answer`: a
+frontier cell's confirmed width (the `answers.json` entry)."""
+
+
 def best_of(name: str, storage_url: str) -> dict[str, Any]:
-    """The best (or certified) configuration of study `name`, with its numbers, JSON-able."""
+    """The best (or certified) configuration of study `name`, with its numbers, JSON-able, in
+    one shape for every kind (`BEST_KEYS`)."""
     study = load_study(name, open_storage(storage_url, heartbeat=False))
     kind = _kind(study)
+    record: dict[str, Any] = dict.fromkeys(BEST_KEYS)
+    record.update(study=name, kind=kind)
     if kind == "frontier":
-        return {"study": name, "kind": kind, "answer": _answer(study)}
-    if kind == "other":
-        best = best_feasible(study)
-        return {"study": name, "kind": kind, "best": None if best is None else _trial(best)}
-    info = describe(study)
+        record.update(space="frontier", answer=_answer(study))
+        return record
     best = best_feasible(study)
-    record: dict[str, Any] = {
-        "study": name,
-        "kind": kind,
-        "space": info.space,
-        "settings": info.settings.identity(),
-        "best": None if best is None else _trial(best),
-    }
+    record["best"] = None if best is None else _trial(best)
+    if kind == "other":
+        return record
+    info = describe(study)
+    record.update(space=info.space, settings=info.settings.identity())
     if kind == "boolean":
         certification = study.user_attrs.get(CERTIFICATION_ATTR)
-        if certification is not None:
-            passed = [r for r in certification["rows"] if r["learns_f"]]
-            record["certified"] = min(passed, key=lambda r: r["neurons"]) if passed else None
+        passed = [r for r in (certification or {}).get("rows", []) if r["learns_f"]]
+        if passed:
+            row = dict(min(passed, key=lambda r: r["neurons"]))
+            row["hidden_layer_profile"] = [int(w) for w in row["hidden_layer_profile"].split("-")]
+            record["certified"] = row
     else:
         record["export"] = study.user_attrs.get(EXPORT_ATTR)
     return record

@@ -9,9 +9,19 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from study.certify import candidate_from_trial
 from study.config import BOOLEAN_OPTIMIZER, BooleanSettings
 from study.studies import StudyInfo, best_feasible
-from study.tables import STATES, engines, figure, figure_links, markdown_table, outside_legend
+from study.tables import (
+    STATES,
+    empty_note,
+    engines,
+    figure,
+    figure_links,
+    markdown_table,
+    outside_legend,
+    whole_numbers,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Boolean studies
@@ -71,11 +81,14 @@ def _neurons_vs_loss(done: pd.DataFrame, target: float, path: Path) -> Path:
         )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        whole_numbers(ax.xaxis)
         ax.set_xlabel("hidden neurons (sum of widths)")
         ax.set_ylabel("median best full-table loss (mean BCE)")
         ax.set_title("Hidden neurons vs best loss, one point per trial")
         fig.colorbar(scatter, ax=ax, label="success share of seeds")
-        outside_legend(ax)
+        # below the axes: beside them stands the colour bar
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8,
+                  frameon=False)  # fmt: skip
     return path
 
 
@@ -95,6 +108,7 @@ def _success_share(done: pd.DataFrame, required: float, path: Path) -> Path:
             required, color="crimson", linestyle="--", label=f"required share {required:.0%}"
         )
         ax.set_xscale("log")
+        whole_numbers(ax.xaxis)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("hidden neurons (sum of widths)")
         ax.set_ylabel("share of seeds that learned f")
@@ -122,10 +136,15 @@ def _best_width_history(frame: pd.DataFrame, path: Path) -> Path:
             color="tab:green",
             label="feasible trials",
         )
+        whole_numbers(ax.xaxis)
+        whole_numbers(ax.yaxis)
         ax.set_xlabel("trial number")
         ax.set_ylabel("hidden neurons")
         ax.set_title("Best feasible width so far")
-        outside_legend(ax)
+        if feasible.empty:
+            empty_note(ax, "no trial has learned f yet")
+        else:
+            outside_legend(ax)
     return path
 
 
@@ -174,12 +193,13 @@ def _answer(study: optuna.Study, s: BooleanSettings) -> list[str]:
     if best is None:
         return ["No feasible configuration found yet."]
     a = best.user_attrs
+    recipe = candidate_from_trial(best)
     profile = "-".join(map(str, a["hidden_layer_profile"]))
     return [
         f"**{a['neurons']} hidden neurons** (profile [{profile}], {a['parameters']} "
         f"parameters), trial {best.number}: learning rate "
-        f"{best.params['learning_rate']:.3g}, batch {best.params['batch_size']}, "
-        f"budget {best.params['epochs']} epochs; success share {a['success_share']:.0%}, "
+        f"{recipe.learning_rate:.3g}, batch {recipe.batch_size}, "
+        f"budget {recipe.epochs} epochs; success share {a['success_share']:.0%}, "
         f"median best loss {a['median_best_loss']:.3g}.",
         "",
         "This is an upper bound found by the search under the budget below, on "

@@ -20,7 +20,16 @@ from optuna.trial import TrialState
 from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
 from study.studies import BASELINE_EXPORT_ATTR, StudyInfo, best_feasible, run_seconds
-from study.tables import STATES, engines, figure, figure_links, markdown_table, outside_legend
+from study.tables import (
+    STATES,
+    empty_note,
+    engines,
+    figure,
+    figure_links,
+    markdown_table,
+    outside_legend,
+    whole_numbers,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Image studies (FashionMNIST, MNIST)
@@ -150,20 +159,30 @@ def _learning_curves(done: pd.DataFrame, floor: float, path: Path) -> Path:
             if int(number) in curves and number not in set(top.number):
                 c = curves[int(number)]
                 left.plot(c["epoch"], c["val_accuracy"], color="0.8", linewidth=0.8)
+        top = top[top.number.astype(int).isin(curves)]
         for number in top.number:
             c = curves[int(number)]
-            line = left.plot(c["epoch"], c["val_accuracy"], linewidth=1.8, label=f"trial {number}")
+            # markers: a trial of one epoch is a point, not an invisible line
+            line = left.plot(c["epoch"], c["val_accuracy"], "o-", markersize=3, linewidth=1.8,
+                             label=f"trial {number}")  # fmt: skip
             color = line[0].get_color()
-            right.plot(c["epoch"], c["train_accuracy"], "--", color=color, linewidth=1.2)
-            right.plot(c["epoch"], c["val_accuracy"], color=color, linewidth=1.8)
+            right.plot(c["epoch"], c["train_accuracy"], "s--", markersize=3, color=color,
+                       linewidth=1.2)  # fmt: skip
+            right.plot(c["epoch"], c["val_accuracy"], "o-", markersize=3, color=color,
+                       linewidth=1.8)  # fmt: skip
         left.set_ylim(bottom=floor)
-        left.set_xlabel("epoch")
+        for ax in (left, right):
+            whole_numbers(ax.xaxis)
+            ax.set_xlabel("epoch")
         left.set_ylabel("accuracy")
         left.set_title("Validation accuracy per epoch (grey: other trials)")
-        right.legend(
-            handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right", fontsize=8
-        )
-        right.set_xlabel("epoch")
+        if top.empty:
+            empty_note(left, "no complete trial with a recorded history yet")
+        else:
+            right.legend(
+                handles=left.get_lines()[-len(top) :], title="top 5", loc="lower right",
+                fontsize=8,
+            )  # fmt: skip
         right.set_title("Top 5: training (dashed) vs validation (solid)")
     return path
 
@@ -234,7 +253,10 @@ def _timeline(frame: pd.DataFrame, path: Path) -> Path:
                 label=state.lower(),
             )
         ax.xaxis_date()
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        locator = mdates.AutoDateLocator(minticks=3, maxticks=7)  # seconds to days, no repeats
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        whole_numbers(ax.yaxis)
         ax.set_xlabel("wall-clock time")
         ax.set_ylabel("trial number")
         ax.set_title("Timeline of trials")

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
+import search_spaces
 from search_spaces import get_space
 from study import choices, claims, interrupt
 from study import device as dev
@@ -41,11 +42,13 @@ from study.studies import (
     KIND_ATTR,
     RUNS_ATTR,
     SETTINGS_ATTR,
+    SOURCE_ATTR,
     SPACE_ATTR,
     best_feasible,
     bind,
     describe,
     finished_trials,
+    space_of,
 )
 
 __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_settings"]
@@ -54,6 +57,9 @@ __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_s
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 POLL_SECONDS = 1.0
+SAMPLER_SEED_ATTR = "sampler_seed"
+"""Study user attribute: the sampler seed the study was created with (each run's is in its
+record under `runs`); None when the sampler was seeded from the clock."""
 
 
 def study_settings(name: str, overrides: Mapping[str, Any] | None = None):
@@ -82,12 +88,15 @@ class _Run:
     fixed: BooleanSettings | ImageSettings
     chosen: dict[str, str]
     """The sampler and pruner it runs with."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """Where the space came from (`search_spaces.source_of`): stored with a new study, and
+    how a worker process finds a space that came from a file."""
     command: str | None = None
     """The command line that started the run, recorded by `--export` in `metrics.json`."""
 
     @property
     def space(self) -> ModuleType:
-        return get_space(self.name)
+        return search_spaces.from_source(self.name, self.source)
 
     @property
     def kind(self) -> str:
@@ -95,14 +104,15 @@ class _Run:
 
 
 def run_study(
-    name: str,
+    name: str | ModuleType,
     settings: Mapping[str, Any] | None = None,
     options: RunOptions | None = None,
     *,
     command: str | None = None,
     **option_fields: Any,
 ) -> optuna.Study:
-    """Create or resume study `options.study_name` (default: `name`) and run it to
+    """Create or resume study `options.study_name` (default: the space's name) of the space
+    `name` (a study name, or a space module: see `search_spaces`) and run it to
     `options.trials` finished trials in total; returns it.
 
     `options` (or its fields as keywords: `trials=20, storage=..., population=32`) say how
@@ -120,9 +130,14 @@ def run_study(
     return _execute(replace(_resolve(name, settings, options), command=command), deadline)
 
 
-def _resolve(name: str, settings: Mapping[str, Any] | None, options: RunOptions) -> _Run:
+def _resolve(
+    name: str | ModuleType, settings: Mapping[str, Any] | None, options: RunOptions
+) -> _Run:
     """The run's space, settings, sampler and pruner; refuses what contradicts the store."""
-    space = get_space(name)
+    space = (
+        search_spaces.register(name) if isinstance(name, ModuleType) else find_space(name, options)
+    )
+    name = space.NAME
     if options.population and space.KIND != "boolean":
         raise ConfigError(f"population: only Boolean studies train populations, not {name!r}")
     choices.check(options.sampler, options.pruner, space.KIND)
@@ -147,7 +162,23 @@ def _resolve(name: str, settings: Mapping[str, Any] | None, options: RunOptions)
         from study.data import check_image_files
 
         check_image_files(fixed.dataset, options.data_dir, fixed.validation_size)
-    return _Run(name, options, study_name, fixed, chosen)
+    return _Run(name, options, study_name, fixed, chosen, search_spaces.source_of(space))
+
+
+def find_space(name: str, options: RunOptions) -> ModuleType:
+    """Space `name`: a known one, or the space a stored study of that name came from (a file
+    given with --space when the study was made)."""
+    try:
+        return get_space(name)
+    except ConfigError:
+        study_name = options.study_name or name
+        if holds_store(options.storage):
+            rdb = open_storage(options.storage, heartbeat=False)
+            if study_name in study_names(rdb):
+                study = optuna.load_study(study_name=study_name, storage=rdb)
+                if study.user_attrs.get(SOURCE_ATTR) and study.user_attrs.get(SPACE_ATTR) == name:
+                    return space_of(study)
+        raise
 
 
 def _stored_or_requested(
@@ -259,18 +290,20 @@ def _open(run: _Run) -> optuna.Study:
     study = optuna.create_study(
         storage=rdb,
         study_name=run.study_name,
-        direction=getattr(run.space, "DIRECTION", "minimize"),
+        direction=search_spaces.direction(run.space),
         sampler=choices.make_sampler(run.chosen["sampler"], run.options.sampler_seed),
         pruner=choices.make_image_pruner(run.chosen["pruner"], run.fixed)
         if run.kind == "image"
         else None,
         load_if_exists=True,
     )
-    bind(study, run.name, run.fixed)
+    bind(study, run.name, run.fixed, run.source)
     if study.user_attrs.get(choices.RUN_ATTR) != run.chosen:
         study.set_user_attr(choices.RUN_ATTR, run.chosen)
-    if hasattr(run.space, "baseline") and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(run.space.baseline(run.fixed), user_attrs={"baseline": True})
+    if not study.get_trials(deepcopy=False):  # a new study
+        study.set_user_attr(SAMPLER_SEED_ATTR, run.options.sampler_seed)
+        if hasattr(run.space, "baseline"):
+            study.enqueue_trial(run.space.baseline(run.fixed), user_attrs={"baseline": True})
     return study
 
 
@@ -285,7 +318,7 @@ def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna
     else:
         _train_here(run, study, deadline, reserve or options.export)
     if finished_trials(study) > before and not _in_worker:  # the parent records for all
-        _record_run(study, started, before, options.timeout)
+        _record_run(study, started, before, options)
     if options.export:
         _export(run, study, time.time() - started)
     return study
@@ -354,15 +387,17 @@ def _reserve_export_time(
     return told
 
 
-def _record_run(study: optuna.Study, started: float, before: int, timeout: float | None) -> None:
-    """One record per run that finished trials: the wall time reports and exports read."""
+def _record_run(study: optuna.Study, started: float, before: int, options: RunOptions) -> None:
+    """One record per run that finished trials: the wall time reports and exports read, and
+    the sampler seed it ran with."""
     runs = list(study.user_attrs.get(RUNS_ATTR, []))
     runs.append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
         "finished_before": before,
         "finished_after": finished_trials(study),
-        "timeout": timeout,
+        "timeout": options.timeout,
+        "sampler_seed": options.sampler_seed,
     })  # fmt: skip
     study.set_user_attr(RUNS_ATTR, runs)
 
@@ -472,12 +507,13 @@ def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial], 
     fruitless, waiting_said, settle = 0, False, 0.0
     while True:
         interrupt.check()
-        # held: a signal between creating a trial and recording it as ours would leave it
-        # RUNNING with no owner to fail it
-        with interrupt.held(), claims.claim_lock(url, study._storage, study.study_name):
+        # each trial is created with its owner (a kill cannot leave one nobody reaps); a large
+        # claim goes in chunks, and a stop between them leaves the claimed ones in `in_flight`
+        with claims.claim_lock(url, study._storage, study.study_name):
             claims.reap(study)
             free = total - claims.claimed(study)
-            in_flight[:] = claims.claim(study, min(size, free)) if free > 0 else []
+            if free > 0:
+                claims.claim(study, min(size, free), into=in_flight)
         if not in_flight:
             if finished_trials(study) >= total:
                 # done; but a trial of another machine may still turn out dead: wait until

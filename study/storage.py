@@ -118,6 +118,10 @@ def _check_sqlite_path(path: Path, create: bool) -> None:
     if not create:
         raise StorageError(f"storage: no store at {path} (run a study first, or check --storage)")
     parent = path.parent if str(path.parent) else Path(".")
+    if path == sqlite_path(DEFAULT_STORAGE) and not parent.exists():
+        # the default store is made wherever the user stands (a given path's directory never)
+        with contextlib.suppress(OSError):  # cannot: said below
+            parent.mkdir(parents=True)
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise StorageError(

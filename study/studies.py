@@ -17,7 +17,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search_spaces import SPACES, get_space
+import search_spaces
+from search_spaces import get_space
 from study.config import (
     SETTINGS_OF_KIND,
     BooleanSettings,
@@ -35,6 +36,8 @@ KIND_ATTR = "kind"
 space's name here; `describe` reads both.)"""
 SETTINGS_ATTR = "settings"
 """Study user attribute: the fixed settings, as `Settings.identity()` writes them."""
+SOURCE_ATTR = "space_source"
+"""Where the study's space came from (`search_spaces.source_of`): a module or a file."""
 
 CERTIFICATION_ATTR = "certification"
 """Study user attribute: the last `study certify` of a Boolean study (its table, command)."""
@@ -85,7 +88,7 @@ class StudyInfo:
     name: str
     """The study's name in the storage."""
     space: str
-    """Its search space (a key of `search_spaces.SPACES`; "frontier" for a frontier cell)."""
+    """Its search space (a study name of `search_spaces`; "frontier" for a frontier cell)."""
     kind: str
     """boolean, image or frontier."""
     settings: BooleanSettings | ImageSettings | FrontierCell
@@ -109,14 +112,25 @@ def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
     if frontier_cell(study) is not None:
         return "frontier", "frontier"
     space = attrs.get(SPACE_ATTR)
-    if space is None and attrs.get(KIND_ATTR) in SPACES:
+    if space is None and attrs.get(KIND_ATTR) in search_spaces.builtin():
         space = attrs[KIND_ATTR]  # a store written before the `space` attribute existed
-    if space not in SPACES:
+    known = space in search_spaces.names() or SOURCE_ATTR in attrs
+    if not isinstance(space, str) or not known:
         raise StorageError(
             f"study {study.study_name!r} was not made by this tool (no known search space "
-            f"stored with it; spaces: {', '.join(SPACES)})"
+            f"stored with it; spaces: {', '.join(search_spaces.names())})"
         )
-    return space, get_space(space).KIND
+    kind = attrs.get(KIND_ATTR)
+    if kind not in search_spaces.DIRECTIONS:
+        kind = search_spaces.from_source(space, attrs.get(SOURCE_ATTR)).KIND
+    return space, kind
+
+
+def space_of(study: optuna.Study):
+    """The space module of a study of this tool, also one whose space came from a file."""
+    return search_spaces.from_source(
+        study.user_attrs[SPACE_ATTR], study.user_attrs.get(SOURCE_ATTR)
+    )
 
 
 def kind_of(study: optuna.Study) -> str | None:
@@ -163,13 +177,20 @@ def load(
     return study, describe(study)
 
 
-def bind(study: optuna.Study, space: str, settings: BooleanSettings | ImageSettings) -> None:
-    """Store space, kind and settings on a new study; refuse to resume one with other
-    settings (a study never mixes settings)."""
+def bind(
+    study: optuna.Study,
+    space: str,
+    settings: BooleanSettings | ImageSettings,
+    source: Mapping[str, Any] | None = None,
+) -> None:
+    """Store space, its source, kind and settings on a new study; refuse to resume one with
+    other settings (a study never mixes settings)."""
     identity: dict[str, Any] = settings.identity()
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space)
+        if source:
+            study.set_user_attr(SOURCE_ATTR, dict(source))
         study.set_user_attr(KIND_ATTR, get_space(space).KIND)
         study.set_user_attr(SETTINGS_ATTR, identity)
         return

@@ -78,6 +78,35 @@ def figure_links(specs: list[tuple[str, str]], written: list[Path] | None) -> li
     return [f"![{title}]({name})" for name, title in specs if names is None or name in names]
 
 
+def whole_numbers(axis) -> None:
+    """Ticks of a count (neurons, trial numbers, epochs) at whole numbers only, labelled as
+    such (never "167.5"), on a linear or a log axis; call after the axis's scale is set."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if axis.get_scale() == "log":
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{v:.0f}" if v >= 1 and abs(v - round(v)) < 1e-6 else "")
+        )
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        get, set_ = (
+            (axis.axes.get_xlim, axis.axes.set_xlim)
+            if axis.axis_name == "x"
+            else (axis.axes.get_ylim, axis.axes.set_ylim)
+        )
+        low, high = sorted(get())
+        if high - low < 2:  # one trial, one epoch: a span of whole numbers around it
+            middle = round((low + high) / 2)
+            set_(middle - 1, middle + 1)
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def empty_note(ax, text: str) -> None:
+    """Say in the panel why it shows nothing (instead of a blank one)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.35")
+
+
 def outside_legend(ax, **kwargs) -> None:
     """The legend beside the plot, where it covers no point."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, **kwargs)

@@ -140,7 +140,7 @@ CASES = [
     ),
     (["list", "--storage", "postgresql://u:hunter2@127.0.0.1:/db"], "malformed URL"),
     (["list", "--storage", "postgresql://u:hunter2@127.0.0.1:abc/db"], "malformed URL"),
-    (["run", "boolean-wide", "--trials", "2"], "invalid choice"),
+    (["run", "boolean-wide", "--trials", "2"], "unknown study 'boolean-wide'"),
     ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "--function-seed: must be"),
     ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
     ([*RUN, "--trials", "2", "--target-loss", "0"], "--target-loss"),
@@ -305,6 +305,13 @@ CASES = [
         ["run", "boolean-shallow", "--trials", "1", "--storage", "sqlite:////dev/null"],
         "is not a regular file",
     ),
+    # the frontier checks its whole grid before it trains or stores anything
+    (["frontier", "run", "--storage", "{storage}", "--budgets", "1000,2000000"], "budgets"),
+    (["frontier", "run", "--storage", "{storage}", "--function-seeds", str(2**63)], "function"),
+    (["frontier", "run", "--storage", "{storage}", "--depths", "1,0"], "depths"),
+    (["frontier", "run", "--storage", "{storage}", "--heldout-seeds", "10"], "--heldout-seeds"),
+    (["frontier", "run", "--storage", "{storage}", "--required-rate", "nan"], "required"),
+    (["frontier", "run", "--storage", "sqlite:///{tmp}/other.db"], "of another application"),
     # a study name is a name, never a path (nor a line, nor a page)
     *[
         (

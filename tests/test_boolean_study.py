@@ -296,6 +296,32 @@ def test_certify_retrains_the_best_and_the_next_smaller_width(tmp_path):
         assert f"Certified: {fewest} hidden neurons" in done.stdout
     else:
         assert "None of the retrained configurations" in done.stdout
+    # the same certification again has nothing to do: nothing retrained, the store unchanged
+    store = tmp_path / "cert.db"
+    before = store.read_bytes()
+    again = cli("certify", "boolean-shallow", "--storage", storage, "--seeds", "3", "--device",
+                "cpu", "--top", "3", "--out", str(tmp_path / "again"))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "certified already" in again.stdout and "training" not in again.stdout
+    assert store.read_bytes() == before
+    assert (tmp_path / "again" / "certification.csv").read_text().splitlines() == table
+    # other seeds are other work
+    other = cli("certify", "boolean-shallow", "--storage", storage, "--seeds", "2", "--device",
+                "cpu", "--out", str(tmp_path / "other"))  # fmt: skip
+    assert other.returncode == 0 and "training" in other.stdout, other.stderr
+    assert store.read_bytes() != before
+
+
+@pytest.mark.slow
+def test_a_run_with_nothing_to_do_leaves_the_store_byte_for_byte(tmp_path):
+    tiny_study(tmp_path, trials=3)
+    store = tmp_path / "studies.db"
+    before = store.read_bytes()
+    for total in ("3", "2"):
+        done = cli("run", "boolean-shallow", "--trials", total, "--storage",
+                   f"sqlite:///{store}", "--quiet")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert store.read_bytes() == before
 
 
 def test_cli_malformed_storage_url_is_one_clear_line():

@@ -57,8 +57,12 @@ def test_a_sampler_is_stored_and_kept_on_resume(tmp_path, sampler):
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
     assert study.user_attrs["run"]["sampler"] == sampler
-    again = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--quiet")
+    assert study.user_attrs["sampler_seed"] == 0  # TINY_ARGS: --sampler-seed 0
+    again = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--quiet",
+                "--sampler-seed", "7")  # fmt: skip
     assert again.returncode == 0, again.stderr
+    runs = optuna.load_study(study_name="boolean-shallow", storage=storage).user_attrs["runs"]
+    assert [r["sampler_seed"] for r in runs] == [0, 7]
     refused = cli("run", "boolean-shallow", "--trials", "5", "--storage", storage,
                   "--sampler", "tpe")  # fmt: skip
     assert refused.returncode == 2 and f"sampler='tpe' (stored '{sampler}')" in refused.stderr
@@ -110,6 +114,58 @@ def test_list_and_best_read_the_store(tmp_path):
     if record["best"] is not None:
         assert record["best"]["neurons"] == study.best_trial.user_attrs["neurons"]
     missing = cli("best", "nope", "--storage", storage, "--json")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    as_json = cli("list", "--storage", storage, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [entry] = json.loads(as_json.stdout)
+    assert (entry["study"], entry["kind"], entry["trials"]) == ("boolean-shallow", "boolean", 4)
+
+
+def test_best_json_has_one_shape_for_every_kind(tmp_path, capsys):
+    """Boolean (certified), image, frontier and a plain Optuna study: the same keys, and a
+    hidden-layer profile is a list wherever it appears."""
+    from study import studies
+    from study.cli import main
+    from study.config import FrontierCell, ImageSettings
+    from study.overview import BEST_KEYS
+
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    study = run_study("boolean-shallow", trials=2, storage=storage, device="cpu",
+                      settings=TINY, quiet=True, sampler_seed=0)  # fmt: skip
+    row = {"role": "found", "trial": 0, "hidden_layer_profile": "3-2", "neurons": 5,
+           "learns_f": True}  # fmt: skip
+    study.set_user_attr(studies.CERTIFICATION_ATTR, {"first_seed": 0, "rows": [row]})
+    images = optuna.create_study(storage=storage, study_name="images", direction="maximize")
+    for key, value in {studies.SPACE_ATTR: "fashion-mlp", studies.KIND_ATTR: "image",
+                       studies.SETTINGS_ATTR: ImageSettings().identity()}.items():  # fmt: skip
+        images.set_user_attr(key, value)
+    cell = optuna.create_study(storage=storage, study_name="frontier-f0-d1-b300")
+    cell.set_user_attr(studies.FRONTIER_ATTR, FrontierCell(0, 1, 300).identity())
+    optuna.create_study(storage=storage, study_name="plain")
+    records = {}
+    for name in ("boolean-shallow", "images", "frontier-f0-d1-b300", "plain"):
+        assert main(["best", name, "--storage", storage, "--json"]) in (0, None)
+        records[name] = json.loads(capsys.readouterr().out)
+        assert tuple(records[name]) == BEST_KEYS, name
+    assert records["boolean-shallow"]["certified"]["hidden_layer_profile"] == [3, 2]
+    best = records["boolean-shallow"]["best"]
+    assert best is None or isinstance(best["hidden_layer_profile"], list)
+    assert [records[n]["kind"] for n in records] == ["boolean", "image", "frontier", "other"]
+
+
+def test_delete_asks_or_takes_yes_and_leaves_other_studies(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'd.db'}"
+    for name in ("keep", "drop"):
+        optuna.create_study(storage=storage, study_name=name).add_trial(
+            optuna.trial.create_trial(value=1.0)
+        )
+    refused = cli("delete", "drop", "--storage", storage)  # no terminal to ask on
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert len(optuna.get_all_study_summaries(storage)) == 2
+    done = cli("delete", "drop", "--storage", storage, "--yes")
+    assert done.returncode == 0 and "deleted study 'drop' (1 trials)" in done.stdout, done.stderr
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["keep"]
+    missing = cli("delete", "drop", "--storage", storage, "--yes")
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 

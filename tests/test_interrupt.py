@@ -187,3 +187,74 @@ def test_a_signal_inside_a_held_block_is_handled_when_the_block_ends():
             assert interrupt.requested()  # a first Ctrl-C: a request, as outside the block
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+# ----------------------------------------------------------------------------------------------
+# the time budget keeps finished work
+
+
+def _budget_after(calls: int):
+    """A stand-in for `interrupt.check`: the time budget runs out at its `calls`-th call."""
+    from study import interrupt
+
+    seen = []
+
+    def check(trial=None) -> None:
+        seen.append(1)
+        if len(seen) >= calls:
+            if trial is not None:
+                trial.set_user_attr("fail_reason", interrupt.TIME_BUDGET.reason)
+            raise interrupt.Stopped(interrupt.TIME_BUDGET)
+
+    return check
+
+
+def test_an_image_trial_that_trained_its_last_epoch_is_kept_when_time_runs_out(
+    tmp_path, monkeypatch
+):
+    """The budget runs out during the last epoch: the trial is COMPLETE, not failed and
+    re-queued to train again."""
+    from study import interrupt
+    from study.runner import run_study
+
+    images = write_fake_dataset(tmp_path / "images", train=300, test=60)
+    monkeypatch.setattr(interrupt, "check", _budget_after(3))  # the loop, epoch 1, the loop
+    settings = {"validation_size": 60, "min_epochs": 2, "max_epochs": 2}
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = run_study("fashion-mlp", trials=3, storage=storage, data_dir=str(images),
+                      device="cpu", quiet=True, settings=settings)  # fmt: skip
+    states = [t.state.name for t in study.trials]
+    assert states[0] == "COMPLETE", states
+    assert "FAIL" not in states and "RUNNING" not in states
+
+
+def test_a_population_keeps_the_trials_decided_before_the_time_budget(tmp_path, monkeypatch):
+    """One trial of the population has ended (a 5-epoch budget), the other still trains when
+    the budget runs out: the first is told, the second left for the runner to fail."""
+    import types
+
+    from study import claims, interrupt
+    from study.boolean_objective import PopulationBatch
+    from study.config import BooleanCandidate, BooleanSettings
+    from study.storage import open_storage
+
+    space = types.ModuleType("two_budgets")
+
+    def suggest(trial, settings):
+        short = trial.number == 0
+        rate = trial.suggest_float("learning_rate", 1e-5, 1e-5)
+        return BooleanCandidate((4,), rate, 8, 5 if short else 500)
+
+    space.suggest = suggest
+    settings = BooleanSettings(input_bits=3, output_bits=3, seeds=2, prune=False,
+                               min_learning_rate=1e-5, max_learning_rate=1e-5)  # fmt: skip
+    study = optuna.create_study(
+        study_name="two", storage=open_storage(f"sqlite:///{tmp_path / 's.db'}", create=True)
+    )
+    trials = claims.claim(study, 2)
+    monkeypatch.setattr(interrupt, "check", _budget_after(10))  # after epoch 10
+    with pytest.raises(interrupt.Stopped):
+        PopulationBatch(space, settings, "cpu").train(study, trials)
+    first, second = study.get_trials()
+    assert first.state.name == "COMPLETE" and first.user_attrs["epochs_run"] == [5, 5]
+    assert second.state.name == "RUNNING"

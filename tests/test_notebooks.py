@@ -1,6 +1,7 @@
 """Reports and notebooks: every notebook executes (nbclient) against a small store made here,
 and the report files have the expected columns and figures."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -28,7 +29,9 @@ def store(tmp_path_factory):
     run_study("boolean-shallow", trials=4, settings=TINY, population=4, **common)
     run_study("boolean-deep", trials=4, settings=TINY, population=4, **common)
     for name in ("fashion-mlp", "fashion-cnn"):
-        run_study(name, trials=6, settings=IMAGE_SETTINGS, data_dir=str(images), **common)
+        # the median pruner (not the default): the report's fidelity lines need pruned trials
+        run_study(name, trials=6, settings=IMAGE_SETTINGS, data_dir=str(images), pruner="median",
+                  **common)  # fmt: skip
     results = tmp / "results"
     export_model(
         "fashion-mlp", storage, results / "fashion-mlp", "cpu", images, log=lambda *_: None
@@ -81,9 +84,8 @@ def test_image_report_files(store, tmp_path, name):
     "notebook", ["00_foundations.ipynb", "01_boolean_width.ipynb", "02_fashion_mnist.ipynb"]
 )
 def test_notebook_executes(store, notebook, monkeypatch):
-    storage, results, images = store
+    storage, _, images = store
     monkeypatch.setenv("STUDY_STORAGE", storage)
-    monkeypatch.setenv("STUDY_RESULTS", str(results))
     monkeypatch.setenv("STUDY_DATA_DIR", str(images))
     book = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     client = NotebookClient(
@@ -113,6 +115,9 @@ def test_notebook_executes(store, notebook, monkeypatch):
         assert "fashion-mlp" in text and "fashion-cnn" in text
         assert images_shown >= 2 * len(IMAGE_FIGURES)
         assert 'Predicted: "' in text and 'Actual: "' in text
+        # everything from the store it reads: the export of fashion-mlp (its artifacts), and
+        # none for fashion-cnn, which was not exported into this store
+        assert "fashion-cnn: study 'fashion-cnn' has no exported model in its store" in text
 
 
 @pytest.mark.parametrize("notebook", ["01_boolean_width.ipynb", "02_fashion_mnist.ipynb"])
@@ -181,23 +186,10 @@ def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
 ):
     """Success shares stay within [0, 1] after jitter; the timeline's legend lists only the
     states its trials have; every legend sits outside the axes (covers no point)."""
-    import contextlib
-
     import optuna
 
-    from study import report_boolean, report_image, tables
-
     storage, _, _ = store
-    shown = {}
-
-    @contextlib.contextmanager
-    def keep(path, *args, **kwargs):
-        with tables.figure(path, *args, **kwargs) as (fig, axes):
-            shown[Path(path).name] = fig
-            yield fig, axes
-
-    monkeypatch.setattr(report_boolean, "figure", keep)
-    monkeypatch.setattr(report_image, "figure", keep)
+    shown = kept_figures(monkeypatch)
     write_report("boolean-shallow", storage, tmp_path / "b")
     write_report("fashion-mlp", storage, tmp_path / "i")
     share = shown["success_share_vs_width.png"].axes[0]
@@ -211,3 +203,63 @@ def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
     for name in ("success_share_vs_width.png", "timeline.png"):
         legend = shown[name].axes[0].get_legend()
         assert legend.get_bbox_to_anchor().x0 >= shown[name].axes[0].get_window_extent().x1 - 1
+
+
+def test_figures_of_a_one_trial_and_a_one_epoch_study_hold(tmp_path, monkeypatch):
+    """A Boolean study of one trial and an image study of one epoch: whole-number ticks for
+    neurons, trials and epochs, a one-epoch curve drawn as a point, a note where a panel has
+    nothing to show, and links only to figures that were written."""
+    shown = kept_figures(monkeypatch)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    images = write_fake_dataset(tmp_path / "data", train=300, test=60)
+    common = dict(storage=storage, sampler_seed=0, device="cpu", quiet=True)
+    run_study("boolean-shallow", trials=1, settings=TINY, **common)
+    run_study("fashion-mlp", trials=1, data_dir=str(images), **common,
+              settings={"validation_size": 60, "min_epochs": 1, "max_epochs": 1})  # fmt: skip
+    for name in ("boolean-shallow", "fashion-mlp"):
+        out = write_report(name, storage, tmp_path / name)
+        summary = (out / "summary.md").read_text()
+        for link in re.findall(r"\]\(([^)]+\.png)\)", summary):
+            assert (out / link).is_file(), link  # no link to a figure not drawn
+    for fig in shown.values():
+        fig.canvas.draw()  # the tick labels as they are rendered
+
+    def labels(axis) -> list[str]:
+        return [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+
+    def whole(texts: list[str]) -> bool:
+        return all(re.fullmatch(r"[−-]?\d+", t) for t in texts)
+
+    history = shown["best_width_history.png"].axes[0]
+    assert whole(labels(history.xaxis)) and whole(labels(history.yaxis))
+    for ax in shown["neurons_vs_loss.png"].axes[:1] + shown["success_share_vs_width.png"].axes:
+        assert whole(labels(ax.xaxis))
+    if not any(c.get_offsets().size for c in history.collections):  # nothing learned f
+        assert "no trial has learned f yet" in [t.get_text() for t in history.texts]
+    curves = shown["learning_curves.png"].axes
+    assert all(whole(labels(ax.xaxis)) for ax in curves)
+    drawn = [line for line in curves[0].get_lines() if len(line.get_xdata()) == 1]
+    assert drawn and all(line.get_marker() not in (None, "None", "") for line in drawn)
+    timeline = shown["timeline.png"].axes[0]
+    times = labels(timeline.xaxis)
+    assert len(times) == len(set(times))  # no repeated time labels
+    assert whole(labels(timeline.yaxis))
+
+
+def kept_figures(monkeypatch) -> dict:
+    """The reports' figures by file name, kept open for inspection (they are still saved)."""
+    import contextlib
+
+    from study import report_boolean, report_image, tables
+
+    shown: dict = {}
+
+    @contextlib.contextmanager
+    def keep(path, *args, **kwargs):
+        with tables.figure(path, *args, **kwargs) as (fig, axes):
+            shown[Path(path).name] = fig
+            yield fig, axes
+
+    monkeypatch.setattr(report_boolean, "figure", keep)
+    monkeypatch.setattr(report_image, "figure", keep)
+    return shown

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search_spaces import SPACES, get_space
+from search_spaces import builtin, get_space
 from study.cli import build_parser, settings_overrides
 from study.config import SETTINGS_OF_KIND, BooleanSettings, ImageSettings, field_docs
 from study.errors import ConfigError
@@ -111,13 +111,13 @@ def test_flags_map_to_the_settings_fields():
             "4",
         ]
     )
-    assert settings_overrides(args) == {
+    assert settings_overrides(args, "boolean") == {
         "max_width": 9,
         "prune": False,
         "batch_sizes": (8, 16),
         "function_seed": 4,
     }
-    settings = study_settings("boolean-shallow", settings_overrides(args))
+    settings = study_settings("boolean-shallow", settings_overrides(args, "boolean"))
     assert settings == BooleanSettings(max_width=9, prune=False, batch_sizes=(8, 16),
                                        function_seed=4)  # fmt: skip
 
@@ -161,7 +161,7 @@ def test_describe_gives_the_typed_settings_of_new_and_old_stores(tmp_path):
     assert (info.space, info.kind) == ("fashion-cnn", "image")
     assert info.settings == ImageSettings(min_epochs=3, max_epochs=18)
     # every space declares a kind that has a settings class
-    assert {get_space(n).KIND for n in SPACES} == set(SETTINGS_OF_KIND)
+    assert {get_space(n).KIND for n in builtin()} == set(SETTINGS_OF_KIND)
 
 
 def test_commands_of_the_other_kind_say_what_the_study_is(tmp_path):

@@ -1,0 +1,241 @@
+"""Claims that scale: trials asked in chunks, each created with its owner and heartbeat in one
+write; a stop between chunks leaves every asked trial in hand; a kill at any moment leaves
+nothing the next run cannot reap; reaping thousands is a few transactions (`study.claims`).
+On SQLite files and, when `make test` started one, on PostgreSQL."""
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from sqlalchemy import text
+
+from study import claims, interrupt
+from study.storage import open_storage
+
+POSTGRES = os.environ.get("STUDY_TEST_POSTGRES") or None
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)"))]  # fmt: skip
+
+
+@pytest.fixture
+def new_study(tmp_path, request):
+    """A new study on a new store of the backend named by the test's `backend` parameter."""
+    made = []
+
+    def make(backend: str) -> optuna.Study:
+        url = f"sqlite:///{tmp_path / 'claims.db'}" if backend == "sqlite" else POSTGRES
+        name = f"claims-{uuid.uuid4().hex[:10]}"
+        study = optuna.create_study(study_name=name, storage=open_storage(url, create=True))
+        made.append((name, url))
+        return study
+
+    yield make
+    for name, url in made:
+        if url == POSTGRES:
+            optuna.delete_study(study_name=name, storage=url)
+
+
+def dead_owner() -> dict:
+    """The owner record of a process of this machine that has ended (its start time, "0",
+    also tells it apart from a new process that reused the pid)."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return {"host": socket.gethostname(), "pid": ended.pid, "started": "0"}
+
+
+def count_transactions(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = claims._transaction
+
+    def counted(backend):
+        calls.append(1)
+        return original(backend)
+
+    monkeypatch.setattr(claims, "_transaction", counted)
+    return calls
+
+
+def heartbeats(study: optuna.Study) -> int:
+    backend = claims._rdb(study._storage)
+    with backend.engine.connect() as connection:
+        return connection.execute(
+            text(
+                "SELECT count(*) FROM trial_heartbeats h JOIN trials t "
+                "ON t.trial_id = h.trial_id WHERE t.study_id = :id"
+            ),
+            {"id": study._study_id},
+        ).scalar_one()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_large_claim_goes_in_chunks_each_owned_and_beating(new_study, backend, monkeypatch):
+    study = new_study(backend)
+    for x in (1, 2, 3):
+        study.enqueue_trial({"x": x})
+    transactions = count_transactions(monkeypatch)
+    asked = claims.claim(study, 600)
+    assert len(transactions) == math.ceil(600 / claims.CHUNK) == 3
+    trials = study.get_trials()
+    assert len(trials) == 600 and {t.state.name for t in trials} == {"RUNNING"}
+    assert all(t.system_attrs[claims.OWNER_ATTR] == claims.this_process() for t in trials)
+    assert heartbeats(study) == 600
+    assert claims.claimed(study) == 600
+    # the enqueued trials come first and keep their parameters, as with `Study.ask`
+    assert [trial.suggest_int("x", 0, 9) for trial in asked[:3]] == [1, 2, 3]
+    assert [t.number for t in trials] == list(range(600))
+
+
+def test_a_stop_between_chunks_leaves_every_claimed_trial_in_hand(new_study, monkeypatch):
+    study = new_study("sqlite")
+    monkeypatch.setattr(interrupt, "check", lambda: (_ for _ in ()).throw(
+        interrupt.Stopped(interrupt.TIME_BUDGET)))  # fmt: skip
+    in_hand: list[optuna.Trial] = []
+    with pytest.raises(interrupt.Stopped) as stopped:
+        claims.claim(study, 700, into=in_hand)
+    assert len(in_hand) == claims.CHUNK
+    assert len(study.get_trials()) == claims.CHUNK
+    # one of them had started (sampled): the time budget re-queues it; the others had not
+    in_hand[0].suggest_int("x", 0, 9)
+    claims.abandon(study, in_hand, stopped.value)
+    by_state = [t.state.name for t in study.get_trials()]
+    assert by_state.count("FAIL") == claims.CHUNK and by_state.count("WAITING") == 1
+    assert "RUNNING" not in by_state
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0]
+    assert waiting.params == in_hand[0].params and "fail_reason" not in waiting.user_attrs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reaping_many_dead_trials_is_a_few_transactions(new_study, backend, monkeypatch):
+    study = new_study(backend)
+    gone = dead_owner()
+    asked = claims.claim(study, 600, owner=gone)
+    sampled = asked[:5]
+    for i, trial in enumerate(sampled):
+        trial.suggest_int("x", 0, 9)
+        trial.set_user_attr("note", i)
+    transactions = count_transactions(monkeypatch)
+    assert claims.reap(study) == 600
+    assert len(transactions) == 3
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert len(failed) == 600 and len(trials) == 605
+    assert {t.user_attrs["fail_reason"] for t in failed} == {
+        claims.DEAD_PROCESS.format(owner=claims.describe_owner(gone))
+    }
+    # only trials that had parameters are re-queued, with them, without the old reason
+    assert [(t.params, t.user_attrs) for t in waiting] == [
+        (t.params, {"note": i}) for i, t in enumerate(sampled)
+    ]
+    assert [t.system_attrs["failed_trial"] for t in waiting] == [t.number for t in sampled]
+    assert claims.reap(study) == 0
+    # the re-queued ones are claimed first by the next run, now owned by it
+    again = claims.claim(study, 5)
+    assert [t.params for t in study.get_trials() if t._trial_id in {a._trial_id for a in again}
+            ] == [t.params for t in sampled]  # fmt: skip
+
+
+def test_reaping_without_a_database_calls_optuna_per_trial_with_the_same_result(new_study):
+    study = new_study("sqlite")
+    asked = claims.claim(study, 40, owner=dead_owner(), batched=False)
+    asked[0].suggest_int("x", 0, 9)
+    assert claims.reap(study, batched=False) == 40
+    by_state = [t.state.name for t in study.get_trials()]
+    assert by_state.count("FAIL") == 40 and by_state.count("WAITING") == 1
+
+
+CLAIM_FOREVER = """
+import sys
+import optuna
+from study import claims
+from study.storage import open_storage
+study = optuna.load_study(study_name=sys.argv[2], storage=open_storage(sys.argv[1]))
+claims.claim(study, 50_000)
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_huge_claim_leaves_only_trials_the_next_run_reaps(new_study):
+    """kill -9 at some moment of a claim of 50,000: each trial stored has an owner and a
+    heartbeat, and one reap fails them all (re-queuing none: none had parameters)."""
+    study = new_study("sqlite")
+    url = study._storage._backend.url
+    process = subprocess.Popen([sys.executable, "-c", CLAIM_FOREVER, url, study.study_name],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(study.get_trials(deepcopy=False)) < 3 * claims.CHUNK:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    trials = study.get_trials()
+    assert len(trials) % claims.CHUNK == 0  # whole chunks or nothing
+    assert all(claims.OWNER_ATTR in t.system_attrs for t in trials)
+    assert heartbeats(study) == len(trials)
+    assert claims.reap(study) == len(trials)
+    assert {t.state.name for t in study.get_trials()} == {"FAIL"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_a_huge_population_claim_ends_it_in_seconds(tmp_path, signum, status):
+    """`study run` with a population of 20,000: a signal while it claims ends the command
+    within seconds with its documented status and one line; nothing is left RUNNING."""
+    from tests.conftest import TINY_ARGS
+
+    db = tmp_path / "huge.db"
+    command = [sys.executable, "-m", "study.cli", "run", "boolean-shallow", "--storage",
+               f"sqlite:///{db}", "--trials", "20000", "--population", "20000",
+               *TINY_ARGS]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _stored(db) < 2 * claims.CHUNK:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signum)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert process.returncode == status, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= 2 and lines[-1].startswith("study: "), err
+    study = optuna.load_study(study_name="boolean-shallow", storage=f"sqlite:///{db}")
+    assert "RUNNING" not in {t.state.name for t in study.get_trials()}
+
+
+def _stored(db) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute("SELECT count(*) FROM trials").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_the_claims_benchmark_reaps_what_it_claimed_both_ways():
+    """`study bench claims` on a tiny count: both ways claim and reap every trial (its ratios
+    are measurements, not asserted here)."""
+    from study.bench import bench_claims
+
+    lines: list[str] = []
+    ratios = bench_claims(trials=30, log=lines.append)
+    assert set(ratios) == {"claim", "reap"} and all(r > 0 for r in ratios.values())
+    assert any(line.startswith("chunked: claim 30 trials") for line in lines)
+
+
+def test_an_owner_record_without_a_real_process_is_not_alive():
+    here = socket.gethostname()
+    assert claims.owner_alive({"host": here, "pid": -1}) is False
+    assert claims.owner_alive({"host": here, "pid": 0}) is False
+    assert claims.owner_alive(claims.this_process()) is True
+    assert claims.owner_alive({"host": "elsewhere", "pid": 1}) is None

@@ -1,0 +1,112 @@
+"""Stores that every Optuna tool reads right: the best trial that `optuna best-trial` and
+`optuna.load_study().best_trial` report is the tool's answer, for each kind of study (a frontier
+cell: the trial of its stated width), also on the committed reference store."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from study.config import BooleanSettings, FrontierCell, FrontierPlan
+from study.frontier import STATED, align_with_optuna, run_cell, stored_answer
+from study.runner import best_feasible, run_study
+from study.storage import open_storage
+from tests.conftest import TINY, write_fake_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "results" / "reference.db"
+OPTUNA = [str(Path(sys.executable).parent / "optuna")]  # the console script a user types
+
+
+def optuna_best_trial(storage: str, name: str) -> dict:
+    """`optuna best-trial` as a user types it, parsed."""
+    done = subprocess.run(
+        [*OPTUNA, "best-trial", "--study-name", name, "--storage", storage, "-f", "json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_optuna_cli_names_each_kinds_answer_best(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    boolean = run_study("boolean-shallow", trials=4, storage=storage, device="cpu",
+                        settings=TINY, quiet=True, sampler_seed=0)  # fmt: skip
+    images = write_fake_dataset(tmp_path / "images", train=300, test=60)
+    small = {"validation_size": 60, "min_epochs": 2, "max_epochs": 2}
+    image = run_study("fashion-mlp", trials=2, storage=storage, data_dir=str(images),
+                      device="cpu", quiet=True, sampler_seed=0, settings=small)  # fmt: skip
+    cell = FrontierCell(0, 1, 300)
+    plan = FrontierPlan(recipe_trials=2, recipe_seeds=2, selection_seeds=4, heldout_seeds=20,
+                        probe_neurons=6)  # fmt: skip
+    answer = run_cell(storage, cell, plan, threads=1, log=lambda _: None,
+                      settings=BooleanSettings(input_bits=3, output_bits=3))  # fmt: skip
+    for study, expected in [
+        (boolean, best_feasible(boolean)),
+        (image, max((t for t in image.trials if t.state.name == "COMPLETE"),
+                    key=lambda t: t.value)),
+    ]:  # fmt: skip
+        if expected is None:
+            continue  # no feasible trial in 4 tiny trials: nothing for either to name
+        shown = optuna_best_trial(storage, study.study_name)
+        assert shown["number"] == expected.number, study.study_name
+    shown = optuna_best_trial(storage, cell.name)
+    assert shown["params"]["neurons"] == answer.neurons
+    assert shown["value"] == answer.neurons
+    best = optuna.load_study(study_name=cell.name, storage=storage).best_trial
+    assert best.user_attrs["stage"] == "confirm" and best.params["neurons"] == answer.neurons
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="no committed reference store")
+def test_the_committed_reference_store_reads_right_in_optuna():
+    """Read-only: every cell's Optuna best trial is its stated width; the Boolean and image
+    studies' are the tool's best."""
+    with sqlite3.connect(f"file:{REFERENCE}?mode=ro", uri=True):
+        pass  # readable
+    storage = optuna.storages.RDBStorage(f"sqlite:///{REFERENCE}", skip_table_creation=True)
+    cells = 0
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        if summary.study_name.startswith("frontier-") and not summary.study_name.endswith(
+            "-recipe"
+        ):
+            answer = stored_answer(study)
+            if answer is None:
+                continue
+            assert study.best_trial.params["neurons"] == answer.neurons, summary.study_name
+            cells += 1
+        elif not summary.study_name.startswith("frontier-"):
+            assert study.best_trial.number == best_feasible(study).number
+    assert cells >= 20
+    shown = optuna_best_trial(f"sqlite:///{REFERENCE}", "frontier-f0-d1-b2000")
+    answer = stored_answer(optuna.load_study(study_name="frontier-f0-d1-b2000", storage=storage))
+    assert shown["params"]["neurons"] == answer.neurons
+
+
+def test_cells_stored_by_earlier_versions_are_aligned_once(tmp_path):
+    """A cell whose evaluations hold their success share as value (no constraint), as earlier
+    versions stored them: `align_with_optuna` gives them neurons and the constraint, once."""
+    if not REFERENCE.exists():
+        pytest.skip("no committed reference store")
+    copy = tmp_path / "old.db"
+    shutil.copy(REFERENCE, copy)
+    with sqlite3.connect(copy) as connection:  # back to the earlier format, for one cell
+        connection.execute(
+            "DELETE FROM trial_system_attributes WHERE key = ? AND trial_id IN (SELECT trial_id "
+            "FROM trials JOIN studies USING (study_id) WHERE study_name = ?)",
+            (f"constraints:{STATED}", "frontier-f0-d1-b500"),
+        )
+    old = optuna.load_study(study_name="frontier-f0-d1-b500", storage=f"sqlite:///{copy}")
+    answer = stored_answer(old)
+    assert old.best_trial.params["neurons"] < answer.neurons  # a width-search evaluation
+    storage = open_storage(f"sqlite:///{copy}")
+    assert align_with_optuna(storage) == len([t for t in old.trials if t.state.name == "COMPLETE"])
+    assert align_with_optuna(open_storage(f"sqlite:///{copy}")) == 0
+    aligned = optuna.load_study(study_name="frontier-f0-d1-b500", storage=f"sqlite:///{copy}")
+    assert aligned.best_trial.params["neurons"] == answer.neurons
+    assert aligned.best_trial.value == answer.neurons
