@@ -414,6 +414,7 @@ def test_a_trial_of_another_machine_is_failed_once_its_heartbeat_is_stale(tmp_pa
     # a trial another machine started, then lost: one heartbeat, then silence
     rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
     trial = optuna.load_study(study_name="boolean-shallow", storage=rdb).ask()
+    trial.suggest_int("width", 2, 2, log=True)  # it had started: its parameters are re-queued
     rdb.set_trial_system_attr(trial._trial_id, "study:owner", {"host": "elsewhere", "pid": 1})
     rdb.record_heartbeat(trial._trial_id)
     # a grace (8 s) longer than this process takes to start: it has to wait, and says so
