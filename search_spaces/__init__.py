@@ -92,6 +92,7 @@ def get_space(name: str) -> ModuleType:
             f"space {module_name} says NAME {module.NAME!r}, but is found as {name!r} (a file "
             "in search_spaces/ is named after its study, with _ for -)"
         )
+    _loaded[name] = module  # checked once per process
     return module
 
 
@@ -122,10 +123,9 @@ def register(module: ModuleType, where: str | None = None) -> ModuleType:
     where = where or getattr(module, "__file__", None) or module.__name__
     check(module, where)
     name = module.NAME
-    if name in _modules() and _modules()[name] != module.__name__:
-        raise ConfigError(
-            f"space {where}: NAME {name!r} is taken by {_modules()[name]}; choose another NAME"
-        )
+    found = _modules().get(name)
+    if found is not None and found != module.__name__:
+        raise ConfigError(f"space {where}: NAME {name!r} is taken by {found}; choose another NAME")
     known = _loaded.get(name)
     if known is not None and getattr(known, "__file__", None) != getattr(module, "__file__", None):
         raise ConfigError(f"space {where}: NAME {name!r} is taken by {known.__file__}")
