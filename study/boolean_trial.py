@@ -141,6 +141,12 @@ class CandidateOutcome:
                 "batch_size": self.candidate.batch_size,
                 "epochs": self.candidate.epochs,
                 "lr_schedule": self.candidate.lr_schedule,
+                **(
+                    {"warmup_fraction": self.candidate.warmup_fraction}
+                    if self.candidate.warmup_fraction
+                    else {}
+                ),
+                **({"lr_floor": self.candidate.lr_floor} if self.candidate.lr_floor else {}),
             },
             "neurons": self.candidate.neurons,
             "parameters": self.candidate.parameters(input_bits, output_bits),

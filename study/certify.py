@@ -137,6 +137,8 @@ def candidate_from_trial(trial) -> BooleanCandidate:
         int(recipe["batch_size"]),
         int(recipe["epochs"]),
         recipe.get("lr_schedule", "constant"),
+        float(recipe.get("warmup_fraction", 0.0)),
+        float(recipe.get("lr_floor", 0.0)),
     )
 
 

@@ -476,15 +476,24 @@ def cmd_frontier_run(args: argparse.Namespace) -> None:
 
     def say(answer: FrontierAnswer) -> None:
         low, high = answer.rate.interval
+        fitted_low, fitted_high = answer.curve.interval
         print(
             f"{answer.cell.name}: {answer.neurons} neurons {list(answer.width.profile)} "
-            f"({answer.parameters} parameters), held-out "
-            f"{answer.rate.successes}/{answer.rate.seeds} (95% {low:.2f}..{high:.2f})",
+            f"({answer.parameters} parameters), confirmed on "
+            f"{answer.rate.successes}/{answer.rate.seeds} fresh seeds (95% {low:.2f}..{high:.2f});"
+            f" fitted {answer.plan.required_rate:.0%} crossing {answer.curve.crossing:.1f} "
+            f"({_end(fitted_low)}..{_end(fitted_high)})",
             flush=True,
         )
 
     log = (lambda *_: None) if args.quiet else print
-    run_frontier(args.storage, grid, plan, args.threads, log, on_answer=say)
+    run_frontier(
+        args.storage, grid, plan, args.threads, log, on_answer=say, command=_command_line()
+    )
+
+
+def _end(value: float | None) -> str:
+    return "open" if value is None else f"{value:.1f}"
 
 
 def cmd_frontier_report(args: argparse.Namespace) -> None:
@@ -637,6 +646,7 @@ def _add_frontier(sub) -> None:
     add_fields(
         run.add_argument_group("the plan", "stored with each cell; a resumed cell keeps its own"),
         FrontierPlan,
+        skip=("method",),
     )
     run.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
     run.add_argument("--quiet", action="store_true", help="only the answers")

@@ -161,7 +161,9 @@ class TrainConfig(Settings):
     """constant; cosine: per-step cosine decay from `learning_rate` to 0 over all epochs;
     onecycle: per-step linear decay from `learning_rate` to 0 (both after the warm-up)."""
     warmup_fraction: float = 0.0
-    """Share of all steps over which the rate first rises linearly from 0 (cosine, onecycle)."""
+    """Share of all steps over which the rate first rises linearly from 0 (any schedule)."""
+    lr_floor: float = 0.0
+    """Share of `learning_rate` a decaying schedule (cosine, onecycle) ends at instead of 0."""
     label_smoothing: float = 0.0
     """Share of each target's probability spread evenly over the classes (image tasks)."""
     crop_padding: int = 0
@@ -209,7 +211,7 @@ class TrainConfig(Settings):
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
         check(isinstance(self.nesterov, bool) and (not self.nesterov or self.optimizer == "sgd"),
               "nesterov", "is sgd's (true or false)")  # fmt: skip
-        for name in ("warmup_fraction", "label_smoothing", "erase_probability"):
+        for name in ("warmup_fraction", "lr_floor", "label_smoothing", "erase_probability"):
             value = getattr(self, name)
             check(is_number(value) and 0 <= value < 1, name, "must be in [0, 1)")
         check(is_int(self.crop_padding) and 0 <= self.crop_padding <= 8, "crop_padding",
@@ -369,7 +371,11 @@ class BooleanCandidate:
     epochs: int
     """Epoch budget (training stops early at the target)."""
     lr_schedule: str = "constant"
-    """constant, or cosine: per-step decay from the learning rate to 0 over the budget."""
+    """constant, cosine or onecycle: per-step decay from the learning rate over the budget."""
+    warmup_fraction: float = 0.0
+    """Share of the budget's steps over which the rate first rises linearly from 0."""
+    lr_floor: float = 0.0
+    """Share of the learning rate a decaying schedule ends at (0: decays to 0)."""
 
     @property
     def neurons(self) -> int:
@@ -388,6 +394,8 @@ class BooleanCandidate:
             batch_size=self.batch_size,
             epochs=self.epochs,
             lr_schedule=self.lr_schedule,
+            warmup_fraction=self.warmup_fraction,
+            lr_floor=self.lr_floor,
             seed=seed,
             target_loss=target_loss,
             mixed_precision=False,
@@ -395,7 +403,9 @@ class BooleanCandidate:
 
     def describe(self) -> str:
         profile = "-".join(str(w) for w in self.hidden_layer_profile)
-        schedule = " cosine" if self.lr_schedule == "cosine" else ""
+        schedule = "" if self.lr_schedule == "constant" else f" {self.lr_schedule}"
+        schedule += f" warm-up {self.warmup_fraction:.2f}" * bool(self.warmup_fraction)
+        schedule += f" floor {self.lr_floor:.2f}" * bool(self.lr_floor)
         return (
             f"[{profile}] lr={self.learning_rate:.3g}{schedule} batch={self.batch_size} "
             f"epochs={self.epochs}"
@@ -700,6 +710,8 @@ PLAN_BOUNDS = {
     "recipe_seeds": (1, 100),
     "selection_seeds": (1, 1000),
     "heldout_seeds": (20, 10_000),
+    "confirmation_seeds": (20, 10_000),
+    "method": (2, 2),
 }
 """The range of each count of a `FrontierPlan`."""
 
@@ -709,18 +721,25 @@ class FrontierPlan(Settings):
     """How thoroughly each stage of a cell works; the defaults are those of the reference runs.
     Stored with the cell: a resumed cell runs with its stored plan."""
 
-    recipe_trials: int = 16
-    """Recipes Optuna tries per cell."""
+    recipe_trials: int = 48
+    """Recipes Optuna tries per cell (the first `frontier.RECIPE_STARTUP` at random or from
+    neighbouring cells, the rest guided by TPE)."""
     recipe_seeds: int = 4
     """Selection seeds per recipe."""
     selection_seeds: int = 10
     """Selection seeds per width of the width search."""
     heldout_seeds: int = 24
-    """Held-out seeds per certified width (at least 20)."""
+    """Held-out seeds per width of the success curve (at least 20)."""
+    confirmation_seeds: int = 96
+    """Fresh held-out seeds of the confirmation block of the stated width (at least 20)."""
     required_rate: float = 0.9
     """A width learns f when at least this share of its seeds does."""
     probe_neurons: int | None = None
     """Width of the recipe search (default: a width near the cell's expected boundary)."""
+    method: int = 2
+    """How a cell is answered: 2, a fitted success curve and one large confirmation block
+    (`study.frontier`). Cells stored by method 1 (blocks of 24 seeds, no curve) keep their
+    stored answers but are not resumed."""
 
     def __post_init__(self) -> None:
         for name, (low, high) in PLAN_BOUNDS.items():
@@ -750,7 +769,7 @@ class FrontierGrid(Settings):
     """Functions (their seeds)."""
     depths: tuple[int, ...] = (1, 2, 3, 4)
     """Hidden layers."""
-    budgets: tuple[int, ...] = (500, 2000, 8000, 16000)
+    budgets: tuple[int, ...] = (2000, 16000, 64000)
     """Epoch budgets."""
 
     def __post_init__(self) -> None:

@@ -4,29 +4,34 @@ Success is close to monotone in width for a fixed training recipe, so each cell 
 seed, depth, epoch budget; `FrontierCell`) is answered in four stages, every evaluation stored
 as a trial:
 
-1. **recipe**: Optuna (TPE) searches Adam's learning rate, the batch size (up to the full
-   table) and the schedule (constant or cosine) at a probe width, on `recipe_seeds` selection
-   seeds per trial, minimising how far the seeds end from the target (study `<cell>-recipe`);
+1. **recipe**: Optuna's TPE, seeded from the cell, searches Adam's learning rate, the batch
+   size (up to the full table) and the schedule (constant, cosine or onecycle decay, a linear
+   warm-up, the floor a decay ends at) at a probe width near the cell's boundary (`probe_for`),
+   on `recipe_seeds` selection seeds per trial, minimising how far the seeds end from the
+   target (study `<cell>-recipe`). The best recipes of neighbouring cells already answered in
+   the store (other budgets and depths) are its first trials;
 2. **width**: with the best recipe, a k-ary search over the total hidden neurons finds the
    fewest that learn f on at least `required_rate` of `selection_seeds` selection seeds
    (study `<cell>`, stage "width");
-3. **held-out choice**: that width and the next smaller one are trained on `heldout_seeds`
-   seeds that played no part in 1 or 2 (stage "heldout"). The chosen width passes there
-   (rate at least `required_rate`) while the next smaller one fails; a width that fails moves
-   up by one neuron, one whose smaller neighbour also passes moves down, each move on a fresh
-   block of held-out seeds;
-4. **confirmation**: the chosen width is trained once more on a fresh block of
-   `heldout_seeds` seeds (stage "confirm"). The answer (`FrontierAnswer`) is stated with the
-   rate of this block and its exact 95% interval: a block that played no part in choosing the
-   width. A width that fails its confirmation is not stated; the next larger width goes
-   through 3 and 4 again on fresh blocks.
+3. **success curve**: five widths around that one are trained on a block of `heldout_seeds`
+   held-out seeds (stage "curve"), and a logistic curve in width is fitted to every held-out
+   seed (`study.success_curve`): the width where it crosses `required_rate` and the
+   profile-likelihood 95% interval of that width. A fit that does not place the crossing
+   inside the widths trained moves the five widths on a fresh block;
+4. **confirmation**: the smallest whole width whose fitted rate is at least `required_rate`
+   is trained on a fresh block of `confirmation_seeds` seeds (stage "confirm"; 96 by
+   default, enough to tell a rate of 80% from one of 95%). The answer (`FrontierAnswer`) is
+   that width with this block's rate and exact 95% interval, a block that chose nothing. A
+   width that fails is not stated: its block joins the fit, and the next width (at least one
+   neuron more) is confirmed on a fresh block.
 
 A deep cell spreads its neurons evenly over `depth` layers (the first layers take the
-remainder). Everything resumes: an evaluation already stored is read back, not retrained.
-Every evaluation is claimed before it is trained, as `study run` claims its trials
-(`study.claims`: a RUNNING trial with its owner and heartbeat, under the store's claim lock),
-so that several processes on one store divide the work: a process that finds a cell's next
-evaluations running elsewhere moves on to another cell and comes back (`run_frontier`).
+remainder). Everything resumes: an evaluation already stored is read back, not retrained, and
+every decision is re-derived from stored evaluations in the order it was made. Every
+evaluation is claimed before it is trained, as `study run` claims its trials (`study.claims`:
+a RUNNING trial with its owner and heartbeat, under the store's claim lock), so that several
+processes on one store divide the work: a process that finds a cell's next evaluations running
+elsewhere moves on to another cell and comes back (`run_frontier`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -60,6 +66,7 @@ from study.config import (
 from study.errors import ConfigError
 from study.storage import open_storage, study_names
 from study.studies import ANSWER_ATTR, FRONTIER_NAME, PLAN_ATTR, bind_cell, cell_plan
+from study.success_curve import Curve, NoCrossing, Point, fit
 
 SELECTION_SEED = 2_000_000
 """Selection seeds (recipe and width stages) are SELECTION_SEED + i."""
@@ -67,35 +74,83 @@ HELDOUT_SEED = 3_000_000
 """Held-out block j is HELDOUT_SEED + j * HELDOUT_BLOCK + i: never a selection seed."""
 HELDOUT_BLOCK = 10_000
 CONFIRM_BLOCK = 100
-"""Confirmation blocks are CONFIRM_BLOCK, CONFIRM_BLOCK + 1, ...: apart from choice blocks."""
-CHOICE_BLOCKS = 8
-"""Held-out blocks one choice (stage 3) may use; a later choice starts after them."""
+"""Confirmation blocks are CONFIRM_BLOCK, CONFIRM_BLOCK + 1, ...: apart from curve blocks."""
+CURVE_ROUNDS = 6
+"""Blocks of five widths the success curve may take before a cell gives up."""
+CURVE_WIDTHS = 5
+"""Widths per curve block, evenly spaced around the centre."""
 ATTEMPTS = 4
 """Widths that may fail their confirmation before a cell gives up."""
-LEARNING_RATES = (1e-3, 1e-1)
+RECIPE_STARTUP = 10
+"""Recipe trials before TPE takes over: the neighbouring cells' recipes, then random ones. With
+48 trials in all (`FrontierPlan.recipe_trials`), TPE proposes 38 recipes from densities fitted
+to the best fifth of what came before, in rounds of about eight (`constant_liar`): enough for
+its densities over five parameters to concentrate, where 16 trials with 6 random ones left it
+little more than a random search."""
+NEIGHBOURS = 4
+"""Recipes of neighbouring cells enqueued as a recipe search's first trials."""
+LEARNING_RATES = (3e-4, 1e-1)
 """Adam's learning-rate range of the recipe search (log scale)."""
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)
 """Batch sizes of the recipe search, up to the full 256-row table."""
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "onecycle")
+MAX_WARMUP = 0.3
+"""Largest warm-up share of the budget the recipe search tries."""
+MAX_FLOOR = 0.5
+"""Largest floor (share of the peak rate a decay ends at) the recipe search tries."""
 MAX_NEURONS = MAX_FRONTIER_NEURONS
 STATED = "stated"
 """The constraint of a cell's evaluations (`stated_constraint`): Optuna's best trial of a cell
 (the fewest neurons among feasible trials, what `optuna best-trial`, `load_study().best_trial`
 and optuna-dashboard show) is then the confirmation of the stated width."""
 STAGE_ATTR = "stage"
+PROBE_ATTR = "probe_neurons"
+STARTS_ATTR = "starting_points"
+SAMPLER_SEED_ATTR = "sampler_seed"
 POLL_SECONDS = 1.0
 """How often a process whose remaining cells all wait on other processes looks again."""
+SCHEMA_VERSION = 2
+"""Of answers.json: an object with `schema_version` and an `answers` list."""
+OPTIMIZER = "adam"
 Log = Callable[[str], None]
 
+BUDGET_SHRINK = 0.12
+"""The boundary shrinks about as budget^-0.12 (the earlier method's one layer: 84, 66 and 61
+neurons at 2,000, 8,000 and 16,000 epochs, exponents 0.17 and 0.11, flattening)."""
+DEPTH_FACTOR = {1: 1.0, 2: 0.85, 3: 1.0, 4: 1.3}
+"""Boundary of a depth relative to one layer, at equal budget (earlier method: at 2,000 and
+16,000 epochs two layers needed 0.81 and 0.89 of one layer's neurons, three 0.98 and 1.07, four
+1.24 and 1.34)."""
 
-def probe_for(cell: FrontierCell) -> int:
-    """A probe width near where the boundary is expected: slightly above the capacity
-    estimate (2048 random bits at ~2 bits per parameter: ~60 neurons in one layer) for long
-    budgets, wider for short ones. The recipe search ranks recipes by how close they bring
-    this width to the target, so it should be hard but not hopeless."""
-    return {500: 110, 1000: 96, 2000: 84, 4000: 74}.get(
-        cell.budget, 64 if cell.budget < 16000 else 60
+
+def probe_for(cell: FrontierCell, known: Sequence[FrontierAnswer] = ()) -> int:
+    """A probe width near the cell's boundary, a little below it, where the recipe decides
+    success: from the answers `known` in the store (the same function and depth at the nearest
+    budget, scaled by budget^-BUDGET_SHRINK; else another depth at the same function scaled by
+    `DEPTH_FACTOR`), else from the earlier method's one-layer boundary of 8-bit functions."""
+
+    def distance(a: FrontierAnswer) -> tuple:
+        return (
+            a.cell.function_seed != cell.function_seed,
+            a.cell.depth != cell.depth,
+            abs(math.log2(a.cell.budget / cell.budget)),
+            abs(a.cell.depth - cell.depth),
+        )
+
+    if known:
+        near = min(known, key=distance)
+        width = near.curve.crossing * (near.cell.budget / cell.budget) ** BUDGET_SHRINK
+        width *= DEPTH_FACTOR[cell.depth] / DEPTH_FACTOR[near.cell.depth]
+        return max(1, min(MAX_NEURONS, round(width)))
+    one_layer = {500: 110, 1000: 96, 2000: 84, 4000: 74}.get(
+        cell.budget, 64 if cell.budget < 16000 else 60 * (16000 / cell.budget) ** BUDGET_SHRINK
     )
+    return max(1, min(MAX_NEURONS, round(one_layer * DEPTH_FACTOR[cell.depth])))
+
+
+def cell_seed(cell: FrontierCell) -> int:
+    """The recipe sampler's seed: the cell's own (stable across processes and versions)."""
+    return zlib.crc32(cell.name.encode())
 
 
 @dataclass(frozen=True)
@@ -105,18 +160,38 @@ class Recipe:
     learning_rate: float
     batch_size: int
     lr_schedule: str
+    warmup_fraction: float = 0.0
+    lr_floor: float = 0.0
 
     def params(self) -> dict:
         return {
             "learning_rate": self.learning_rate,
             "batch_size": self.batch_size,
             "lr_schedule": self.lr_schedule,
+            "warmup_fraction": self.warmup_fraction,
+            "lr_floor": self.lr_floor,
         }
+
+    def search_params(self) -> dict:
+        """As the recipe search suggests it (no floor for a constant rate)."""
+        params = self.params()
+        if self.lr_schedule == "constant":
+            del params["lr_floor"]
+        return params
+
+    def describe(self) -> str:
+        text = f"lr {self.learning_rate:.3g}, batch {self.batch_size}, {self.lr_schedule}"
+        text += f", warm-up {self.warmup_fraction:.0%}" * bool(self.warmup_fraction)
+        return text + f", floor {self.lr_floor:.2f}" * bool(self.lr_floor)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Recipe:
         return cls(
-            float(params["learning_rate"]), int(params["batch_size"]), str(params["lr_schedule"])
+            float(params["learning_rate"]),
+            int(params["batch_size"]),
+            str(params["lr_schedule"]),
+            float(params.get("warmup_fraction", 0.0)),
+            float(params.get("lr_floor", 0.0)),
         )
 
 
@@ -125,6 +200,8 @@ DISTRIBUTIONS = {
     "learning_rate": FloatDistribution(*LEARNING_RATES, log=True),
     "batch_size": CategoricalDistribution(list(BATCH_SIZES)),
     "lr_schedule": CategoricalDistribution(list(SCHEDULES)),
+    "warmup_fraction": FloatDistribution(0.0, MAX_WARMUP),
+    "lr_floor": FloatDistribution(0.0, MAX_FLOOR),
 }
 
 
@@ -135,6 +212,11 @@ def exact_interval(successes: int, seeds: int, confidence: float = 0.95) -> tupl
 
     interval = binomtest(successes, seeds).proportion_ci(confidence, method="exact")
     return float(interval.low), float(interval.high)
+
+
+def first_seed(block: int) -> int:
+    """The first seed of held-out block `block`."""
+    return HELDOUT_SEED + block * HELDOUT_BLOCK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +233,7 @@ class BlockRate:
 
     @property
     def first_seed(self) -> int:
-        return HELDOUT_SEED + self.block * HELDOUT_BLOCK
+        return first_seed(self.block)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -200,37 +282,131 @@ class Width:
 
 @dataclass(frozen=True)
 class Pooled:
-    """Every held-out seed (choice and confirmation blocks) a width was trained on."""
+    """Every held-out seed (curve and confirmation blocks) a width was trained on."""
 
     successes: int
     seeds: int
     blocks: tuple[int, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "heldout_successes": self.successes,
+            "heldout_seeds": self.seeds,
+            "blocks": list(self.blocks),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Pooled:
+        return cls(values["heldout_successes"], values["heldout_seeds"], tuple(values["blocks"]))
+
 
 @dataclass(frozen=True)
-class Choice:
-    """Stage 3's result: a width that passed on its block, and the next smaller one there (or
-    on the fresh block where it failed after passing on the choice block)."""
+class RankedRecipe:
+    """One of a cell's best recipes: its score at the probe width (lower is better) and how many
+    of its selection seeds reached the target there."""
 
-    width: Width
-    next_smaller: Width | None
-    next_smaller_fresh_block: BlockRate | None = None
+    recipe: Recipe
+    score: float
+    successes: int
+    seeds: int
+    probe_neurons: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.params(),
+            "score": round(self.score, 4),
+            "successes": self.successes,
+            "seeds": self.seeds,
+            "probe_neurons": self.probe_neurons,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RankedRecipe:
+        return cls(
+            Recipe.from_params(values["recipe"]),
+            values["score"],
+            values["successes"],
+            values["seeds"],
+            values["probe_neurons"],
+        )
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What reproduces a cell besides its plan and seeds: the code, torch, the device and the
+    command of the process that stated the answer."""
+
+    code_commit: str
+    torch_version: str
+    device: str
+    command: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "code_commit": self.code_commit,
+            "torch_version": self.torch_version,
+            "device": self.device,
+            "command": self.command,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Provenance:
+        return cls(
+            values["code_commit"], values["torch_version"], values["device"], values["command"]
+        )
+
+
+def code_commit() -> str:
+    """The git commit of this code, with `-dirty` when the package's tracked files differ from
+    it, or the installed version where the code is no git checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", here, *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return commit + "-dirty" * bool(changed)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"version {version('study')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
 class FrontierAnswer:
-    """A cell's stated answer: the width, its rate on the confirmation block, and the evidence
-    behind it. `to_dict` is the answers.json entry (and the stored `answer` attribute)."""
+    """A cell's stated answer: the width, its rate on the confirmation block, the fitted success
+    curve, and everything that reproduces it. `to_dict` is the answers.json entry (and the
+    stored `answer` attribute)."""
 
     cell: FrontierCell
     width: Width
     """The stated width and its rate on the confirmation block (chose nothing)."""
     recipe: Recipe
-    target_loss: float
-    table_bits: int
-    choice: Choice
-    """The block that chose the width, and the next smaller width's rate."""
+    settings: BooleanSettings
+    plan: FrontierPlan
+    curve: Curve
+    """The success curve fitted to every held-out evaluation of the cell's recipe."""
+    chosen_by: Curve
+    """The fit that chose the width (the evaluations before its confirmation block)."""
+    failed: tuple[Width, ...]
+    """Widths that failed their confirmation blocks before this one, in order."""
     all_heldout: Pooled
+    next_smaller: Pooled | None
+    """Every held-out seed the next smaller width was trained on (None: never trained)."""
+    recipes: tuple[RankedRecipe, ...]
+    """The recipe search's best three (the first is `recipe`)."""
+    curve_blocks: tuple[int, ...]
+    """The held-out blocks of the curve stage."""
+    provenance: Provenance
 
     @property
     def neurons(self) -> int:
@@ -244,65 +420,101 @@ class FrontierAnswer:
     def rate(self) -> BlockRate:
         return self.width.rate
 
+    @property
+    def target_loss(self) -> float:
+        return self.settings.target_loss
+
+    @property
+    def table_bits(self) -> int:
+        return 2**self.settings.input_bits * self.settings.output_bits
+
+    def seeds(self) -> dict[str, Any]:
+        """Where every seed of the cell came from."""
+        return {
+            "selection_first_seed": SELECTION_SEED,
+            "recipe_seeds": self.plan.recipe_seeds,
+            "selection_seeds": self.plan.selection_seeds,
+            "heldout_block_seed": f"{HELDOUT_SEED} + {HELDOUT_BLOCK} * block + i",
+            "curve_blocks": list(self.curve_blocks),
+            "curve_seeds_per_width": self.plan.heldout_seeds,
+            "confirmation_blocks": [w.rate.block for w in self.failed] + [self.rate.block],
+            "confirmation_seeds": self.plan.confirmation_seeds,
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        fresh = self.choice.next_smaller_fresh_block
-        smaller = self.choice.next_smaller
-        chosen = self.choice.width.rate
+        low, high = self.curve.interval
+        smaller = self.next_smaller
+        profile = self.cell.profile(self.neurons - 1) if self.neurons > 1 else ()
+        s = self.settings
         return {
             "study": self.cell.name,
+            "method": self.plan.method,
             "function_seed": self.cell.function_seed,
             "depth": self.cell.depth,
             "budget_epochs": self.cell.budget,
             **self.width.to_dict(),
+            "confirmation_successes": self.rate.successes,
+            "confirmation_seeds": self.rate.seeds,
+            "fitted_width_90": self.curve.crossing,
+            "fitted_width_90_interval": [low, high],
+            "fitted_rate": round(self.curve.at(self.neurons), 4),
+            "success_curve": self.curve.to_dict(),
             "recipe": self.recipe.params(),
-            "target_loss": self.target_loss,
+            "recipe_ranking": [r.to_dict() for r in self.recipes],
+            "target_loss": s.target_loss,
             "table_bits": self.table_bits,
-            "next_smaller": smaller.to_dict() if smaller is not None else None,
-            **(
-                {
-                    "next_smaller_fresh_block": {
-                        "block": fresh.block,
-                        "heldout_successes": fresh.successes,
-                        "heldout_seeds": fresh.seeds,
-                    }
-                }
-                if fresh is not None
-                else {}
-            ),
+            "input_bits": s.input_bits,
+            "output_bits": s.output_bits,
+            "required_rate": self.plan.required_rate,
+            "optimizer": OPTIMIZER,
+            "next_smaller": None
+            if self.neurons <= 1
+            else {
+                "profile": list(profile),
+                "neurons": self.neurons - 1,
+                "parameters": mlp_parameters(s.input_bits, profile, s.output_bits),
+                "fitted_rate": round(self.curve.at(self.neurons - 1), 4),
+                **(smaller.to_dict() if smaller is not None else {}),
+            },
+            "failed_confirmations": [w.to_dict() for w in self.failed],
             "chosen_on": {
-                "heldout_block": chosen.block,
-                "heldout_successes": chosen.successes,
-                "heldout_seeds": chosen.seeds,
+                "fitted_width_90": self.chosen_by.crossing,
+                "fitted_width_90_interval": list(self.chosen_by.interval),
+                "fitted_rate": round(self.chosen_by.at(self.neurons), 4),
+                "heldout_seeds": self.chosen_by.seeds,
+                "success_curve": self.chosen_by.to_dict(),
             },
-            "all_heldout": {
-                "heldout_successes": self.all_heldout.successes,
-                "heldout_seeds": self.all_heldout.seeds,
-                "blocks": list(self.all_heldout.blocks),
-            },
+            "all_heldout": self.all_heldout.to_dict(),
+            "seeds": self.seeds(),
+            "plan": self.plan.identity(),
+            **self.provenance.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FrontierAnswer:
         cell = FrontierCell(values["function_seed"], values["depth"], values["budget_epochs"])
-        width = Width.from_dict(values)
-        smaller = values.get("next_smaller")
-        fresh = values.get("next_smaller_fresh_block")
-        chosen = BlockRate.from_fields(values["chosen_on"])
-        # the choice block's rate of the stated width: its successes there, same profile
-        choice = Choice(
-            Width(width.profile, width.parameters, chosen),
-            Width.from_dict(smaller) if smaller else None,
-            BlockRate.from_fields(fresh, "block") if fresh else None,
+        smaller = values.get("next_smaller") or {}
+        settings = BooleanSettings(
+            input_bits=values["input_bits"],
+            output_bits=values["output_bits"],
+            target_loss=values["target_loss"],
+            function_seed=cell.function_seed,
+            required_share=values["required_rate"],
         )
-        pooled = values["all_heldout"]
         return cls(
             cell,
-            width,
+            Width.from_dict(values),
             Recipe.from_params(values["recipe"]),
-            values["target_loss"],
-            values["table_bits"],
-            choice,
-            Pooled(pooled["heldout_successes"], pooled["heldout_seeds"], tuple(pooled["blocks"])),
+            settings,
+            FrontierPlan.from_dict(values["plan"]),
+            Curve.from_dict(values["success_curve"]),
+            Curve.from_dict(values["chosen_on"]["success_curve"]),
+            tuple(Width.from_dict(w) for w in values["failed_confirmations"]),
+            Pooled.from_dict(values["all_heldout"]),
+            Pooled.from_dict(smaller) if "blocks" in smaller else None,
+            tuple(RankedRecipe.from_dict(r) for r in values["recipe_ranking"]),
+            tuple(values["seeds"]["curve_blocks"]),
+            Provenance.from_dict(values),
         )
 
 
@@ -360,11 +572,21 @@ def align_with_optuna(storage) -> int:
 
 def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
     """The confirmed answer stored with a cell (None until a width is confirmed: a run that
-    stopped between choosing and confirming states nothing)."""
+    stopped between choosing and confirming states nothing; None too for a cell of the earlier
+    method, `earlier_answer`)."""
     stored = study.user_attrs.get(ANSWER_ATTR)
-    if stored is None or "chosen_on" not in stored:
+    if stored is None or stored.get("method") != 2:
         return None
     return FrontierAnswer.from_dict(stored)
+
+
+def earlier_answer(study: optuna.Study) -> dict[str, Any] | None:
+    """The answer a cell of the earlier method (blocks of 24 seeds, no fitted curve) stored, as
+    it stored it; None for any other study."""
+    stored = study.user_attrs.get(ANSWER_ATTR)
+    if stored is None or "method" in stored or "chosen_on" not in stored:
+        return None
+    return stored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,6 +635,65 @@ def recipe_score(outcome: CandidateOutcome, budget: int) -> float:
     return statistics.mean(scores)
 
 
+def _interval(curve: Curve) -> str:
+    """`95% low..high` of a curve's crossing ("open" where the data do not close it)."""
+    low, high = ("open" if end is None else f"{end:.1f}" for end in curve.interval)
+    return f"95% {low}..{high}"
+
+
+def _pooled(points: Sequence[Point], neurons: int, blocks: tuple[int, ...]) -> Pooled | None:
+    """Every held-out seed of `points` at `neurons` (None: never trained)."""
+    mine = [p for p in points if p.neurons == neurons]
+    if not mine:
+        return None
+    return Pooled(sum(p.successes for p in mine), sum(p.seeds for p in mine), blocks)
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def recipe_sampler(cell: FrontierCell) -> optuna.samplers.TPESampler:
+    """TPE seeded from the cell, multivariate over the recipe's parameters (grouped, as the
+    floor exists only for decaying schedules), `RECIPE_STARTUP` trials before it models."""
+    import warnings
+
+    with warnings.catch_warnings():  # multivariate and group are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=cell_seed(cell),
+            n_startup_trials=RECIPE_STARTUP,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )
+
+
+def neighbour_answers(storage, cell: FrontierCell) -> list[FrontierAnswer]:
+    """The answers of the store's other cells, nearest first (same function, then the same
+    depth, then the closest budget, then the closest depth)."""
+    found = []
+    for name in study_names(storage):
+        match = FRONTIER_NAME.match(name)
+        if match is None or match.group(4) or name == cell.name:
+            continue
+        answer = stored_answer(optuna.load_study(study_name=name, storage=storage))
+        if answer is not None:
+            found.append(answer)
+
+    def distance(a: FrontierAnswer) -> tuple:
+        return (
+            a.cell.function_seed != cell.function_seed,
+            abs(math.log2(a.cell.budget / cell.budget)) + abs(a.cell.depth - cell.depth),
+            a.cell.depth != cell.depth,
+            a.cell.name,
+        )
+
+    return sorted(found, key=distance)
+
+
 class Elsewhere(Exception):
     """The cell's next evaluations run in another process: nothing for this one to train."""
 
@@ -433,6 +714,7 @@ class CellRun:
         settings: BooleanSettings,
         threads: int,
         log: Log,
+        command: str = "",
     ) -> None:
         from study.data import boolean_function
 
@@ -440,7 +722,7 @@ class CellRun:
         self.settings = replace(
             settings, function_seed=cell.function_seed, required_share=plan.required_rate
         )
-        self.threads, self.log = threads, log
+        self.threads, self.log, self.command = threads, log, command
         self.fn = boolean_function(
             self.settings.input_bits, cell.function_seed, self.settings.output_bits
         )
@@ -448,7 +730,7 @@ class CellRun:
             storage=storage,
             study_name=cell.recipe_name,
             direction="minimize",
-            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=6, constant_liar=True),
+            sampler=recipe_sampler(cell),
             load_if_exists=True,
         )
         self.study = optuna.create_study(
@@ -461,20 +743,47 @@ class CellRun:
 
     @property
     def probe(self) -> int:
-        return self.plan.probe_neurons or probe_for(self.cell)
+        """The recipe search's width: the plan's, or the one stored when the search began."""
+        if self.plan.probe_neurons:
+            return self.plan.probe_neurons
+        return int(self.recipes.user_attrs[PROBE_ATTR])
 
     def answer(self) -> FrontierAnswer:
         """All four stages (resuming what is stored); raises `Elsewhere` where the next
         evaluations run in another process."""
         recipe = self.search_recipe()
         neurons = self.search_width(recipe)
-        choice = self.choose(recipe, neurons)
-        answer = self.confirm(recipe, choice)
+        blocks = self.fit_curve(recipe, neurons)
+        answer = self.confirm(recipe, blocks)
         if self.study.user_attrs.get(ANSWER_ATTR) != answer.to_dict():
             self.study.set_user_attr(ANSWER_ATTR, answer.to_dict())
         return answer
 
     # --- stage 1
+
+    def _begin_recipes(self, study: optuna.Study) -> None:
+        """Once per cell, under the claim lock: the probe width, the sampler's seed and the
+        neighbouring cells' recipes (enqueued as the first trials), stored with the study."""
+        if STARTS_ATTR in study.user_attrs:
+            return
+        known = neighbour_answers(self.storage, self.cell)
+        if PROBE_ATTR not in study.user_attrs:
+            study.set_user_attr(PROBE_ATTR, self.plan.probe_neurons or probe_for(self.cell, known))
+        study.set_user_attr(SAMPLER_SEED_ATTR, cell_seed(self.cell))
+        starts = []
+        for answer in known:
+            if answer.recipe not in [r for _, r in starts] and len(starts) < NEIGHBOURS:
+                starts.append((answer.cell.name, answer.recipe))
+        for _, recipe in starts:
+            study.enqueue_trial(recipe.search_params(), skip_if_exists=True)
+        study.set_user_attr(
+            STARTS_ATTR, [{"cell": name, "recipe": r.params()} for name, r in starts]
+        )
+        if starts:
+            self.log(
+                f"{self.cell.name}: recipe search starts from "
+                + "; ".join(f"{name}'s {r.describe()}" for name, r in starts)
+            )
 
     def search_recipe(self) -> Recipe:
         """Optuna's TPE over the recipe at the probe width, to `plan.recipe_trials`; several
@@ -483,6 +792,7 @@ class CellRun:
         rounds = max(1, (os.cpu_count() or 1) * 4)  # recipes trained together
         while True:
             with interrupt.held(), claims.claim_lock(self.url, self.storage, study.study_name):
+                self._begin_recipes(study)
                 claims.reap(study)
                 free = total - claims.claimed(study)
                 asked = claims.claim(study, min(rounds, free)) if free > 0 else []
@@ -494,20 +804,39 @@ class CellRun:
                 raise Elsewhere(study.study_name)
         best = study.best_trial
         self.log(
-            f"{self.cell.name}: recipe {best.params} (score {best.value:.3f} at "
-            f"{best.user_attrs.get('probe_neurons', self.probe)} neurons)"
+            f"{self.cell.name}: recipe {Recipe.from_params(best.params).describe()} (score "
+            f"{best.value:.3f} at {best.user_attrs.get('probe_neurons', self.probe)} neurons)"
         )
         return Recipe.from_params(best.params)
+
+    def ranked_recipes(self, count: int = 3) -> tuple[RankedRecipe, ...]:
+        """The recipe search's best `count` recipes, best first."""
+        done = self.recipes.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ranked = sorted(done, key=lambda t: (t.value, t.number))[:count]
+        return tuple(
+            RankedRecipe(
+                Recipe.from_params(t.params),
+                float(t.value),
+                *_rate(t),
+                int(t.user_attrs.get("probe_neurons", self.probe)),
+            )
+            for t in ranked
+        )
 
     def _train_recipes(self, asked: list[optuna.Trial]) -> None:
         seeds = tuple(SELECTION_SEED + i for i in range(self.plan.recipe_seeds))
         units = []
         try:
             for trial in asked:
+                schedule = trial.suggest_categorical("lr_schedule", list(SCHEDULES))
                 recipe = Recipe(
                     trial.suggest_float("learning_rate", *LEARNING_RATES, log=True),
                     trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
-                    trial.suggest_categorical("lr_schedule", list(SCHEDULES)),
+                    schedule,
+                    trial.suggest_float("warmup_fraction", 0.0, MAX_WARMUP),
+                    0.0
+                    if schedule == "constant"
+                    else trial.suggest_float("lr_floor", 0.0, MAX_FLOOR),
                 )
                 units.append(Unit("recipe", self.probe, recipe, seeds))
             with claims.heartbeat(self.recipes, asked):
@@ -561,44 +890,139 @@ class CellRun:
 
     # --- stage 3
 
-    def choose(self, recipe: Recipe, neurons: int, first_block: int = 0) -> Choice:
-        """The width and the next smaller one on a block of held-out seeds. The choice is a
-        width that passes on its block while the next smaller fails there. A width that fails
-        moves up by one, one whose smaller neighbour also passes moves down by one; each move
-        takes a fresh block, so that a reported rate never chose what it reports on."""
-        passed: tuple[int, int] | None = None  # the last (width, block) that passed
-        for block in range(first_block, first_block + CHOICE_BLOCKS):
-            trials = self.heldout(recipe, (neurons, neurons - 1), block)
-            successes, count = _rate(trials[neurons])
-            smaller = trials.get(neurons - 1)
-            need = self.plan.required(count)
-            if successes >= need and (smaller is None or _rate(smaller)[0] < need):
-                return self._chose(trials[neurons], smaller)
-            if successes >= need:  # the smaller one passes too: try it on a fresh block
-                passed, neurons = (neurons, block), neurons - 1
+    def fit_curve(self, recipe: Recipe, centre: int) -> tuple[int, ...]:
+        """Five widths around `centre` on a block of held-out seeds, then the fit; a fit that
+        places the smallest width at the required rate outside the widths trained, or cannot
+        place it, moves the five widths there on a fresh block. Returns the blocks used."""
+        step = max(1, round(centre / 20))
+        for block in range(CURVE_ROUNDS):
+            widths = [centre + step * (k - CURVE_WIDTHS // 2) for k in range(CURVE_WIDTHS)]
+            widths = [w for w in widths if 1 <= w <= MAX_NEURONS]
+            self.heldout(recipe, widths, block, "curve")
+            blocks = tuple(range(block + 1))
+            points = self._points(recipe, ("curve",))
+            try:
+                curve = fit(points, self.plan.required_rate)
+            except NoCrossing as missing:
+                if missing.direction == 0:  # no rise in view: look wider around the same centre
+                    step *= 2
+                centre += missing.direction * step * CURVE_WIDTHS
+                centre = max(1, min(MAX_NEURONS, centre))
+                self.log(f"{self.cell.name}: {missing}; the curve moves to {centre} neurons")
                 continue
-            if passed is not None:  # it failed where it had passed: the last pass stands
-                width, where = passed
-                earlier = self.heldout(recipe, (width, width - 1), where)
-                choice = self._chose(earlier[width], earlier.get(width - 1))
-                return replace(choice, next_smaller_fresh_block=BlockRate(block, successes, count))
+            smallest = curve.smallest()
+            trained = [p.neurons for p in points]
+            if min(trained) <= smallest <= max(trained):
+                self.log(
+                    f"{self.cell.name}: fitted {self.plan.required_rate:.0%} crossing "
+                    f"{curve.crossing:.1f} neurons ({_interval(curve)}) on "
+                    f"{curve.seeds} held-out seeds"
+                )
+                return blocks
+            # outside: the next five widths continue past the nearer edge
+            edge = min(trained) if smallest < min(trained) else max(trained)
+            centre = edge + (1 if smallest > edge else -1) * step * (CURVE_WIDTHS // 2 + 1)
+            centre = max(1, min(MAX_NEURONS, centre))
             self.log(
-                f"{self.cell.name}: {neurons} neurons learn f on {successes}/{count} held-out "
-                "seeds; trying one more neuron on a fresh block"
+                f"{self.cell.name}: the fitted crossing ({curve.crossing:.1f}) lies outside the "
+                f"widths trained; the curve continues around {centre} neurons"
             )
-            neurons += 1
         raise ConfigError(
-            f"{self.cell.name}: no width settled on the held-out seeds in {CHOICE_BLOCKS} blocks"
+            f"{self.cell.name}: the success curve did not settle in {CURVE_ROUNDS} blocks"
         )
 
-    def _chose(self, trial: FrozenTrial, smaller: FrozenTrial | None) -> Choice:
-        choice = Choice(self._width(trial), self._width(smaller) if smaller else None)
-        rate = choice.width.rate
-        self.log(
-            f"{self.cell.name}: chose {choice.width.neurons} neurons, held-out "
-            f"{rate.successes}/{rate.seeds}"
+    def _points(
+        self, recipe: Recipe, stages: Sequence[str], below_block: int | None = None
+    ) -> list[Point]:
+        """The held-out evaluations of `recipe` in `stages` (confirmations only of blocks
+        before `below_block`, when given)."""
+        return [
+            Point(t.params["neurons"], *_rate(t))
+            for stage in stages
+            for t in self._stored(stage)
+            if Recipe.from_params(t.params) == recipe
+            and (stage != "confirm" or below_block is None or t.user_attrs["block"] < below_block)
+        ]
+
+    # --- stage 4
+
+    def confirm(self, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
+        """The smallest whole width the curve fitted so far places at the required rate (at
+        least one more than a width that failed before), on a fresh confirmation block; its
+        rate there is the one stated. A width that fails is not stated: its block joins the
+        fit, and the next width is confirmed on a fresh block."""
+        failed: list[Width] = []
+        for attempt in range(ATTEMPTS):
+            block = CONFIRM_BLOCK + attempt
+            chosen_by = fit(self._points(recipe, ("curve", "confirm"), block),
+                            self.plan.required_rate)  # fmt: skip
+            neurons = max(chosen_by.smallest(), failed[-1].neurons + 1 if failed else 1)
+            trial = self.heldout(recipe, (neurons,), block, "confirm")[neurons]
+            successes, count = _rate(trial)
+            if successes >= self.plan.required(count):
+                self.log(
+                    f"{self.cell.name}: answer {neurons} neurons, confirmed on "
+                    f"{successes}/{count} fresh held-out seeds"
+                )
+                return self._answer(recipe, trial, chosen_by, tuple(failed), curve_blocks)
+            failed.append(self._width(trial))
+            self.log(
+                f"{self.cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of "
+                "their confirmation block; the fit takes them in and the next width is "
+                "confirmed on a fresh block"
+            )
+        raise ConfigError(f"{self.cell.name}: no width was confirmed in {ATTEMPTS} attempts")
+
+    def _answer(
+        self,
+        recipe: Recipe,
+        trial: FrozenTrial,
+        chosen_by: Curve,
+        failed: tuple[Width, ...],
+        curve_blocks: tuple[int, ...],
+    ) -> FrontierAnswer:
+        block = trial.user_attrs["block"]
+        points = self._points(recipe, ("curve", "confirm"), block + 1)
+        neurons = trial.params["neurons"]
+        stored = self.study.user_attrs.get(ANSWER_ATTR)
+        if stored and stored.get("method") == 2 and stored.get("neurons") == neurons:
+            provenance = Provenance.from_dict(stored)  # stated before: as it was stated
+        else:
+            device = trial.user_attrs.get("device", "")
+            engine = trial.user_attrs.get("engine", "")
+            provenance = Provenance(
+                code_commit(),
+                torch_version(),
+                f"{device} ({engine})" if engine else device,
+                self.command,
+            )
+        return FrontierAnswer(
+            self.cell,
+            self._width(trial),
+            recipe,
+            self.settings,
+            self.plan,
+            fit(points, self.plan.required_rate),
+            chosen_by,
+            failed,
+            _pooled(points, neurons, self._blocks(recipe, neurons, block)),
+            _pooled(points, neurons - 1, self._blocks(recipe, neurons - 1, block)),
+            self.ranked_recipes(),
+            curve_blocks,
+            provenance,
         )
-        return choice
+
+    def _blocks(self, recipe: Recipe, neurons: int, last: int) -> tuple[int, ...]:
+        return tuple(
+            sorted(
+                t.user_attrs["block"]
+                for stage in ("curve", "confirm")
+                for t in self._stored(stage)
+                if t.params["neurons"] == neurons
+                and Recipe.from_params(t.params) == recipe
+                and t.user_attrs["block"] <= last
+            )
+        )
 
     def _width(self, trial: FrozenTrial) -> Width:
         neurons = trial.params["neurons"]
@@ -608,60 +1032,14 @@ class CellRun:
         rate = BlockRate(trial.user_attrs["block"], successes, count)
         return Width(profile, mlp_parameters(s.input_bits, profile, s.output_bits), rate)
 
-    # --- stage 4
-
-    def confirm(self, recipe: Recipe, choice: Choice) -> FrontierAnswer:
-        """The chosen width on a fresh confirmation block; its rate is the one stated. A width
-        that fails is not stated: the next larger one is chosen and confirmed afresh."""
-        for attempt in range(ATTEMPTS):
-            neurons = choice.width.neurons
-            block = CONFIRM_BLOCK + attempt
-            trial = self.heldout(recipe, (neurons,), block, "confirm")[neurons]
-            successes, count = _rate(trial)
-            if successes >= self.plan.required(count):
-                self.log(
-                    f"{self.cell.name}: answer {neurons} neurons, confirmed on "
-                    f"{successes}/{count} fresh held-out seeds"
-                )
-                return FrontierAnswer(
-                    self.cell,
-                    self._width(trial),
-                    recipe,
-                    self.settings.target_loss,
-                    2**self.settings.input_bits * self.settings.output_bits,
-                    choice,
-                    self._pooled(recipe, neurons),
-                )
-            self.log(
-                f"{self.cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of "
-                "their confirmation block; choosing again from one more neuron on fresh blocks"
-            )
-            choice = self.choose(recipe, neurons + 1, first_block=(attempt + 1) * CHOICE_BLOCKS)
-        raise ConfigError(f"{self.cell.name}: no width was confirmed in {ATTEMPTS} attempts")
-
-    def _pooled(self, recipe: Recipe, neurons: int) -> Pooled:
-        """Every held-out seed (choice and confirmation blocks) this width was trained on."""
-        trials = [
-            t
-            for stage in ("heldout", "confirm")
-            for t in self._stored(stage)
-            if t.params["neurons"] == neurons and Recipe.from_params(t.params) == recipe
-        ]
-        return Pooled(
-            sum(_rate(t)[0] for t in trials),
-            sum(_rate(t)[1] for t in trials),
-            tuple(sorted(t.user_attrs["block"] for t in trials)),
-        )
-
     # --- evaluations, claimed and stored
 
     def heldout(
-        self, recipe: Recipe, widths: Iterable[int], block: int, stage: str = "heldout"
+        self, recipe: Recipe, widths: Iterable[int], block: int, stage: str
     ) -> dict[int, FrozenTrial]:
         """The held-out evaluations of `widths` on `block`, by width (trained if not stored)."""
-        seeds = tuple(
-            HELDOUT_SEED + block * HELDOUT_BLOCK + i for i in range(self.plan.heldout_seeds)
-        )
+        count = self.plan.confirmation_seeds if stage == "confirm" else self.plan.heldout_seeds
+        seeds = tuple(first_seed(block) + i for i in range(count))
         units = [Unit(stage, n, recipe, seeds, block, prune=False) for n in widths if n >= 1]
         done = self.evaluate(units)
         return {unit.neurons: done[unit.key] for unit in units}
@@ -731,6 +1109,8 @@ class CellRun:
                 unit.recipe.batch_size,
                 self.cell.budget,
                 unit.recipe.lr_schedule,
+                unit.recipe.warmup_fraction,
+                unit.recipe.lr_floor,
             )
             runs.append(
                 BooleanTrial(
@@ -764,6 +1144,7 @@ def run_frontier(
     log: Log = print,
     settings: BooleanSettings | None = None,
     on_answer: Callable[[FrontierAnswer], None] | None = None,
+    command: str = "study.frontier.run_frontier (Python)",
 ) -> list[FrontierAnswer]:
     """Answer every cell of `grid` (resuming what is stored), in the grid's order; a cell whose
     next evaluations run in another process is left for later, so that several processes on one
@@ -788,7 +1169,9 @@ def run_frontier(
     base = settings or BooleanSettings(prune=True)
     threads = threads or os.cpu_count() or 1
     runs = {
-        cell: _Lazy(lambda c=cell: CellRun(storage_url, storage, c, plans[c], base, threads, log))
+        cell: _Lazy(
+            lambda c=cell: CellRun(storage_url, storage, c, plans[c], base, threads, log, command)
+        )
         for cell in cells
     }
     answers: dict[FrontierCell, FrontierAnswer] = {}

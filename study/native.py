@@ -77,7 +77,9 @@ ARGUMENTS = (
     Argument("exp_avg_sq", torch.float32, ("parameters",), written=True),
     Argument("steps", torch.int64, ("members",), written=True),
     Argument("lr", torch.float32, ("members",)),
-    Argument("cosine", torch.uint8, ("members",)),
+    Argument("schedule", torch.uint8, ("members",)),
+    Argument("warmup", torch.int64, ("members",)),
+    Argument("floor", torch.float32, ("members",)),
     Argument("total_steps", torch.int64, ("members",)),
     Argument("batch", torch.int32, ("members",)),
     Argument("rows"),
@@ -258,6 +260,12 @@ def _check_members(buffers: dict[str, torch.Tensor], sizes: dict[str, int]) -> N
         raise ValueError("population kernel: batch: every batch size must be at least 1")
     if not bool((buffers["total_steps"] >= 1).all()):
         raise ValueError("population kernel: total_steps: every schedule needs a step")
-    for flags in ("active", "cosine"):
-        if not bool((buffers[flags] <= 1).all()):
-            raise ValueError(f"population kernel: {flags}: must be 0 or 1")
+    if not bool((buffers["active"] <= 1).all()):
+        raise ValueError("population kernel: active: must be 0 or 1")
+    if not bool((buffers["schedule"] <= 2).all()):
+        raise ValueError("population kernel: schedule: must be 0, 1 or 2 (SCHEDULE_CODES)")
+    warmup, floor = buffers["warmup"], buffers["floor"]
+    if not bool(((warmup >= 0) & (warmup <= buffers["total_steps"])).all()):
+        raise ValueError("population kernel: warmup: from 0 to the member's total steps")
+    if not bool(((floor >= 0) & (floor < 1)).all()):
+        raise ValueError("population kernel: floor: must be in [0, 1)")

@@ -52,16 +52,14 @@ class Member:
     """Hidden widths, input side first."""
     config: TrainConfig
     """Its training; `config.seed` draws the initial weights and the shuffling order (as in
-    the sequential path). Adam without weight decay, at a constant rate or on the trainer's
-    per-step cosine schedule; nothing else."""
+    the sequential path). Adam without weight decay, on any of the trainer's per-step
+    schedules (warm-up, constant, cosine or onecycle decay, a floor); nothing else."""
 
     def __post_init__(self) -> None:
         c = self.config
         refused = [
             f"optimizer {c.optimizer!r} (only adam)" if c.optimizer != "adam" else "",
             f"weight_decay {c.weight_decay}" if c.weight_decay != 0 else "",
-            f"lr_schedule {c.lr_schedule!r}" if c.lr_schedule == "onecycle" else "",
-            f"warmup_fraction {c.warmup_fraction}" if c.warmup_fraction else "",
             f"ema_decay {c.ema_decay}" if c.ema_decay else "",
             "augmentation" if c.augments else "",
         ]
@@ -187,12 +185,7 @@ class _Group:
         self.scratch = torch.zeros_like(self.flat)
         self.lr = torch.tensor([m.config.learning_rate for m in members], device=device)
         rows = len(fn.inputs)
-        self.cosine = torch.tensor([m.config.lr_schedule == "cosine" for m in members],
-                                   device=device)  # fmt: skip
-        self.total_steps = torch.tensor(
-            [float(_total_steps(m.config, rows)) for m in members], device=device
-        )
-        self.any_cosine = bool(self.cosine.any())
+        self.schedule = Schedules(members, rows, device)
         self.generators = [torch.Generator().manual_seed(m.config.seed) for m in members]
         self.active = torch.ones(len(members), dtype=torch.bool, device=device)
         self.active_lr = self.lr.clone()
@@ -275,10 +268,7 @@ class _Group:
     def adam_step(self, grad: Tensor) -> None:
         """torch.optim.Adam's update with a learning rate per member; stopped members frozen:
         the unit-rate step for all members at once, then each row scaled by its own rate."""
-        rate = self.active_lr
-        if self.any_cosine:  # the trainer's schedule: step s at (1 + cos(pi min(s, T) / T)) / 2
-            done = torch.minimum(self.step_count, self.total_steps) / self.total_steps
-            rate = rate * torch.where(self.cosine, 0.5 * (1.0 + torch.cos(math.pi * done)), 1.0)
+        rate = self.active_lr * self.schedule.factor(self.step_count)
         self.step_count += 1
         self.scratch.zero_()
         adam_unit_step(self.scratch, grad, self.exp_avg, self.exp_avg_sq, self.step_count)
@@ -295,7 +285,7 @@ class _Group:
         self.exp_avg, self.exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
         self.scratch = torch.zeros_like(self.exp_avg)
         self.lr = take(self.lr)
-        self.cosine, self.total_steps = take(self.cosine), take(self.total_steps)
+        self.schedule = self.schedule.take(take)
         self.active, self.active_lr = take(self.active), take(self.active_lr)
         self.generators = [self.generators[r] for r in rows]
         self.indices = [self.indices[r] for r in rows]
@@ -424,8 +414,59 @@ class _Ledger:
 
 
 def _total_steps(config: TrainConfig, rows: int) -> int:
-    """Optimiser steps of the whole budget: the cosine schedule's length."""
+    """Optimiser steps of the whole budget: the schedule's length."""
     return config.epochs * math.ceil(rows / config.batch_size)
+
+
+SCHEDULE_CODES = {"constant": 0, "cosine": 1, "onecycle": 2}
+"""The native kernel's schedule numbers (SCHEDULE_* in population_kernel.c)."""
+
+
+def warmup_steps(config: TrainConfig, rows: int) -> int:
+    """Steps of the linear warm-up, as the trainer rounds them."""
+    return round(config.warmup_fraction * _total_steps(config, rows))
+
+
+class Schedules:
+    """Every member's per-step rate factor (the trainer's `_scheduler`), as tensors: the
+    member's schedule code, warm-up steps, floor and total steps."""
+
+    def __init__(self, members: Sequence[Member], rows: int, device) -> None:
+        configs = [m.config for m in members]
+
+        def tensor(values: list) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        self.code = tensor([SCHEDULE_CODES[c.lr_schedule] for c in configs])
+        self.warmup = tensor([warmup_steps(c, rows) for c in configs])
+        self.floor = tensor([c.lr_floor for c in configs])
+        self.total = tensor([_total_steps(c, rows) for c in configs])
+
+    @property
+    def constant(self) -> bool:
+        return not bool((self.code != 0).any() or (self.warmup > 0).any())
+
+    def factor(self, step: Tensor) -> Tensor | float:
+        """The factor of optimiser step `step` (from 0) for every member."""
+        if self.constant:
+            return 1.0
+        span = torch.clamp(self.total - self.warmup, min=1.0)
+        t = torch.clamp(torch.minimum(step - self.warmup, self.total - self.warmup), min=0.0)
+        t = t / span
+        decay = torch.where(
+            self.code == 1,
+            0.5 * (1.0 + torch.cos(math.pi * t)),
+            torch.where(self.code == 2, 1.0 - t, torch.ones_like(t)),
+        )
+        decayed = torch.where(self.code == 0, decay, self.floor + (1.0 - self.floor) * decay)
+        warming = (step + 1.0) / torch.clamp(self.warmup, min=1.0)
+        return torch.where(step < self.warmup, warming, decayed)
+
+    def take(self, take: Callable[[Tensor], Tensor]) -> Schedules:
+        new = object.__new__(Schedules)
+        for name in ("code", "warmup", "floor", "total"):
+            setattr(new, name, take(getattr(self, name)))
+        return new
 
 
 class _NativeState:
@@ -468,10 +509,13 @@ class _NativeState:
         )
         self.steps = torch.zeros(k, dtype=torch.int64)
         self.lr = torch.tensor([m.config.learning_rate for m in members], dtype=torch.float32)
-        self.cosine = torch.tensor(
-            [m.config.lr_schedule == "cosine" for m in members], dtype=torch.uint8
+        configs = [m.config for m in members]
+        self.schedule = torch.tensor(
+            [SCHEDULE_CODES[c.lr_schedule] for c in configs], dtype=torch.uint8
         )
-        self.total_steps = torch.tensor([_total_steps(m.config, self.rows) for m in members])
+        self.warmup = torch.tensor([warmup_steps(c, self.rows) for c in configs])
+        self.floor = torch.tensor([c.lr_floor for c in configs], dtype=torch.float32)
+        self.total_steps = torch.tensor([_total_steps(c, self.rows) for c in configs])
         self.batch = torch.tensor([m.config.batch_size for m in members], dtype=torch.int32)
         self.generators = [torch.Generator().manual_seed(m.config.seed) for m in members]
         self.active = torch.zeros(k, dtype=torch.uint8)
@@ -483,7 +527,8 @@ class _NativeState:
         return kernel.bind(
             active=self.active, ndims=self.ndims, dims=self.dims, offsets=self.offsets,
             params=self.params, exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq,
-            steps=self.steps, lr=self.lr, cosine=self.cosine, total_steps=self.total_steps,
+            steps=self.steps, lr=self.lr, schedule=self.schedule, warmup=self.warmup,
+            floor=self.floor, total_steps=self.total_steps,
             batch=self.batch, x=self.x, y=self.y, orders=self.orders,
             train_loss=self.train_loss, eval_loss=self.eval_loss, eval_acc=self.accuracy,
         )  # fmt: skip

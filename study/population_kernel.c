@@ -28,6 +28,9 @@
 #define BETA2 0.999f
 #define EPS 1e-8f
 #define EVAL_ROWS 64 /* rows per forward pass when evaluating */
+#define SCHEDULE_CONSTANT 0 /* study.population.SCHEDULE_CODES */
+#define SCHEDULE_COSINE 1
+#define SCHEDULE_ONECYCLE 2
 
 #if defined(STUDY_VECTOR_MATH)
 /* glibc's libmvec: vector expf and logf (the compiler picks the width) */
@@ -164,7 +167,8 @@ static void weight_grad(const float *a, const float *g, float *gw, float *gb, in
 }
 
 static int train_member(int nd, const int32_t *d, float *p, float *mom1, float *mom2,
-                        int64_t *step, float lr, int cosine, int64_t total_steps, int batch,
+                        int64_t *step, float lr, int schedule, int64_t warmup, float floor_share,
+                        int64_t total_steps, int batch,
                         int rows, const float *x,
                         const float *y, const int64_t *order, float *train_loss,
                         float *eval_loss, float *eval_acc) {
@@ -229,12 +233,22 @@ static int train_member(int nd, const int32_t *d, float *p, float *mom1, float *
             }
         }
         /* --- Adam (torch's fused kernel: lerp for the first moment) */
-        /* cosine schedule as torch's LambdaLR applies it: step s (from 0) at
-         * lr * (1 + cos(pi * min(s, T) / T)) / 2 over T = epochs x steps per epoch */
+        /* the schedule as study.trainer's LambdaLR applies it: optimiser step s (from 0) at
+         * lr x (s + 1) / W during a warm-up of W steps, then lr x (f + (1 - f) d(t)) with
+         * t = min(s - W, T - W) / max(1, T - W) over T = epochs x steps per epoch, d the
+         * decay (1 constant, (1 + cos(pi t)) / 2 cosine, 1 - t onecycle) and f the floor */
         double rate = lr;
-        if (cosine) {
-            double t = (double)(*step < total_steps ? *step : total_steps) / (double)total_steps;
-            rate = lr * 0.5 * (1.0 + cos(3.14159265358979323846 * t));
+        if (*step < warmup) {
+            rate = lr * (double)(*step + 1) / (double)warmup;
+        } else if (schedule != SCHEDULE_CONSTANT) {
+            int64_t span = total_steps - warmup > 1 ? total_steps - warmup : 1;
+            int64_t done = *step - warmup < total_steps - warmup ? *step - warmup
+                                                                 : total_steps - warmup;
+            double t = (double)(done > 0 ? done : 0) / (double)span;
+            double decay = schedule == SCHEDULE_COSINE
+                               ? 0.5 * (1.0 + cos(3.14159265358979323846 * t))
+                               : 1.0 - t;
+            rate = lr * (floor_share + (1.0 - floor_share) * decay);
         }
         *step += 1;
         float bc1 = 1.0f - powf(BETA1, (float)*step);
@@ -271,7 +285,8 @@ static int train_member(int nd, const int32_t *d, float *p, float *mom1, float *
 int population_epoch(int32_t members, const uint8_t *active, const int32_t *ndims,
                      const int32_t *dims, const int64_t *offsets, float *params,
                      float *exp_avg, float *exp_avg_sq, int64_t *steps, const float *lr,
-                     const uint8_t *cosine, const int64_t *total_steps,
+                     const uint8_t *schedule, const int64_t *warmup, const float *floor_share,
+                     const int64_t *total_steps,
                      const int32_t *batch, int32_t rows, const float *x, const float *y,
                      const int64_t *orders, float *train_loss, float *eval_loss,
                      float *eval_acc, int32_t threads) {
@@ -281,7 +296,8 @@ int population_epoch(int32_t members, const uint8_t *active, const int32_t *ndim
         if (!active[k]) continue;
         int64_t o = offsets[k];
         failed |= train_member(ndims[k], dims + (int64_t)k * MAX_DIMS, params + o, exp_avg + o,
-                               exp_avg_sq + o, steps + k, lr[k], cosine[k], total_steps[k],
+                               exp_avg_sq + o, steps + k, lr[k], schedule[k], warmup[k],
+                               floor_share[k], total_steps[k],
                                batch[k], rows, x, y,
                                orders + (int64_t)k * rows, train_loss + k, eval_loss + k,
                                eval_acc + k);

@@ -225,13 +225,20 @@ def bind_cell(study: optuna.Study, cell: FrontierCell, plan: FrontierPlan | None
 
 
 def cell_plan(study: optuna.Study | None, overrides: Mapping[str, Any]) -> FrontierPlan:
-    """The plan a cell runs with: the stored one (a cell stored before plans were stored ran
-    with the defaults, which were never changed) or, for a new cell, the defaults, with the
-    given `overrides`; one that contradicts a stored plan is refused in one line."""
+    """The plan a cell runs with: the stored one or, for a new cell, the defaults, with the
+    given `overrides`; one that contradicts a stored plan, or a cell of the earlier method, is
+    refused in one line."""
     stored = None if study is None else study.user_attrs.get(PLAN_ATTR)
     if stored is None and (study is None or not study.get_trials(deepcopy=False)):
         return FrontierPlan.from_dict(overrides)  # a new cell
-    base = FrontierPlan.from_dict(stored) if stored is not None else FrontierPlan()
+    if stored is None or "method" not in stored:
+        assert study is not None
+        raise ConfigError(
+            f"frontier cell {study.study_name!r} was answered by the earlier method (blocks of "
+            "24 seeds, no fitted curve); its stored answer stays readable with Optuna, but this "
+            "version answers cells afresh: use another --storage"
+        )
+    base = FrontierPlan.from_dict(stored)
     conflicts = [
         f"{key}={value!r} (stored {getattr(base, key)!r})"
         for key, value in sorted(overrides.items())

@@ -267,7 +267,7 @@ def _scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The per-step schedule: a linear warm-up over `warmup_fraction` of the steps, then
-    constant, cosine or linear (onecycle) decay to 0 at the last step."""
+    constant, cosine or linear (onecycle) decay to `lr_floor` x the rate at the last step."""
     if config.lr_schedule == "constant" and not config.warmup_fraction:
         return None
     total = config.epochs * steps_per_epoch
@@ -281,7 +281,10 @@ def _scheduler(
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return decay(min(step - warm, total - warm) / max(1, total - warm))
+        decayed = decay(min(step - warm, total - warm) / max(1, total - warm))
+        if config.lr_schedule == "constant":
+            return decayed
+        return config.lr_floor + (1.0 - config.lr_floor) * decayed
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -470,23 +470,42 @@ def test_the_native_kernel_trains_many_members_on_two_threads_as_on_one():
         assert curves(result)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
 
 
+SCHEDULES = [
+    {"lr_schedule": "cosine"},
+    {"lr_schedule": "onecycle", "warmup_fraction": 0.1, "lr_floor": 0.2},
+    {"lr_schedule": "constant", "warmup_fraction": 0.25},
+    {"lr_schedule": "cosine", "warmup_fraction": 0.05, "lr_floor": 0.3},
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s.values())))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_cosine_schedule_follows_the_sequential_trainer(engine):
-    """The trainer's per-step cosine decay (LambdaLR over all steps of the budget), in both
-    engines, from the same weights and batch order."""
+def test_every_schedule_follows_the_sequential_trainer(engine, schedule):
+    """The trainer's per-step schedules (LambdaLR over all steps of the budget: warm-up, then
+    constant, cosine or onecycle decay to a floor), in both engines, from the same weights and
+    batch order."""
     fn = boolean_function(8, 0)
     candidates = [BooleanCandidate((20,), 2e-2, 16, 9), BooleanCandidate((33,), 1e-2, 64, 7)]
     members = [
-        Member(c.hidden_layer_profile, c.train_config(s, None).replace(lr_schedule="cosine"))
+        Member(c.hidden_layer_profile, c.train_config(s, None).replace(**schedule))
         for s, c in enumerate(candidates)
     ]
     population = train_population(members, fn, engine=engine)
     for s, (c, m, pop) in enumerate(zip(candidates, members, population, strict=True)):
         seq = train(network(c, fn, s), fn.task(), m.config)
-        assert seq.final.learning_rate < 1e-6  # decayed to ~0 over the budget
+        end = schedule.get("lr_floor", 0.0) if schedule["lr_schedule"] != "constant" else 1.0
+        # the rate the last step used: the floor of a decayed schedule (within one step's decay)
+        assert seq.final.learning_rate == pytest.approx(end * m.config.learning_rate, abs=2e-3)
         assert pop.epochs_run == seq.epochs_run
         assert curves(pop)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
         assert curves(pop)[1] == pytest.approx(curves(seq)[1], rel=1e-5)
+
+
+def test_a_boolean_candidate_carries_its_warm_up_and_floor_to_the_trainer():
+    c = BooleanCandidate((20,), 2e-2, 16, 9, "onecycle", 0.1, 0.2)
+    config = c.train_config(3, 1e-3)
+    assert (config.lr_schedule, config.warmup_fraction, config.lr_floor) == ("onecycle", 0.1, 0.2)
+    assert "onecycle warm-up 0.10 floor 0.20" in c.describe()
 
 
 def test_without_vector_math_the_kernel_is_built_with_scalar_calls(tmp_path, monkeypatch, capsys):
@@ -530,7 +549,9 @@ def native_buffers(members=3, rows=8, inputs=3, outputs=3, width=5):
         "exp_avg_sq": torch.zeros(members * size),
         "steps": torch.zeros(members, dtype=torch.int64),
         "lr": torch.full((members,), 1e-2),
-        "cosine": torch.zeros(members, dtype=torch.uint8),
+        "schedule": torch.zeros(members, dtype=torch.uint8),
+        "warmup": torch.zeros(members, dtype=torch.int64),
+        "floor": torch.zeros(members),
         "total_steps": torch.ones(members, dtype=torch.int64),
         "batch": torch.full((members,), 4, dtype=torch.int32),
         "x": torch.zeros(rows, inputs),
@@ -558,6 +579,9 @@ def native_buffers(members=3, rows=8, inputs=3, outputs=3, width=5):
         (lambda b: b["dims"].__setitem__((0, 2), 4), "first and last sizes must match"),
         (lambda b: b["ndims"].__setitem__(0, 40), "ndims: every member needs 2 to 34"),
         (lambda b: b["batch"].__setitem__(2, 0), "batch: every batch size"),
+        (lambda b: b["schedule"].__setitem__(1, 3), "schedule: must be 0, 1 or 2"),
+        (lambda b: b["warmup"].__setitem__(0, 2), "warmup: from 0 to the member's total"),
+        (lambda b: b["floor"].__setitem__(2, 1.0), "floor: must be in"),
         (lambda b: b.pop("eval_acc"), "buffers"),
     ],
 )
@@ -592,7 +616,7 @@ def test_the_signature_is_made_from_the_table():
     from study import native
 
     kernel = native.load()
-    assert len(kernel.function.argtypes) == len(native.ARGUMENTS) == 21
+    assert len(kernel.function.argtypes) == len(native.ARGUMENTS) == 23
     scalars = [a.name for a in native.ARGUMENTS if a.dtype is None]
     assert scalars == ["members", "rows", "threads"]
     assert kernel.function.argtypes.count(ctypes.c_int32) == 3
