@@ -497,11 +497,13 @@ def _end(value: float | None) -> str:
 
 
 def cmd_frontier_report(args: argparse.Namespace) -> None:
-    from study.report_frontier import write_frontier_report
+    from study.report_frontier import frontier_answers, headline, write_frontier_report
 
     out = _out_dir(args.out, "frontier")
     answers = Path(args.answers) if args.answers else out / "answers.json"
     write_frontier_report(args.storage, out, answers, _command_line())
+    for line in headline(frontier_answers(args.storage)):
+        print(line)
     print(f"report: {out}/summary.md; answers: {answers}")
 
 

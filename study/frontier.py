@@ -127,7 +127,9 @@ def probe_for(cell: FrontierCell, known: Sequence[FrontierAnswer] = ()) -> int:
     """A probe width near the cell's boundary, a little below it, where the recipe decides
     success: from the answers `known` in the store (the same function and depth at the nearest
     budget, scaled by budget^-BUDGET_SHRINK; else another depth at the same function scaled by
-    `DEPTH_FACTOR`), else from the earlier method's one-layer boundary of 8-bit functions."""
+    `DEPTH_FACTOR`), else from a one-layer table of 8-bit functions set a little below the
+    boundaries measured (the recipe score still ranks recipes below the boundary, by how close
+    they come to the target, while above it every recipe succeeds and only speed ranks them)."""
 
     def distance(a: FrontierAnswer) -> tuple:
         return (
@@ -142,8 +144,8 @@ def probe_for(cell: FrontierCell, known: Sequence[FrontierAnswer] = ()) -> int:
         width = near.curve.crossing * (near.cell.budget / cell.budget) ** BUDGET_SHRINK
         width *= DEPTH_FACTOR[cell.depth] / DEPTH_FACTOR[near.cell.depth]
         return max(1, min(MAX_NEURONS, round(width)))
-    one_layer = {500: 110, 1000: 96, 2000: 84, 4000: 74}.get(
-        cell.budget, 64 if cell.budget < 16000 else 60 * (16000 / cell.budget) ** BUDGET_SHRINK
+    one_layer = {500: 100, 1000: 86, 2000: 72, 4000: 64}.get(
+        cell.budget, 58 if cell.budget < 16000 else 55 * (16000 / cell.budget) ** BUDGET_SHRINK
     )
     return max(1, min(MAX_NEURONS, round(one_layer * DEPTH_FACTOR[cell.depth])))
 
@@ -912,20 +914,22 @@ class CellRun:
                 continue
             smallest = curve.smallest()
             trained = [p.neurons for p in points]
-            if min(trained) <= smallest <= max(trained):
+            low, high = curve.interval
+            if min(trained) <= smallest <= max(trained) and None not in (low, high):
                 self.log(
                     f"{self.cell.name}: fitted {self.plan.required_rate:.0%} crossing "
                     f"{curve.crossing:.1f} neurons ({_interval(curve)}) on "
                     f"{curve.seeds} held-out seeds"
                 )
                 return blocks
-            # outside: the next five widths continue past the nearer edge
-            edge = min(trained) if smallest < min(trained) else max(trained)
-            centre = edge + (1 if smallest > edge else -1) * step * (CURVE_WIDTHS // 2 + 1)
+            # not bracketed: the next five widths continue past the open or nearer edge
+            down = low is None or smallest < min(trained)
+            edge = min(trained) if down else max(trained)
+            centre = edge + (-1 if down else 1) * step * (CURVE_WIDTHS // 2 + 1)
             centre = max(1, min(MAX_NEURONS, centre))
             self.log(
-                f"{self.cell.name}: the fitted crossing ({curve.crossing:.1f}) lies outside the "
-                f"widths trained; the curve continues around {centre} neurons"
+                f"{self.cell.name}: the fitted crossing ({curve.crossing:.1f}, {_interval(curve)})"
+                f" is not bracketed by the widths trained; the curve continues around {centre}"
             )
         raise ConfigError(
             f"{self.cell.name}: the success curve did not settle in {CURVE_ROUNDS} blocks"
