@@ -902,7 +902,7 @@ class CellRun:
             widths = [w for w in widths if 1 <= w <= MAX_NEURONS]
             self.heldout(recipe, widths, block, "curve")
             blocks = tuple(range(block + 1))
-            points = self._points(recipe, ("curve",))
+            points = self._points(recipe, block)
             try:
                 curve = fit(points, self.plan.required_rate)
             except NoCrossing as missing:
@@ -936,16 +936,16 @@ class CellRun:
         )
 
     def _points(
-        self, recipe: Recipe, stages: Sequence[str], below_block: int | None = None
+        self, recipe: Recipe, curve_through: int, confirm_below: int = CONFIRM_BLOCK
     ) -> list[Point]:
-        """The held-out evaluations of `recipe` in `stages` (confirmations only of blocks
-        before `below_block`, when given)."""
+        """The held-out evaluations of `recipe` the fit of one decision saw: curve blocks up to
+        `curve_through`, confirmation blocks before `confirm_below` (so that a resumed cell
+        re-derives every decision from the evaluations it was made on)."""
         return [
             Point(t.params["neurons"], *_rate(t))
-            for stage in stages
+            for stage, last in (("curve", curve_through), ("confirm", confirm_below - 1))
             for t in self._stored(stage)
-            if Recipe.from_params(t.params) == recipe
-            and (stage != "confirm" or below_block is None or t.user_attrs["block"] < below_block)
+            if Recipe.from_params(t.params) == recipe and t.user_attrs["block"] <= last
         ]
 
     # --- stage 4
@@ -958,8 +958,8 @@ class CellRun:
         failed: list[Width] = []
         for attempt in range(ATTEMPTS):
             block = CONFIRM_BLOCK + attempt
-            chosen_by = fit(self._points(recipe, ("curve", "confirm"), block),
-                            self.plan.required_rate)  # fmt: skip
+            points = self._points(recipe, curve_blocks[-1], block)
+            chosen_by = fit(points, self.plan.required_rate)
             neurons = max(chosen_by.smallest(), failed[-1].neurons + 1 if failed else 1)
             trial = self.heldout(recipe, (neurons,), block, "confirm")[neurons]
             successes, count = _rate(trial)
@@ -986,7 +986,7 @@ class CellRun:
         curve_blocks: tuple[int, ...],
     ) -> FrontierAnswer:
         block = trial.user_attrs["block"]
-        points = self._points(recipe, ("curve", "confirm"), block + 1)
+        points = self._points(recipe, curve_blocks[-1], block + 1)
         neurons = trial.params["neurons"]
         stored = self.study.user_attrs.get(ANSWER_ATTR)
         if stored and stored.get("method") == 2 and stored.get("neurons") == neurons:
@@ -1009,18 +1009,22 @@ class CellRun:
             fit(points, self.plan.required_rate),
             chosen_by,
             failed,
-            _pooled(points, neurons, self._blocks(recipe, neurons, block)),
-            _pooled(points, neurons - 1, self._blocks(recipe, neurons - 1, block)),
+            _pooled(points, neurons, self._blocks(recipe, neurons, curve_blocks[-1], block)),
+            _pooled(
+                points, neurons - 1, self._blocks(recipe, neurons - 1, curve_blocks[-1], block)
+            ),
             self.ranked_recipes(),
             curve_blocks,
             provenance,
         )
 
-    def _blocks(self, recipe: Recipe, neurons: int, last: int) -> tuple[int, ...]:
+    def _blocks(self, recipe: Recipe, neurons: int, curve: int, confirm: int) -> tuple[int, ...]:
+        """The blocks (curve through `curve`, confirmation through `confirm`) `neurons` was
+        trained on."""
         return tuple(
             sorted(
                 t.user_attrs["block"]
-                for stage in ("curve", "confirm")
+                for stage, last in (("curve", curve), ("confirm", confirm))
                 for t in self._stored(stage)
                 if t.params["neurons"] == neurons
                 and Recipe.from_params(t.params) == recipe

@@ -27,7 +27,7 @@ from study.frontier import (
 from study.storage import open_storage, study_names
 from study.studies import FRONTIER_NAME
 from study.success_curve import Curve
-from study.tables import figure, markdown_table
+from study.tables import figure, markdown_table, whole_numbers
 
 
 def frontier_answers(storage_url: str) -> list[FrontierAnswer]:
@@ -259,7 +259,7 @@ def function_spread(answers: list[FrontierAnswer]) -> pd.DataFrame:
 def sufficient_widths(rows: int, outputs: int) -> dict[int, int]:
     """Hidden neurons known to suffice for fitting `rows` points exactly, by depth: `rows` in
     one hidden layer (one unit per point), 2 sqrt((outputs + 2) rows) in two (Huang, 2003)."""
-    return {1: rows, 2: math.ceil(2 * math.sqrt((outputs + 2) * rows))}
+    return {1: rows, 2: round(2 * math.sqrt((outputs + 2) * rows))}
 
 
 def theory(answers: list[FrontierAnswer]) -> list[str]:
@@ -311,9 +311,22 @@ def theory(answers: list[FrontierAnswer]) -> list[str]:
         "",
         f"The most economical answer, {most.neurons} neurons in {most.cell.depth} layer(s) at "
         f"{most.cell.budget} epochs ({most.parameters} parameters), stores "
-        f"{bits / most.parameters:.2f} bits per parameter, against about 2 for a threshold "
-        "unit's capacity: trained networks reach a small fraction of the widths that provably "
-        "suffice, and come within reach of what counting parameters allows.",
+        f"{bits / most.parameters:.2f} bits per parameter, "
+        + (
+            "more than the two bits per weight of a single threshold unit: counting parameters "
+            "is an estimate, not a bound, for a network that needs only every output's sign "
+            "right with a margin. "
+            if bits / most.parameters > 2
+            else f"{bits / most.parameters / 2:.0%} of the two bits per weight of a single "
+            "threshold unit. "
+        )
+        + "Against what provably suffices, trained networks need "
+        + " and ".join(
+            f"{row['of what suffices']} of it with {row['depth']} hidden layer(s)"
+            for row in table
+            if row["of what suffices"]
+        )
+        + ": the constructions are far from tight, while the counting estimate is close.",
         "",
     ]
     return lines
@@ -346,6 +359,7 @@ def frontier_figure(
             ax.minorticks_off()
             ax.set_xlabel("epoch budget")
             ax.grid(alpha=0.3)
+        whole_numbers(left.yaxis)
         left.set_ylabel("stated width (confirmed >= 90%)")
         left.set_title(f"Minimal width, function seed {function_seed} (band: fitted 95%)")
         right.set_ylabel("trainable parameters")
@@ -390,12 +404,13 @@ def curves_figure(answers: list[FrontierAnswer], out: Path, function_seed: int =
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(f"depth {a.cell.depth}, {a.cell.budget:,} epochs", fontsize=9)
             ax.set_xlabel("hidden neurons", fontsize=8)
+            whole_numbers(ax.xaxis)
             ax.set_ylabel("share of seeds that learn f", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6, loc="lower right")
         fig.suptitle(
             f"Success curves, function seed {function_seed}: held-out rates (exact 95%), the "
-            "fitted logistic, 90% (dashed), its crossing's 95% interval (band)",
+            "fitted logistic,\n90% (dashed) and the 95% interval of its crossing (band)",
             fontsize=9,
         )
     return path
@@ -403,7 +418,7 @@ def curves_figure(answers: list[FrontierAnswer], out: Path, function_seed: int =
 
 INTRODUCTION = (
     "The fewest hidden ReLU neurons with which a network learns the random Boolean function "
-    "{0,1}^8 -> {0,1}^8 to a full-table mean BCE of at most 0.001 with every bit right, on "
+    "{0,1}^{n} -> {0,1}^{m} to a full-table mean BCE of at most 0.001 with every bit right, on "
     "at least 90% of held-out initialisation seeds, for each epoch budget and depth "
     "(`study.frontier`, method 2). Per cell: Optuna's TPE, seeded from the cell, searches the "
     "recipe (Adam's learning rate, batch size, schedule with warm-up and floor; 48 trials, the "
@@ -430,7 +445,9 @@ def write_frontier_report(
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     answers_path.write_text(json.dumps(answers_document(answers), indent=1) + "\n")
     seeds = sorted({a.cell.function_seed for a in answers})
-    lines = ["# The budget frontier", "", INTRODUCTION, ""]
+    bits = (answers[0].settings.input_bits, answers[0].settings.output_bits) if answers else (8, 8)
+    intro = INTRODUCTION.replace("{n}", str(bits[0])).replace("{m}", str(bits[1]))
+    lines = ["# The budget frontier", "", intro, ""]
     if 0 in seeds:
         lines += ["## The answers (function seed 0)", "", *headline(answers), ""]
         lines += [markdown_table(headline_table(answers)), ""]

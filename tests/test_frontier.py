@@ -1,28 +1,40 @@
-"""The budget frontier on a tiny 3-bit function: stages stored as trials, resume, held-out
-seeds apart from selection seeds, intervals, the report and answers.json."""
+"""The budget frontier on a tiny 4-bit function: stages stored as trials, the recipe search
+(seeded per cell, neighbours first), the fitted success curve, the confirmation block, resume,
+held-out seeds apart from selection seeds, the report and answers.json."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
-from study.config import BooleanSettings, FrontierCell, FrontierPlan
+from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
 from study.frontier import (
     CONFIRM_BLOCK,
     HELDOUT_SEED,
+    SCHEMA_VERSION,
     SELECTION_SEED,
     FrontierAnswer,
     exact_interval,
     run_cell,
+    run_frontier,
 )
+from study.success_curve import Point, fit
 from tests.conftest import cli
 
-TINY = BooleanSettings(input_bits=3, output_bits=3)
+TINY = BooleanSettings(input_bits=4, output_bits=3)
 PLAN = FrontierPlan(
-    recipe_trials=4, recipe_seeds=2, selection_seeds=4, heldout_seeds=20, probe_neurons=6
+    recipe_trials=6,
+    recipe_seeds=2,
+    selection_seeds=4,
+    heldout_seeds=20,
+    confirmation_seeds=20,
+    probe_neurons=16,
 )
 Cell = FrontierCell
+REPRODUCE = ("input_bits", "output_bits", "target_loss", "required_rate", "optimizer", "recipe",
+             "seeds", "plan", "code_commit", "torch_version", "device", "command")  # fmt: skip
 
 
 def test_the_exact_interval_is_clopper_pearson():
@@ -43,77 +55,109 @@ def test_a_cell_spreads_its_neurons_evenly_over_its_layers():
     assert Cell(0, 4, 100).name == "frontier-f0-d4-b100"
 
 
+def test_ninety_six_seeds_tell_eighty_from_ninety_five_percent():
+    """The default confirmation block: a width that learns f on 80% of seeds passes it (87 of
+    96) less than 1% of the time, one at 95% more than 95% of the time."""
+    from scipy.stats import binom
+
+    plan = FrontierPlan()
+    need = plan.required(plan.confirmation_seeds)
+    assert (plan.confirmation_seeds, need) == (96, 87)
+    assert binom.sf(need - 1, 96, 0.80) < 0.01
+    assert binom.sf(need - 1, 96, 0.95) > 0.95
+
+
 @pytest.fixture(scope="module")
 def cell_store(tmp_path_factory):
     storage = f"sqlite:///{tmp_path_factory.mktemp('frontier') / 'f.db'}"
     logged = []
-    answer = run_cell(storage, Cell(0, 1, 300), PLAN, threads=2, log=logged.append, settings=TINY)
+    answer = run_cell(storage, Cell(0, 1, 200), PLAN, threads=2, log=logged.append, settings=TINY)
     assert isinstance(answer, FrontierAnswer)
     return storage, answer.to_dict(), logged
 
 
-def test_a_cell_is_answered_on_held_out_seeds(cell_store):
+def stored(storage, name="frontier-f0-d1-b200"):
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_a_cell_states_the_smallest_width_the_curve_places_at_90_percent(cell_store):
     storage, answer, _ = cell_store
-    need = math.ceil(0.9 * answer["heldout_seeds"])
-    assert answer["heldout_seeds"] >= 20 and answer["heldout_successes"] >= need
+    need = math.ceil(0.9 * 20)
+    assert answer["method"] == 2 and answer["depth"] == 1
+    # stated: the confirmation block's rate, on fresh seeds, with its exact interval
+    assert (answer["confirmation_seeds"], answer["heldout_seeds"]) == (20, 20)
+    assert answer["confirmation_successes"] == answer["heldout_successes"] >= need
     low, high = answer["interval_95"]
-    assert low < answer["heldout_successes"] / answer["heldout_seeds"] <= high
-    chosen = answer["chosen_on"]
-    assert chosen["heldout_successes"] >= need
-    smaller = answer["next_smaller"]
-    if smaller is not None and "next_smaller_fresh_block" not in answer:
-        assert smaller["neurons"] == answer["neurons"] - 1
-        assert smaller["heldout_block"] == chosen["heldout_block"]
-        assert smaller["heldout_successes"] < need  # the next smaller fails on the same block
-    # the stated rate is the confirmation block's: not the block that chose the width
-    assert answer["heldout_block"] >= CONFIRM_BLOCK > chosen["heldout_block"]
+    assert (low, high) == pytest.approx(exact_interval(answer["heldout_successes"], 20), abs=1e-4)
+    assert answer["heldout_block"] >= CONFIRM_BLOCK
     assert answer["heldout_first_seed"] == HELDOUT_SEED + answer["heldout_block"] * 10_000
-    pooled = answer["all_heldout"]
-    assert {answer["heldout_block"], chosen["heldout_block"]} <= set(pooled["blocks"])
-    assert pooled["heldout_seeds"] == answer["heldout_seeds"] * len(pooled["blocks"])
-    assert pooled["heldout_successes"] >= answer["heldout_successes"] + chosen["heldout_successes"]
-    assert answer["parameters"] == (3 + 1) * answer["neurons"] + (answer["neurons"] + 1) * 3
-    for key in ("study", "function_seed", "budget_epochs", "profile", "neurons", "recipe"):
-        assert key in answer
-    study = optuna.load_study(study_name="frontier-f0-d1-b300", storage=storage)
+    # the width: the smallest whole width at >= 90% by the fit that chose it (or one more than
+    # a width that failed its own confirmation)
+    chosen = fit([Point(*p) for p in answer["chosen_on"]["success_curve"]["points"]])
+    failed = [w["neurons"] for w in answer["failed_confirmations"]]
+    assert answer["neurons"] == max([chosen.smallest(), *[n + 1 for n in failed]])
+    assert chosen.crossing == answer["chosen_on"]["fitted_width_90"]
+    # the curve: every held-out evaluation of the cell's recipe, confirmations included
+    study = stored(storage)
+    heldout = [t for t in study.trials if t.user_attrs["stage"] in ("curve", "confirm")]
+    points = sorted((t.params["neurons"], t.user_attrs["successes"], t.user_attrs["seeds_planned"])
+                    for t in heldout)  # fmt: skip
+    pooled = {}
+    for n, k, seeds in points:
+        pooled[n] = [pooled.get(n, [0, 0])[0] + k, pooled.get(n, [0, 0])[1] + seeds]
+    assert answer["success_curve"]["points"] == [[n, k, s] for n, (k, s) in sorted(pooled.items())]
+    low, high = answer["fitted_width_90_interval"]
+    assert low < answer["fitted_width_90"] < high
+    assert chosen.at(answer["neurons"]) >= 0.9 - 1e-9
+    assert answer["parameters"] == (4 + 1) * answer["neurons"] + (answer["neurons"] + 1) * 3
+    for key in REPRODUCE:
+        assert answer[key] not in (None, "", [], {}), key
+    assert answer["plan"] == PLAN.identity()
+    assert len(answer["code_commit"]) >= 40 or answer["code_commit"].startswith("version")
     assert study.user_attrs["answer"] == answer  # stored with its cell
+
+
+def test_the_recipe_ranking_is_the_searchs_best_three(cell_store):
+    storage, answer, _ = cell_store
+    recipes = stored(storage, "frontier-f0-d1-b200-recipe")
+    best = sorted(recipes.trials, key=lambda t: (t.value, t.number))[:3]
+    ranking = answer["recipe_ranking"]
+    assert [r["score"] for r in ranking] == [round(t.value, 4) for t in best]
+    assert ranking[0]["recipe"] == answer["recipe"]
+    assert all(r["probe_neurons"] == 16 and r["seeds"] == 2 for r in ranking)
+    # the schedule family: a warm-up always, a floor only where the rate decays
+    for t in recipes.trials:
+        assert 0 <= t.params["warmup_fraction"] <= 0.3
+        assert ("lr_floor" in t.params) == (t.params["lr_schedule"] != "constant")
+    from study.frontier import cell_seed
+
+    assert recipes.user_attrs["sampler_seed"] == cell_seed(Cell(0, 1, 200))
 
 
 def test_held_out_seeds_played_no_part_in_selection(cell_store):
     storage, _, _ = cell_store
-    study = optuna.load_study(study_name="frontier-f0-d1-b300", storage=storage)
-    recipe = optuna.load_study(study_name="frontier-f0-d1-b300-recipe", storage=storage)
-    selection = {
-        s
-        for t in recipe.trials + study.trials
-        if t.user_attrs.get("stage") not in ("heldout", "confirm")
-        for s in t.user_attrs["seeds"]
-    }
-    heldout = {
-        s
-        for t in study.trials
-        if t.user_attrs["stage"] == "heldout"
-        for s in t.user_attrs["seeds"]
-    }
-    confirmation = {
-        s
-        for t in study.trials
-        if t.user_attrs["stage"] == "confirm"
-        for s in t.user_attrs["seeds"]
-    }
-    assert heldout and selection and not heldout & selection
-    assert confirmation and not confirmation & (heldout | selection)
-    assert min(heldout) >= HELDOUT_SEED and max(selection) < HELDOUT_SEED
+    study = stored(storage)
+    recipe = stored(storage, "frontier-f0-d1-b200-recipe")
+
+    def seeds(trials, stages):
+        return {s for t in trials if t.user_attrs.get("stage") in stages
+                for s in t.user_attrs["seeds"]}  # fmt: skip
+
+    selection = seeds(recipe.trials + study.trials, ("recipe", "width"))
+    curve = seeds(study.trials, ("curve",))
+    confirmation = seeds(study.trials, ("confirm",))
+    assert curve and selection and not curve & selection
+    assert confirmation and not confirmation & (curve | selection)
+    assert min(curve) >= HELDOUT_SEED and max(selection) < HELDOUT_SEED
     assert min(selection) >= SELECTION_SEED
     assert len(recipe.trials) == PLAN.recipe_trials
-    stages = {t.user_attrs["stage"] for t in study.trials}
-    assert stages == {"width", "heldout", "confirm"}
+    assert {t.user_attrs["stage"] for t in study.trials} == {"width", "curve", "confirm"}
 
 
 def test_a_cell_resumes_without_training_again(cell_store):
     storage, answer, _ = cell_store
     logged = []
-    again = run_cell(storage, Cell(0, 1, 300), PLAN, threads=2, log=logged.append, settings=TINY)
+    again = run_cell(storage, Cell(0, 1, 200), PLAN, threads=2, log=logged.append, settings=TINY)
     assert again.to_dict() == answer
     assert not any("training" in line for line in logged), logged
 
@@ -122,38 +166,33 @@ def test_the_report_and_answers_json(cell_store, tmp_path):
     storage, answer, _ = cell_store
     done = cli("frontier", "report", "--storage", storage, "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr
-    answers = json.loads((tmp_path / "r" / "answers.json").read_text())
-    assert answers == [answer]
-    for key in (
-        "study",
-        "function_seed",
-        "budget_epochs",
-        "profile",
-        "neurons",
-        "parameters",
-        "heldout_successes",
-        "heldout_seeds",
-        "interval_95",
-        "recipe",
-    ):
-        assert key in answers[0]
-    assert {"learning_rate", "batch_size", "lr_schedule"} <= set(answers[0]["recipe"])
+    assert done.stdout.startswith(f"w_1 = {answer['neurons']} ")  # the headline, printed
+    document = json.loads((tmp_path / "r" / "answers.json").read_text())
+    assert document == {"schema_version": SCHEMA_VERSION, "answers": [answer]}
     summary = (tmp_path / "r" / "summary.md").read_text()
     rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
     assert rate in summary and f"| {answer['neurons']} |" in " ".join(summary.split())
     assert "## The answers (function seed 0)" in summary and "w_1 (1 layer)" in summary
-    assert "(not yet: 2, 3, 4)" in summary  # only one depth was run here
-    assert (tmp_path / "r" / "frontier.png").stat().st_size > 10_000
+    assert "(not: 2, 3, 4)" in summary  # only one depth was run here
+    assert f"{answer['fitted_width_90']:.1f}" in summary
+    assert "second" in summary and "## Next to theory" in summary
+    assert "about 2 sqrt((m + 2) N) = 18 neurons in two hidden layers" in summary  # N 16, m 3
+    assert "{0,1}^4 -> {0,1}^3" in summary
+    for name in ("frontier.png", "success_curves.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 10_000, name
 
 
 def test_frontier_bad_input_is_one_line(tmp_path):
     done = cli("frontier", "run", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--depths", "5")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "depth" in done.stderr
-    done = cli("frontier", "run", "--heldout-seeds", "10")
-    assert done.returncode == 2 and "--heldout-seeds" in done.stderr
+    for flag in ("--heldout-seeds", "--confirmation-seeds"):
+        done = cli("frontier", "run", flag, "10")
+        assert done.returncode == 2 and flag in done.stderr and done.stderr.count("\n") == 1
     done = cli("frontier", "run", "--function-seeds", "-1")
     assert done.returncode == 2 and "--function-seeds" in done.stderr
+    done = cli("frontier", "run", "--method", "1")
+    assert done.returncode == 2  # not a flag: the method is the code's
 
 
 def test_function_seed_zero_is_a_function_seed():
@@ -163,62 +202,119 @@ def test_function_seed_zero_is_a_function_seed():
     assert args.function_seeds == (0, 3)
 
 
-def test_a_width_that_fails_its_confirmation_is_not_stated(tmp_path, monkeypatch):
-    """Confirmation of 5 neurons fails: 6 is chosen again on fresh blocks and confirmed on the
-    next confirmation block; the stated rate is that block's."""
-    from types import SimpleNamespace
-
+def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(tmp_path):
+    """The fit places 8 neurons; 8 fails its confirmation block (15/20): its block joins the
+    fit, and the next width (at least 9) is confirmed on the next fresh block."""
     from study import frontier
     from study.storage import open_storage
 
     storage = f"sqlite:///{tmp_path / 'c.db'}"
-    run = frontier.CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 300), PLAN,
+    run = frontier.CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200), PLAN,
                            TINY, 1, print)  # fmt: skip
-    rates = {(5, CONFIRM_BLOCK): 17, (6, CONFIRM_BLOCK + 1): 23}
-    chosen_from = []
+    curve = [Point(n, k, 20) for n, k in [(5, 2), (6, 8), (7, 15), (8, 19), (9, 20)]]
+    rates = {(8, CONFIRM_BLOCK): 15, (9, CONFIRM_BLOCK + 1): 20}
+    confirmed: dict[int, Point] = {}
+    seen_by_fits = []
 
-    def fake_heldout(recipe, widths, block, stage="heldout"):
+    def points(recipe, curve_through, confirm_below):
+        assert curve_through == 0
+        mine = [p for block, p in sorted(confirmed.items()) if block < confirm_below]
+        seen_by_fits.append(len(mine))
+        return curve + mine
+
+    def heldout(recipe, widths, block, stage):
         assert stage == "confirm"
         (n,) = widths
-        attrs = {"successes": rates[(n, block)], "seeds_planned": 24, "block": block}
+        confirmed[block] = Point(n, rates[(n, block)], 20)
+        attrs = {"successes": rates[(n, block)], "seeds_planned": 20, "block": block}
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
-    def choice_of(neurons: int, block: int) -> frontier.Choice:
-        rate = frontier.BlockRate(block, 22, 24)
-        return frontier.Choice(frontier.Width((neurons,), 7 * neurons + 3, rate), None)
-
-    def fake_choose(recipe, neurons, first_block=0):
-        chosen_from.append((neurons, first_block))
-        return choice_of(neurons, first_block)
-
-    monkeypatch.setattr(run, "heldout", fake_heldout)
-    monkeypatch.setattr(run, "choose", fake_choose)
-    monkeypatch.setattr(run, "_pooled", lambda recipe, neurons: frontier.Pooled(0, 0, ()))
-    recipe = frontier.Recipe(0.01, 8, "constant")
-    answer = run.confirm(recipe, choice_of(5, 0)).to_dict()
-    assert chosen_from == [(6, frontier.CHOICE_BLOCKS)]  # chosen again on fresh blocks
-    assert answer["neurons"] == 6 and answer["heldout_successes"] == 23
-    assert answer["heldout_block"] == CONFIRM_BLOCK + 1
-    assert answer["chosen_on"]["heldout_block"] == frontier.CHOICE_BLOCKS
+    run._points, run.heldout = points, heldout
+    run._answer = lambda recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed)
+    trial, chosen_by, failed = run.confirm(frontier.Recipe(0.01, 8, "constant"), (0,))
+    assert fit(curve).smallest() == 8
+    assert trial.params["neurons"] == 9 and trial.user_attrs["block"] == CONFIRM_BLOCK + 1
+    assert [(w.neurons, w.rate.successes, w.rate.block) for w in failed] == [
+        (8, 15, CONFIRM_BLOCK)
+    ]
+    assert seen_by_fits == [0, 1]  # the second fit took the failed block in
+    assert Point(8, 19 + 15, 40) in chosen_by.points  # curve and failed block, pooled
 
 
-def test_an_unconfirmed_answer_is_not_published(tmp_path):
-    from study.report_frontier import frontier_answers
+def test_an_unconfirmed_answer_is_not_published_and_earlier_cells_are_named(tmp_path):
+    from study.report_frontier import frontier_answers, write_frontier_report
 
     storage = f"sqlite:///{tmp_path / 'u.db'}"
     study = optuna.create_study(study_name="frontier-f5-d1-b100", storage=storage)
     study.set_user_attr("answer", {"neurons": 7, "heldout_successes": 24, "heldout_seeds": 24})
+    earlier = optuna.create_study(study_name="frontier-f5-d1-b200", storage=storage)
+    earlier.set_user_attr("answer", {"neurons": 7, "chosen_on": {"heldout_block": 0}})
     assert frontier_answers(storage) == []
+    write_frontier_report(storage, tmp_path / "r", tmp_path / "r" / "answers.json")
+    assert json.loads((tmp_path / "r" / "answers.json").read_text())["answers"] == []
+    assert (
+        "1 cell(s) of this store answered by the earlier method"
+        in (tmp_path / "r" / "summary.md").read_text()
+    )
+
+
+def test_a_cell_of_the_earlier_method_is_not_resumed(tmp_path):
+    """A cell stored by method 1 (its plan has no method) is refused in one line, nothing
+    written; its answer stays where it is."""
+    from study.errors import ConfigError
+
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    old = optuna.create_study(study_name="frontier-f0-d1-b200", storage=storage)
+    old.set_user_attr("plan", {"recipe_trials": 16, "heldout_seeds": 24})
+    old.add_trial(optuna.trial.create_trial(value=5.0))
+    with pytest.raises(ConfigError, match=r"answered by the earlier method.*another --storage"):
+        run_frontier(storage, FrontierGrid((0,), (1,), (200,)), {}, settings=TINY,
+                     log=lambda _: None)  # fmt: skip
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [old.study_name]
+
+
+def test_a_second_cell_starts_from_its_neighbours_recipe_with_its_own_seed(cell_store):
+    """Depth 2 next to the answered depth 1: the neighbour's recipe is its first trial, the
+    probe comes from the neighbour's fitted crossing, and its sampler seed is its own."""
+    from study import frontier
+    from study.storage import open_storage
+
+    storage, answer, _ = cell_store
+    plan = FrontierPlan.from_dict({**PLAN.identity(), "probe_neurons": None})
+    cell = Cell(0, 2, 200)
+    run = frontier.CellRun(storage, open_storage(storage), cell, plan, TINY, 1, lambda _: None)
+    run._begin_recipes(run.recipes)
+    waiting = run.recipes.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [
+        frontier.Recipe.from_params(answer["recipe"]).search_params()
+    ]
+    neighbour = FrontierAnswer.from_dict(answer)
+    assert run.probe == frontier.probe_for(cell, [neighbour])
+    assert run.probe == round(answer["fitted_width_90"] * frontier.DEPTH_FACTOR[2])
+    seeds = {frontier.cell_seed(Cell(f, d, b)) for f in (0, 1) for d in (1, 2) for b in (200, 400)}
+    assert len(seeds) == 8
+    assert run.recipes.user_attrs["sampler_seed"] == frontier.cell_seed(cell)
+    run._begin_recipes(run.recipes)  # once per cell: nothing enqueued twice
+    assert len(run.recipes.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
+def test_probes_sit_near_the_boundary():
+    from study.frontier import probe_for
+
+    assert probe_for(Cell(0, 1, 2000)) == 72
+    assert probe_for(Cell(0, 2, 2000)) == round(72 * 0.85)
+    assert probe_for(Cell(0, 1, 64000)) < probe_for(Cell(0, 1, 16000)) < 60
 
 
 TWO_PROCESSES = """
 import sys
 from study.config import BooleanSettings, FrontierGrid
 from study.frontier import run_frontier
-plan = dict(recipe_trials=8, recipe_seeds=2, selection_seeds=4, heldout_seeds=20, probe_neurons=6)
-grid = FrontierGrid(function_seeds=(0, 1, 2, 3), depths=(1,), budgets=(300,))
+plan = dict(recipe_trials=8, recipe_seeds=2, selection_seeds=4, heldout_seeds=20,
+            confirmation_seeds=20, probe_neurons=16)
+grid = FrontierGrid(function_seeds=(0, 1, 2, 3), depths=(1,), budgets=(200,))
 answers = run_frontier(sys.argv[1], grid, plan, threads=1, log=lambda line: None,
-                       settings=BooleanSettings(input_bits=3, output_bits=3))
+                       settings=BooleanSettings(input_bits=4, output_bits=3))
 print(len(answers))
 """
 
@@ -254,33 +350,33 @@ def test_two_frontier_processes_share_the_work_and_fail_nothing(tmp_path):
 
 
 def test_every_committed_answer_reads_back_typed_with_scipys_intervals():
-    """The typed answer is the answers.json entry: read and written again it is the same, the
-    intervals recomputed by scipy's exact method included."""
+    """results/answers.json is the schema's object; every answer read and written again is the
+    same, the intervals recomputed by scipy's exact method included, and carries what
+    reproduces it."""
     from pathlib import Path
 
-    committed = json.loads((Path(__file__).parent.parent / "results/answers.json").read_text())
-    assert committed
-    for entry in committed:
+    root = Path(__file__).parent.parent
+    document = json.loads((root / "results/answers.json").read_text())
+    assert document["schema_version"] == SCHEMA_VERSION and document["answers"]
+    for entry in document["answers"]:
         assert FrontierAnswer.from_dict(entry).to_dict() == entry
+        for key in (*REPRODUCE, "depth", "fitted_width_90", "fitted_width_90_interval",
+                    "confirmation_seeds", "confirmation_successes"):  # fmt: skip
+            assert key in entry, key
+        assert entry["confirmation_seeds"] >= 96
+        assert not entry["code_commit"].endswith("-dirty")
 
 
 def test_a_cell_resumed_with_another_plan_is_refused_before_anything_is_written(cell_store):
-    from study.config import FrontierGrid
     from study.errors import ConfigError
-    from study.frontier import run_frontier
     from study.overview import best_of
 
     storage, answer, _ = cell_store
-    before = {
-        t.number for t in optuna.load_study(study_name=answer["study"], storage=storage).trials
-    }
-    grid = FrontierGrid((0,), (1,), (300,))
+    before = {t.number for t in stored(storage).trials}
+    grid = FrontierGrid((0,), (1,), (200,))
     with pytest.raises(ConfigError, match="exists with another plan: heldout_seeds=24"):
         run_frontier(storage, grid, {"heldout_seeds": 24}, settings=TINY, log=lambda _: None)
-    after = {
-        t.number for t in optuna.load_study(study_name=answer["study"], storage=storage).trials
-    }
-    assert after == before
+    assert {t.number for t in stored(storage).trials} == before
     # flags that repeat the stored plan, or none, resume it; `study best` shows the answer
     again = run_frontier(storage, grid, {"heldout_seeds": 20}, settings=TINY, log=lambda _: None)
     assert [a.to_dict() for a in again] == [answer]
@@ -291,8 +387,6 @@ def test_a_stopped_frontier_fails_its_evaluations_and_says_how_far_it_got(tmp_pa
     """A stop inside training: the claimed evaluations are failed with the stop's reason (none
     left RUNNING), and the line says how many cells were answered."""
     from study import interrupt
-    from study.config import FrontierGrid
-    from study.frontier import run_frontier
 
     calls = []
 
@@ -303,11 +397,43 @@ def test_a_stopped_frontier_fails_its_evaluations_and_says_how_far_it_got(tmp_pa
 
     monkeypatch.setattr(interrupt, "check", stop_on_the_second_check)
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    grid = FrontierGrid((0,), (1,), (300,))
+    grid = FrontierGrid((0,), (1,), (200,))
     with pytest.raises(interrupt.Stopped) as stopped:
         run_frontier(storage, grid, PLAN.identity(), settings=TINY, log=lambda _: None)
     assert str(stopped.value).startswith("terminated (SIGTERM): 0 of 1 frontier cells answered")
     assert interrupt.ending(stopped.value)[1] == 143
-    recipes = optuna.load_study(study_name="frontier-f0-d1-b300-recipe", storage=storage)
+    recipes = optuna.load_study(study_name="frontier-f0-d1-b200-recipe", storage=storage)
     assert {t.state.name for t in recipes.trials} == {"FAIL"}
     assert {t.user_attrs["fail_reason"] for t in recipes.trials} == {interrupt.SIGTERM.reason}
+
+
+@pytest.mark.slow
+def test_the_main_job_states_w_1_and_w_2(tmp_path):
+    """`make study` is the frontier at 2,000 epochs for one and two hidden layers, then its
+    report; the same two commands here at 1,000 epochs and a small plan: each answer printed as
+    it is stated, then w_1 and w_2 with their rates, the command recorded with the answers."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    target = makefile.split("\nstudy:", 1)[1].split("\n\n", 1)[0]
+    assert "BUDGET ?= 2000" in makefile
+    assert "frontier run --budgets $(BUDGET) --depths 1,2 --storage $(STORAGE)" in target
+    assert "frontier report --storage $(STORAGE)" in target
+    storage = f"sqlite:///{tmp_path / 'mine.db'}"
+    plan = ["--recipe-trials", "3", "--recipe-seeds", "2", "--selection-seeds", "4",
+            "--heldout-seeds", "20", "--confirmation-seeds", "20"]  # fmt: skip
+    run = ["frontier", "run", "--budgets", "1000", "--depths", "1,2", "--storage", storage, *plan]
+    done = cli(*run, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for depth in (1, 2):
+        assert (
+            f"frontier-f0-d{depth}-b1000: " in done.stdout and "fresh seeds (95% " in done.stdout
+        )
+    report = cli("frontier", "report", "--storage", storage, "--out", str(tmp_path / "r"))
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert lines[0].startswith("w_1 = ") and lines[1].startswith("w_2 = ")
+    assert " at 1000 epochs: learns f on " in lines[0] and "fitted 90% crossing" in lines[1]
+    document = json.loads((tmp_path / "r" / "answers.json").read_text())
+    assert [a["depth"] for a in document["answers"]] == [1, 2]
+    assert document["answers"][0]["command"] == "study " + " ".join(run)

@@ -168,15 +168,15 @@ def test_the_headline_answers_agree_in_readme_notebook_and_answers_json():
     import json
 
     root = NOTEBOOKS.parent
-    answers = [a for a in json.loads((root / "results" / "answers.json").read_text())
-               if a["function_seed"] == 0]  # fmt: skip
+    document = json.loads((root / "results" / "answers.json").read_text())
+    answers = [a for a in document["answers"] if a["function_seed"] == 0]
     budget = max(a["budget_epochs"] for a in answers if a["depth"] == 1)
     w_1 = next(a for a in answers if a["depth"] == 1 and a["budget_epochs"] == budget)
     deep = [a for a in answers if a["depth"] > 1 and a["budget_epochs"] == budget]
     readme = (root / "README.md").read_text()
     notebook = _committed_text("01_boolean_width.ipynb")
     for answer in [w_1, *([min(deep, key=lambda a: a["neurons"])] if deep else [])]:
-        rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
+        rate = f"{answer['confirmation_successes']}/{answer['confirmation_seeds']}"
         assert f"**{answer['neurons']}** (" in readme and rate in readme
         assert str(answer["neurons"]) in notebook and rate in notebook
 

@@ -13,13 +13,16 @@ import optuna
 import pytest
 
 from study.config import BooleanSettings, FrontierCell, FrontierPlan
-from study.frontier import STATED, align_with_optuna, run_cell, stored_answer
+from study.frontier import STATED, align_with_optuna, earlier_answer, run_cell, stored_answer
 from study.runner import best_feasible, run_study
 from study.storage import open_storage
 from tests.conftest import TINY, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results" / "reference.db"
+"""The earlier method's frontier cells, and the Boolean and image reference studies."""
+FRONTIER = ROOT / "results" / "frontier.db"
+"""The frontier's reference cells (method 2)."""
 OPTUNA = [str(Path(sys.executable).parent / "optuna")]  # the console script a user types
 
 
@@ -41,11 +44,11 @@ def test_the_optuna_cli_names_each_kinds_answer_best(tmp_path):
     small = {"validation_size": 60, "min_epochs": 2, "max_epochs": 2}
     image = run_study("fashion-mlp", trials=2, storage=storage, data_dir=str(images),
                       device="cpu", quiet=True, sampler_seed=0, settings=small)  # fmt: skip
-    cell = FrontierCell(0, 1, 300)
+    cell = FrontierCell(0, 1, 200)
     plan = FrontierPlan(recipe_trials=2, recipe_seeds=2, selection_seeds=4, heldout_seeds=20,
-                        probe_neurons=6)  # fmt: skip
+                        confirmation_seeds=20, probe_neurons=16)  # fmt: skip
     answer = run_cell(storage, cell, plan, threads=1, log=lambda _: None,
-                      settings=BooleanSettings(input_bits=3, output_bits=3))  # fmt: skip
+                      settings=BooleanSettings(input_bits=4, output_bits=3))  # fmt: skip
     for study, expected in [
         (boolean, best_feasible(boolean)),
         (image, max((t for t in image.trials if t.state.name == "COMPLETE"),
@@ -62,30 +65,34 @@ def test_the_optuna_cli_names_each_kinds_answer_best(tmp_path):
     assert best.user_attrs["stage"] == "confirm" and best.params["neurons"] == answer.neurons
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="no committed reference store")
-def test_the_committed_reference_store_reads_right_in_optuna():
-    """Read-only: every cell's Optuna best trial is its stated width; the Boolean and image
-    studies' are the tool's best."""
-    with sqlite3.connect(f"file:{REFERENCE}?mode=ro", uri=True):
+@pytest.mark.parametrize(
+    ("path", "cells_at_least"), [(REFERENCE, 20), (FRONTIER, 2)], ids=["reference", "frontier"]
+)
+def test_the_committed_stores_read_right_in_optuna(path, cells_at_least):
+    """Read-only: every cell's Optuna best trial is its stated width (cells of both methods);
+    the Boolean and image studies' are the tool's best."""
+    if not path.exists():
+        pytest.skip(f"no committed {path.name}")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True):
         pass  # readable
-    storage = optuna.storages.RDBStorage(f"sqlite:///{REFERENCE}", skip_table_creation=True)
-    cells = 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", skip_table_creation=True)
+    cells, named = 0, None
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         if summary.study_name.startswith("frontier-") and not summary.study_name.endswith(
             "-recipe"
         ):
             answer = stored_answer(study)
-            if answer is None:
+            neurons = answer.neurons if answer else (earlier_answer(study) or {}).get("neurons")
+            if neurons is None:
                 continue
-            assert study.best_trial.params["neurons"] == answer.neurons, summary.study_name
-            cells += 1
+            assert study.best_trial.params["neurons"] == neurons, summary.study_name
+            cells, named = cells + 1, (summary.study_name, neurons)
         elif not summary.study_name.startswith("frontier-"):
             assert study.best_trial.number == best_feasible(study).number
-    assert cells >= 20
-    shown = optuna_best_trial(f"sqlite:///{REFERENCE}", "frontier-f0-d1-b2000")
-    answer = stored_answer(optuna.load_study(study_name="frontier-f0-d1-b2000", storage=storage))
-    assert shown["params"]["neurons"] == answer.neurons
+    assert cells >= cells_at_least
+    shown = optuna_best_trial(f"sqlite:///{path}", named[0])
+    assert shown["params"]["neurons"] == named[1]
 
 
 def test_cells_stored_by_earlier_versions_are_aligned_once(tmp_path):
@@ -102,11 +109,11 @@ def test_cells_stored_by_earlier_versions_are_aligned_once(tmp_path):
             (f"constraints:{STATED}", "frontier-f0-d1-b500"),
         )
     old = optuna.load_study(study_name="frontier-f0-d1-b500", storage=f"sqlite:///{copy}")
-    answer = stored_answer(old)
-    assert old.best_trial.params["neurons"] < answer.neurons  # a width-search evaluation
+    neurons = earlier_answer(old)["neurons"]
+    assert old.best_trial.params["neurons"] < neurons  # a width-search evaluation
     storage = open_storage(f"sqlite:///{copy}")
     assert align_with_optuna(storage) == len([t for t in old.trials if t.state.name == "COMPLETE"])
     assert align_with_optuna(open_storage(f"sqlite:///{copy}")) == 0
     aligned = optuna.load_study(study_name="frontier-f0-d1-b500", storage=f"sqlite:///{copy}")
-    assert aligned.best_trial.params["neurons"] == answer.neurons
-    assert aligned.best_trial.value == answer.neurons
+    assert aligned.best_trial.params["neurons"] == neurons
+    assert aligned.best_trial.value == neurons
