@@ -186,16 +186,15 @@ def headline_table(answers: list[FrontierAnswer], function_seed: int = 0) -> pd.
 
 
 def headline(answers: list[FrontierAnswer], function_seed: int = 0) -> list[str]:
-    """One line per stated w_1 and w_2 of the largest budget answered (what `make study`
-    prints)."""
+    """One line each for w_1 and w_2 (the best of 2-4 layers), at the largest budget where
+    that depth is answered (what `make study` prints)."""
     by_budget = _by_budget(answers, function_seed)
-    if not by_budget:
-        return []
-    budget, cells = list(by_budget.items())[-1]
     lines = []
-    for name, a in (("w_1", cells.get(1)), ("w_2", _best_deep(cells))):
-        if a is None:
+    for name, pick in (("w_1", lambda cells: cells.get(1)), ("w_2", _best_deep)):
+        found = [(budget, pick(cells)) for budget, cells in by_budget.items() if pick(cells)]
+        if not found:
             continue
+        budget, a = found[-1]
         low, high = a.rate.interval
         lines.append(
             f"{name} = {a.neurons} ({_profile(a)}, {a.parameters} parameters) at {budget} epochs: "
