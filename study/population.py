@@ -441,10 +441,10 @@ class Schedules:
         self.warmup = tensor([warmup_steps(c, rows) for c in configs])
         self.floor = tensor([c.lr_floor for c in configs])
         self.total = tensor([_total_steps(c, rows) for c in configs])
-
-    @property
-    def constant(self) -> bool:
-        return not bool((self.code != 0).any() or (self.warmup > 0).any())
+        self.constant = all(c.lr_schedule == "constant" and not warmup_steps(c, rows)
+                            for c in configs)  # fmt: skip
+        """Every member at a constant rate: no factor to compute (decided once, on the host:
+        nothing here syncs with the device or breaks a CUDA graph's capture)."""
 
     def factor(self, step: Tensor) -> Tensor | float:
         """The factor of optimiser step `step` (from 0) for every member."""
@@ -466,6 +466,7 @@ class Schedules:
         new = object.__new__(Schedules)
         for name in ("code", "warmup", "floor", "total"):
             setattr(new, name, take(getattr(self, name)))
+        new.constant = self.constant  # members kept of a constant set stay constant
         return new
 
 
