@@ -1,5 +1,6 @@
 """The population trainer: equivalence with the sequential trainer, masking, wiring, crashes."""
 
+import math
 import os
 import signal
 import sqlite3
@@ -499,6 +500,26 @@ def test_every_schedule_follows_the_sequential_trainer(engine, schedule):
         assert pop.epochs_run == seq.epochs_run
         assert curves(pop)[0] == pytest.approx(curves(seq)[0], rel=1e-5)
         assert curves(pop)[1] == pytest.approx(curves(seq)[1], rel=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s.values())))
+def test_every_schedule_runs_in_the_cuda_graph(schedule):
+    """On CUDA the torch engine captures an epoch as a graph: every schedule's factor is
+    computed on the device inside it (no host sync), and the members start as on the CPU."""
+    if not dev.cuda_available():
+        pytest.skip("no CUDA device")
+    c = BooleanCandidate((20,), 2e-2, 16, 9)
+    members = [Member(c.hidden_layer_profile, c.train_config(s, None).replace(**schedule))
+               for s in range(3)]  # fmt: skip
+    cpu = train_population(members, boolean_function(8, 0), engine="torch")
+    cuda = train_population(
+        members, boolean_function(8, 0, device=dev.resolve_device("cuda")), engine="torch"
+    )
+    for a, b in zip(cpu, cuda, strict=True):
+        assert b.epochs_run == a.epochs_run == 9
+        assert all(math.isfinite(v) for v in curves(b)[0])
+        assert curves(b)[0][0] == pytest.approx(curves(a)[0][0], rel=1e-3)
 
 
 def test_a_boolean_candidate_carries_its_warm_up_and_floor_to_the_trainer():
