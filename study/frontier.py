@@ -45,7 +45,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import optuna
@@ -346,18 +346,11 @@ class Provenance:
     command: str
 
     def to_dict(self) -> dict[str, str]:
-        return {
-            "code_commit": self.code_commit,
-            "torch_version": self.torch_version,
-            "device": self.device,
-            "command": self.command,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Provenance:
-        return cls(
-            values["code_commit"], values["torch_version"], values["device"], values["command"]
-        )
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 def code_commit() -> str:
