@@ -9,6 +9,13 @@ exit status (`ending`). A stop that must act at once (a second Ctrl-C, SIGTERM) 
 the handler itself and remembered, so that `check()` raises it again when the handler's
 exception was swallowed where it landed (a finaliser, a library's `except BaseException`).
 
+A stop that must act at once never cuts a storage call in two: when the signal lands inside
+SQLAlchemy or Optuna's storage code (a read whose cursor is still open, a write not yet
+committed), the exception would keep the cursor, and with it SQLite's lock, alive for as long
+as its traceback lives, and the trials could not be failed with their reason (a worker waited
+out SQLite's 120-second busy timeout that way). The handler then lets the call finish and
+delivers the signal again moments later (`REDELIVER_SECONDS`), outside it.
+
 `held()` keeps signals out of a block that must not be cut in two (creating a trial and
 recording its owner) and handles them right after it; `shielded()` ignores them while the
 stop's reason is being stored. A parent of worker processes forwards signals to them instead
@@ -120,6 +127,8 @@ class _State:
     forward: Callable[[int], None] | None = None
     """A parent of workers: signals go to this instead (and are only recorded here)."""
     forwarded: list[int] = field(default_factory=list)
+    pending: bool = False
+    """`raised` waits for the main thread to leave a storage call (it is delivered again)."""
 
 
 _state = _State()
@@ -148,9 +157,38 @@ def check(trial=None) -> None:
     if stop is None and _state.deadline is not None and time.time() >= _state.deadline:
         stop = TIME_BUDGET
     if stop is not None:
+        _state.pending = False
         if trial is not None:
             trial.set_user_attr("fail_reason", stop.reason)
         raise Stopped(stop)
+
+
+STORAGE_CODE = ("sqlalchemy.", "optuna.storages.")
+"""Modules a stop must not be raised in (their locks and cursors outlive the exception)."""
+REDELIVER_SECONDS = 0.05
+"""A signal that landed in storage code is delivered again this much later."""
+
+
+def in_storage_code(frame) -> bool:
+    """`frame` (a signal handler's) is inside a storage call: some caller is in STORAGE_CODE."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORAGE_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_again(signum: int, still: Callable[[], bool]) -> None:
+    """Send `signum` to the main thread again after REDELIVER_SECONDS, if `still()` then (a
+    signal, so that it also ends a sleep or a wait the main thread has gone into)."""
+
+    def again() -> None:
+        if still():
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    timer = threading.Timer(REDELIVER_SECONDS, again)
+    timer.daemon = True
+    timer.start()
 
 
 def _on_signal(signum: int, frame) -> None:
@@ -164,12 +202,21 @@ def _on_signal(signum: int, frame) -> None:
         sys.stderr.write(NOTICE)
         sys.stderr.flush()
         return
-    _state.raised = SIGTERM if signum == signal.SIGTERM else SECOND_CTRL_C
-    raise Stopped(_state.raised)
+    state = _state
+    state.raised = SIGTERM if signum == signal.SIGTERM else SECOND_CTRL_C
+    if in_storage_code(frame):
+        state.pending = True  # `check` raises it too, should the main thread get there first
+        _deliver_again(signum, lambda: _state is state and state.pending)
+        return
+    state.pending = False
+    raise Stopped(state.raised)
 
 
 def _after_first_ctrl_c(signum: int, frame) -> None:
     """The command is on its way out after a first Ctrl-C: another one is a second one."""
+    if in_storage_code(frame):
+        _deliver_again(signum, lambda: signal.getsignal(signum) is _after_first_ctrl_c)
+        return
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise Stopped(SECOND_CTRL_C)
 

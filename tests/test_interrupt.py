@@ -189,6 +189,84 @@ def test_a_signal_inside_a_held_block_is_handled_when_the_block_ends():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_a_stop_is_never_raised_inside_a_storage_call(tmp_path):
+    """A SIGTERM that lands while a read's cursor is open (here: right after SQLAlchemy ran it)
+    is raised once the call has returned: the read returns every row, no frame of the stop is
+    storage code, and the store is not locked while the stop is handled (a write from another
+    connection that will not wait goes through; raised inside the read, the open cursor kept
+    SQLite's lock for as long as the exception lived, and a worker waited out the busy
+    timeout failing its trials)."""
+    import os
+    import traceback
+
+    from study import interrupt
+
+    db = tmp_path / "s.db"
+    study, fired = _a_signal_inside_the_next_read(db, signal.SIGTERM)
+    trials, started = [], time.monotonic()
+    with pytest.raises(interrupt.Stopped) as stopped, interrupt.watching():
+        trials = study.get_trials()
+        time.sleep(30)  # cut short by the signal, sent again after REDELIVER_SECONDS
+        raise AssertionError("the stop was not delivered again")
+    assert time.monotonic() - started < 10  # a signal ended the sleep, not its end
+    assert fired and len(trials) == 20
+    assert stopped.value.stop is interrupt.SIGTERM
+    files = [frame.filename for frame in traceback.extract_tb(stopped.value.__traceback__)]
+    assert not [f for f in files if "sqlalchemy" in f or os.path.join("optuna", "storages") in f]
+    with sqlite3.connect(db, timeout=0) as other:  # raises at once if the store is locked
+        other.execute("UPDATE trials SET state = state")
+
+
+def _a_signal_inside_the_next_read(db, signum: int):
+    """A store of 20 trials whose next SQL statement sends `signum` to this process right
+    after SQLAlchemy ran it (its cursor open); returns the study and a list that records it."""
+    import os
+
+    from sqlalchemy import event
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    for _ in range(20):
+        study.ask().report(1.0, 1)
+    fired = []
+
+    def fire(*args) -> None:
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signum)
+
+    event.listen(storage.engine, "after_cursor_execute", fire)
+    return study, fired
+
+
+def test_a_second_ctrl_c_on_the_way_out_waits_for_the_storage_call(tmp_path):
+    """After the watched block (a first Ctrl-C stops the command, which still writes), a second
+    Ctrl-C that lands in a storage call stops the command right after that call."""
+    import os
+
+    from study import interrupt
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        study, fired = _a_signal_inside_the_next_read(tmp_path / "s.db", signal.SIGINT)
+        fired.append(True)  # not yet: the first Ctrl-C comes from here
+        trials, started = [], time.monotonic()
+        with pytest.raises(interrupt.Stopped) as stopped:
+            with interrupt.watching():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            fired.clear()  # the next read gets the second Ctrl-C
+            trials = study.get_trials()
+            time.sleep(30)  # cut short by the second Ctrl-C, sent again
+            raise AssertionError("the second Ctrl-C was not delivered again")
+        assert time.monotonic() - started < 10
+        assert fired and len(trials) == 20
+        assert stopped.value.stop is interrupt.SECOND_CTRL_C
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 # ----------------------------------------------------------------------------------------------
 # the time budget keeps finished work
 
