@@ -367,23 +367,35 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    import optuna
+    import contextlib
 
-    from study.storage import load_study, open_storage
+    import optuna
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from study.storage import artifact_store, load_study, open_storage
 
     storage = open_storage(args.storage, heartbeat=False)
     study = load_study(args.name, storage)  # one line for a missing store or study
-    trials = len(study.get_trials(deepcopy=False))
+    frozen = study.get_trials(deepcopy=False)
+    # the files uploaded with the study or its trials (an export, the dashboard's uploads)
+    files = [meta.artifact_id for meta in get_all_artifact_meta(study)]
+    files += [m.artifact_id for t in frozen for m in get_all_artifact_meta(t, storage=storage)]
+    what = f"{len(frozen)} trials" + (f", {len(files)} stored files" if files else "")
     where = redact(args.storage)
     if not args.yes:
         if not sys.stdin.isatty():
-            raise ConfigError(f"delete: {args.name!r} has {trials} trials; add --yes to delete")
-        answer = input(f"delete study {args.name!r} ({trials} trials) from {where}? [y/N] ")
+            raise ConfigError(f"delete: {args.name!r} has {what}; add --yes to delete")
+        answer = input(f"delete study {args.name!r} ({what}) from {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return
     optuna.delete_study(study_name=args.name, storage=open_storage(args.storage))
-    print(f"deleted study {args.name!r} ({trials} trials) from {where}")
+    store = artifact_store(args.storage, create=False) if files else None
+    for artifact_id in files if store is not None else []:
+        with contextlib.suppress(ArtifactNotFound):  # removed by hand before
+            store.remove(artifact_id)
+    print(f"deleted study {args.name!r} ({what}) from {where}")
 
 
 def cmd_best(args: argparse.Namespace) -> None:
@@ -666,7 +678,10 @@ def _add_store_commands(sub) -> None:
     _add_storage(p)
     p.add_argument("--json", action="store_true", help="as JSON (one object per study)")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("delete", help="delete a study and its trials from a store")
+    p = sub.add_parser(
+        "delete",
+        help="delete a study, its trials and the files stored with them (an export) from a store",
+    )
     p.add_argument("name", help="study name in the storage")
     _add_storage(p)
     p.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")

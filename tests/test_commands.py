@@ -169,6 +169,34 @@ def test_delete_asks_or_takes_yes_and_leaves_other_studies(tmp_path):
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
+def test_delete_removes_the_files_stored_with_the_study_only(tmp_path):
+    """An export's files (Optuna's artifact store beside the SQLite file) go with their study,
+    those of a trial too; another study's stay."""
+    from optuna.artifacts import upload_artifact
+
+    from study.storage import artifact_store
+
+    storage = f"sqlite:///{tmp_path / 'd.db'}"
+    store = artifact_store(storage)
+    ids = {}
+    for name in ("keep", "drop"):
+        study = optuna.create_study(storage=storage, study_name=name)
+        trial = study.ask()  # a file is uploaded while its trial runs
+        (tmp_path / f"{name}.txt").write_text(name)
+        ids[name] = [
+            upload_artifact(artifact_store=store, file_path=str(tmp_path / f"{name}.txt"),
+                            study_or_trial=target)
+            for target in (study, trial)
+        ]  # fmt: skip
+        study.tell(trial, 1.0)
+    folder = tmp_path / "d.db.artifacts"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ids["keep"] + ids["drop"])
+    done = cli("delete", "drop", "--storage", storage, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "deleted study 'drop' (1 trials, 2 stored files)" in done.stdout
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ids["keep"])
+
+
 def _progress_of(*args: str) -> str:
     """stderr of a `study` command with its progress bar on (as in a wide terminal)."""
     wide = {**os.environ, "COLUMNS": "200"}
