@@ -306,6 +306,70 @@ def test_probes_sit_near_the_boundary():
     assert probe_for(Cell(0, 1, 64000)) < probe_for(Cell(0, 1, 16000)) < 60
 
 
+def _answered(function_seed, depth, budget, crossing):
+    """What `probe_for` reads of an answer: its cell and its fitted crossing."""
+    return SimpleNamespace(
+        cell=Cell(function_seed, depth, budget), curve=SimpleNamespace(crossing=crossing)
+    )
+
+
+def test_probes_follow_the_answered_budgets_of_the_cells_function_and_depth():
+    """Between two answered budgets the probe is interpolated in log width over log budget;
+    beyond them it continues at the slope of the two nearest (never rising with budget, never
+    falling faster than budget^-BUDGET_SHRINK); one answer gives no slope, and other functions
+    or depths are used only when the cell's own have no answer."""
+    from study.frontier import BUDGET_SHRINK, DEPTH_FACTOR, probe_for
+
+    d1 = [_answered(0, 1, 2000, 70.0), _answered(0, 1, 8000, 56.0)]
+    assert probe_for(Cell(0, 1, 4000), d1) == round(math.sqrt(70 * 56)) == 63
+    assert probe_for(Cell(0, 1, 8000), d1) == 56
+    flat = [_answered(0, 1, 8000, 58.0), _answered(0, 1, 16000, 57.0)]
+    slope = math.log(58 / 57) / math.log(2)
+    assert probe_for(Cell(0, 1, 64000), flat) == round(57 * 4**-slope) == 55
+    assert round(57 * 4**-BUDGET_SHRINK) == 48  # what the fixed exponent gave
+    rising = [_answered(0, 1, 8000, 55.0), _answered(0, 1, 16000, 57.0)]
+    assert probe_for(Cell(0, 1, 32000), rising) == 57
+    steep = [_answered(0, 1, 500, 120.0), _answered(0, 1, 1000, 80.0)]
+    assert probe_for(Cell(0, 1, 4000), steep) == round(80 * 4**-BUDGET_SHRINK)
+    assert probe_for(Cell(0, 1, 250), steep) == round(120 * 2**BUDGET_SHRINK)
+    one = [_answered(0, 1, 16000, 57.0)]
+    assert probe_for(Cell(0, 1, 32000), one) == round(57 * 2**-BUDGET_SHRINK)
+    others = [_answered(1, 1, 16000, 54.0), _answered(0, 2, 16000, 50.0), *one]
+    assert probe_for(Cell(0, 1, 16000), others) == 57  # its own function and depth first
+    assert probe_for(Cell(0, 3, 16000), others) == round(50 / DEPTH_FACTOR[2] * DEPTH_FACTOR[3])
+    assert probe_for(Cell(2, 1, 16000), [others[0]]) == 54  # another function, same cell
+
+
+def test_the_report_replays_the_probe_rule_on_the_committed_store():
+    """Per cell of results/frontier.db, in the order the recipe searches began: the probe each
+    used (the one stored with its search), and this version's rule on the answers finished
+    before then; the rule probes nearer the boundaries the cells found than the probes used."""
+    from pathlib import Path
+
+    from study.frontier import PROBE_ATTR
+    from study.report_frontier import frontier_answers, probe_lines, probe_table
+
+    storage = f"sqlite:///{Path(__file__).parent.parent / 'results/frontier.db'}"
+    answers = frontier_answers(storage)
+    table = probe_table(storage, answers)
+    assert sorted(table["cell"]) == sorted(a.cell.name for a in answers)
+    for cell, used in zip(table["cell"], table["probe used"], strict=True):
+        search = optuna.load_study(study_name=f"{cell}-recipe", storage=storage)
+        assert used == search.user_attrs[PROBE_ATTR]
+    known = list(table["answers known"])
+    assert known[0] == 0 and known == sorted(known) and known[-1] < len(answers)
+    first = table.iloc[0]
+    assert first["probe now"] == first["probe used"]  # nothing known: the same table
+
+    def off(column):
+        return (table[column] - table["fitted 90% crossing"]).abs()[table["answers known"] > 0]
+
+    assert off("probe now").mean() < off("probe used").mean()
+    lines = probe_lines(table)
+    assert lines[0] == "## How near the probes were"
+    assert f"{off('probe now').mean():.2f} neurons on average" in lines[2]
+
+
 TWO_PROCESSES = """
 import sys
 from study.config import BooleanSettings, FrontierGrid
