@@ -24,6 +24,7 @@ from study import choices, interrupt
 from study.config import (
     IMAGE_DATASETS,
     MAX_SEEDS,
+    RECHECK_SEED,
     SETTINGS_OF_KIND,
     FrontierGrid,
     FrontierPlan,
@@ -519,6 +520,21 @@ def cmd_frontier_report(args: argparse.Namespace) -> None:
     print(f"report: {out}/summary.md; answers: {answers}")
 
 
+def cmd_frontier_recheck(args: argparse.Namespace) -> None:
+    from study.recheck import read_answers, recheck
+
+    path = Path(args.answers) if args.answers else default_out("frontier") / "answers.json"
+    answers = read_answers(path, args.cells or ())
+    out = _out_dir(args.out or str(path.parent), "frontier")
+    log = (lambda *_: None) if args.quiet else print
+    rechecks = recheck(
+        answers, out, args.seeds, args.first_seed, args.processes, log, _command_line()
+    )
+    for r in rechecks:
+        print(r.line())
+    print(f"recheck: {out}/recheck.md and {out}/recheck.json")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from study.bench import (
         bench_boolean,
@@ -670,6 +686,26 @@ def _add_frontier(sub) -> None:
     report.add_argument("--out", help="directory (default results/runs/frontier)")
     report.add_argument("--answers", help="answers file (default OUT/answers.json)")
     report.set_defaults(func=cmd_frontier_report)
+    check = actions.add_parser(
+        "recheck",
+        help="retrain stated widths on seeds no run used, with the sequential trainer (resumes)",
+    )
+    check.add_argument(
+        "--answers", help="answers.json to read (default results/runs/frontier/answers.json)"
+    )
+    check.add_argument("--cells", nargs="+", metavar="STUDY", help="these answers only (names)")
+    check.add_argument("--seeds", type=_bounded_int(1, 100_000), default=48, help="per answer")
+    check.add_argument(
+        "--first-seed", type=_bounded_int(0, 2**31 - 100_001), default=RECHECK_SEED,
+        help=f"the seeds are FIRST-SEED onwards (default {RECHECK_SEED}: no run used them)",
+    )  # fmt: skip
+    check.add_argument(
+        "--processes", type=_bounded_int(1, 1024), default=os.cpu_count() or 1,
+        help="worker processes of one thread each (default: the cores)",
+    )  # fmt: skip
+    check.add_argument("--out", help="directory (default: the answers file's)")
+    check.add_argument("--quiet", action="store_true", help="only the verdicts")
+    check.set_defaults(func=cmd_frontier_recheck)
 
 
 def _add_store_commands(sub) -> None:

@@ -669,6 +669,10 @@ MAX_FRONTIER_DEPTH = 4
 MAX_BUDGET = 1_000_000
 MAX_FRONTIER_NEURONS = 512
 """Widest network (total hidden neurons) a frontier cell may search."""
+RECHECK_SEED = 9_000_000
+"""`study frontier recheck` trains on seeds RECHECK_SEED + i by default: no run of the frontier
+trains on them (its selection seeds are 2,000,000 + i, its held-out blocks start at 3,000,000
+and a cell would need more than 500 confirmation blocks to reach this one)."""
 
 
 @dataclass(frozen=True)

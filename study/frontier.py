@@ -187,6 +187,19 @@ def boundary_at(cell: FrontierCell, known: Sequence[FrontierAnswer]) -> float | 
     return math.exp(y0 - slope * (x - x0))
 
 
+def candidate_of(cell: FrontierCell, neurons: int, recipe: Recipe) -> BooleanCandidate:
+    """`neurons` of the cell trained with `recipe` for the cell's budget."""
+    return BooleanCandidate(
+        cell.profile(neurons),
+        recipe.learning_rate,
+        recipe.batch_size,
+        cell.budget,
+        recipe.lr_schedule,
+        recipe.warmup_fraction,
+        recipe.lr_floor,
+    )
+
+
 def cell_seed(cell: FrontierCell) -> int:
     """The recipe sampler's seed: the cell's own (stable across processes and versions)."""
     return zlib.crc32(cell.name.encode())
@@ -1141,15 +1154,7 @@ class CellRun:
         """Train every unit's seeds together as one population; return each unit's outcome."""
         runs = []
         for unit in units:
-            candidate = BooleanCandidate(
-                self.cell.profile(unit.neurons),
-                unit.recipe.learning_rate,
-                unit.recipe.batch_size,
-                self.cell.budget,
-                unit.recipe.lr_schedule,
-                unit.recipe.warmup_fraction,
-                unit.recipe.lr_floor,
-            )
+            candidate = candidate_of(self.cell, unit.neurons, unit.recipe)
             runs.append(
                 BooleanTrial(
                     candidate, unit.seeds, self.settings, prune=unit.prune, decisive=unit.decisive
