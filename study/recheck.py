@@ -240,7 +240,7 @@ def recheck(
             "code_commit": code_commit(),
             "torch_version": torch_version(),
             "command": command,
-            "rechecks": list(others.values()) + [r.to_dict() for r in results()],
+            "rechecks": [*others.values(), *(r.to_dict() for r in results() if r.seeds)],
         }
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(document, indent=1) + "\n")

@@ -501,3 +501,159 @@ def test_the_main_job_states_w_1_and_w_2(tmp_path):
     document = json.loads((tmp_path / "r" / "answers.json").read_text())
     assert [a["depth"] for a in document["answers"]] == [1, 2]
     assert document["answers"][0]["command"] == "study " + " ".join(run)
+
+
+# ----------------------------------------------------------------------------------------------
+# recheck
+
+
+def _answers_file(tmp_path, answer, name="answers.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "answers": [answer]}))
+    return path
+
+
+def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_store, tmp_path):
+    """`study frontier recheck` trains the stated width with its recipe and budget on seeds no
+    run used, as a network built and trained here by hand from answers.json's fields does;
+    a rerun with more seeds reads the first ones back, a changed recipe trains them anew."""
+    import torch
+
+    from study.config import RECHECK_SEED, TrainConfig
+    from study.data import boolean_function
+    from study.models import build_boolean_net
+    from study.trainer import train
+
+    _, answer, _ = cell_store
+    path = _answers_file(tmp_path, answer)
+    done = cli("frontier", "recheck", "--answers", str(path), "--seeds", "4", "--processes", "2")
+    assert done.returncode == 0, done.stderr
+    assert "4 to train on 2 processes" in done.stdout
+    document = json.loads((tmp_path / "recheck.json").read_text())
+    (entry,) = document["rechecks"]
+    assert entry["study"] == answer["study"] and entry["neurons"] == answer["neurons"]
+    seeds = entry["seeds"]
+    assert [s["seed"] for s in seeds] == list(range(RECHECK_SEED, RECHECK_SEED + 4))
+    assert entry["successes"] == sum(s["learned"] for s in seeds)
+    verdict = f"{entry['successes']}/4 recheck seeds"
+    assert (
+        verdict in done.stdout
+        and f"| {entry['successes']}/4 " in (tmp_path / "recheck.md").read_text()
+    )
+    recipe, fn = answer["recipe"], boolean_function(4, 0, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the recheck's workers
+    try:
+        for stored_seed in seeds[:2]:
+            config = TrainConfig(optimizer="adam", learning_rate=recipe["learning_rate"],
+                                 batch_size=recipe["batch_size"], epochs=answer["budget_epochs"],
+                                 lr_schedule=recipe["lr_schedule"],
+                                 warmup_fraction=recipe["warmup_fraction"],
+                                 lr_floor=recipe["lr_floor"], seed=stored_seed["seed"],
+                                 target_loss=answer["target_loss"])  # fmt: skip
+            net = build_boolean_net(answer["profile"], 4, 3, stored_seed["seed"])
+            result = train(net, fn.task(), config)
+            assert stored_seed["learned"] == result.reached_target
+            assert stored_seed["epochs"] == result.history[-1].epoch
+    finally:
+        torch.set_num_threads(threads)
+    more = cli("frontier", "recheck", "--answers", str(path), "--seeds", "6", "--quiet")
+    assert more.returncode == 0, more.stderr
+    again = json.loads((tmp_path / "recheck.json").read_text())["rechecks"][0]
+    assert again["seeds"][:4] == seeds and len(again["seeds"]) == 6
+    changed = {**answer, "recipe": {**recipe, "learning_rate": recipe["learning_rate"] / 2}}
+    _answers_file(tmp_path, changed)
+    anew = cli("frontier", "recheck", "--answers", str(path), "--seeds", "2")
+    assert anew.returncode == 0 and "2 to train" in anew.stdout, anew.stderr
+
+
+def test_a_recheck_says_when_a_width_falls_short():
+    """Short of the required rate: fewer successes than would happen 5% of the time there."""
+    from scipy.stats import binom
+
+    from study.recheck import Recheck, SeedResult
+
+    answer = SimpleNamespace(plan=SimpleNamespace(required_rate=0.9))
+    for successes, holds in ((43, True), (40, True), (39, False), (30, False)):
+        seeds = tuple(SeedResult(i, i < successes, 10, 0.1, 0.1) for i in range(48))
+        check = Recheck(answer, seeds)
+        assert check.chance == pytest.approx(binom.cdf(successes, 48, 0.9))
+        assert check.holds is holds, successes
+    assert binom.cdf(40, 48, 0.9) >= 0.05 > binom.cdf(39, 48, 0.9)
+
+
+def test_recheck_seeds_are_no_runs_seeds():
+    from study.config import MAX_SEEDS, RECHECK_SEED
+    from study.frontier import HELDOUT_BLOCK, first_seed
+
+    assert SELECTION_SEED + MAX_SEEDS < HELDOUT_SEED
+    # confirmation blocks CONFIRM_BLOCK .. CONFIRM_BLOCK + 499 all end below the recheck seeds
+    assert first_seed(CONFIRM_BLOCK + 499) + HELDOUT_BLOCK <= RECHECK_SEED
+
+
+def test_recheck_bad_input_is_one_line(cell_store, tmp_path):
+    _, answer, _ = cell_store
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "old.json").write_text(json.dumps([answer]))
+    good = _answers_file(tmp_path, answer)
+    cases = {
+        ("--answers", str(tmp_path / "none.json")): "does not exist",
+        ("--answers", str(tmp_path / "bad.json")): "cannot read",
+        ("--answers", str(tmp_path / "old.json")): "not a frontier answers file",
+        ("--answers", str(good), "--cells", "frontier-f9-d1-b200"): "not in",
+        ("--answers", str(good), "--seeds", "0"): "--seeds",
+    }
+    for args, words in cases.items():
+        done = cli("frontier", "recheck", *args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert words in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "recheck.json").exists()
+
+
+@pytest.mark.parametrize(("signum", "status"), [(2, 130), (15, 143)])
+def test_a_stopped_recheck_keeps_its_seeds_and_its_workers_end(cell_store, tmp_path, signum,
+                                                               status):  # fmt: skip
+    """Ctrl-C or SIGTERM: the workers end, the seeds done stay in recheck.json (one line says
+    so; an answer not reached yet is not written), and the same command with as many seeds
+    trains none again."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    _, answer, _ = cell_store
+    shorter = {**answer, "study": "frontier-f0-d1-b100", "budget_epochs": 100}
+    path = tmp_path / "answers.json"
+    path.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "answers": [answer, shorter]}))
+    args = [sys.executable, "-m", "study.cli", "frontier", "recheck", "--answers", str(path)]
+    parent = subprocess.Popen([*args, "--seeds", "5000", "--processes", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    stored = tmp_path / "recheck.json"
+    deadline = time.monotonic() + 120
+    while not stored.exists() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stored.exists(), parent.stderr.read() if parent.poll() is not None else "too slow"
+    children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
+                              text=True).stdout.split()  # fmt: skip
+    parent.send_signal(signum)
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == status, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("study: ") and "run it again to resume" in last, stderr
+    for pid in map(int, children):
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"worker {pid} still running")
+    (entry,) = json.loads(stored.read_text())["rechecks"]
+    seeds, kept = entry["seeds"], len(entry["seeds"])
+    assert entry["study"] == answer["study"] and kept >= 1 and f"{kept} recheck seeds kept" in last
+    again = subprocess.run([*args, "--seeds", str(kept), "--cells", answer["study"]],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 0 and "0 to train" in again.stdout, again.stderr
+    assert json.loads(stored.read_text())["rechecks"][0]["seeds"] == seeds
