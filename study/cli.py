@@ -528,8 +528,9 @@ def cmd_frontier_recheck(args: argparse.Namespace) -> None:
     out = _out_dir(args.out or str(path.parent), "frontier")
     log = (lambda *_: None) if args.quiet else print
     rechecks = recheck(
-        answers, out, args.seeds, args.first_seed, args.processes, log, _command_line()
-    )
+        answers, out, args.seeds, args.first_seed, args.processes, log, _command_line(),
+        args.engine,
+    )  # fmt: skip
     for r in rechecks:
         print(r.line())
     print(f"recheck: {out}/recheck.md and {out}/recheck.json")
@@ -701,7 +702,13 @@ def _add_frontier(sub) -> None:
     )  # fmt: skip
     check.add_argument(
         "--processes", type=_bounded_int(1, 1024), default=os.cpu_count() or 1,
-        help="worker processes of one thread each (default: the cores)",
+        help="worker processes of one thread each, or the population's threads (default: the "
+        "cores)",
+    )  # fmt: skip
+    check.add_argument(
+        "--engine", choices=("sequential", "population"), default="sequential",
+        help="sequential: one network at a time, in --processes workers (default); population: "
+        "the engine the answers were stated with, on --processes threads",
     )  # fmt: skip
     check.add_argument("--out", help="directory (default: the answers file's)")
     check.add_argument("--quiet", action="store_true", help="only the verdicts")

@@ -9,9 +9,12 @@ confirmation block); a seed counts when it learns f (the target loss with every 
 Each answer gets its rate on those seeds, the exact 95% interval, and the chance of so few
 successes were its true rate the required one (below 5%: it does not hold up).
 
-Seeds are written to recheck.json as they end; a rerun with the same answers and seeds reads
-them back, so a long recheck resumes. Seeds train in worker processes of one thread each (on
-two cores, two single-thread processes beat one process with two threads on these tiny nets).
+Seeds train in worker processes of one thread each (on two cores, two single-thread processes
+beat one process with two threads on these tiny nets) and are written to recheck.json as they
+end; a rerun with the same answers and seeds reads them back, so a long recheck resumes.
+`--engine population` trains them with the engine the answers were stated with instead (all
+seeds of an answer at once; kept answer by answer), to tell a difference of engines from one of
+seeds: the two are stored side by side.
 """
 
 from __future__ import annotations
@@ -98,10 +101,10 @@ class Recheck:
             f"P(<= {self.successes} | {a.plan.required_rate:.0%}) = {self.chance:.3f}: {verdict}"
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, engine: str) -> dict[str, Any]:
         a = self.answer
         return {
-            **_identity(a),
+            **_identity(a, engine),
             "profile": list(a.width.profile),
             "confirmation": [a.rate.successes, a.rate.seeds],
             "successes": self.successes,
@@ -113,7 +116,7 @@ class Recheck:
         }
 
 
-def _identity(a: FrontierAnswer) -> dict[str, Any]:
+def _identity(a: FrontierAnswer, engine: str) -> dict[str, Any]:
     """What a recheck seed's result depends on: a stored seed is reused only when this agrees."""
     return {
         "study": a.cell.name,
@@ -123,7 +126,8 @@ def _identity(a: FrontierAnswer) -> dict[str, Any]:
         "target_loss": a.settings.target_loss,
         "input_bits": a.settings.input_bits,
         "output_bits": a.settings.output_bits,
-        "engine": "sequential",
+        "required_rate": a.plan.required_rate,
+        "engine": engine,
     }
 
 
@@ -155,11 +159,12 @@ def read_answers(path: Path, studies: Sequence[str] = ()) -> list[FrontierAnswer
     return [by_name[name] for name in dict.fromkeys(studies)]
 
 
-def _stored(path: Path) -> dict[str, dict]:
-    """The rechecks already in recheck.json, by study (nothing for a file from elsewhere)."""
+def _stored(path: Path) -> dict[tuple[str, str], dict]:
+    """The rechecks already in recheck.json, by study and engine (nothing for a file from
+    elsewhere)."""
     try:
         document = json.loads(path.read_text())
-        return {entry["study"]: entry for entry in document["rechecks"]}
+        return {(entry["study"], entry["engine"]): entry for entry in document["rechecks"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -198,6 +203,37 @@ def train_seed(job: tuple[dict, int]) -> tuple[str, SeedResult]:
     )
 
 
+ENGINES = ("sequential", "population")
+"""The sequential trainer (one network at a time, in worker processes) or the population engine
+the frontier states its answers with (every seed of an answer at once, in this process)."""
+
+
+def train_population(entry: dict, seeds: Sequence[int], threads: int) -> list[SeedResult]:
+    """Train recheck seeds of an answer together with the population engine."""
+    from study.boolean_trial import BooleanTrial, train_together
+    from study.data import boolean_function
+
+    a = FrontierAnswer.from_dict(entry)
+    settings = replace(
+        a.settings, function_seed=a.cell.function_seed, required_share=a.plan.required_rate
+    )
+    fn = boolean_function(settings.input_bits, a.cell.function_seed, settings.output_bits)
+    trial = BooleanTrial(
+        candidate_of(a.cell, a.neurons, a.recipe), seeds, settings, prune=False, decisive=False
+    )
+    train_together([trial], fn, threads, watch=interrupt.check)
+    return [
+        SeedResult(
+            run.seed,
+            bool(run.learned),
+            int(run.result.history[-1].epoch) if len(run.result.history) else 0,
+            float(run.best_loss),
+            round(run.result.seconds, 3),
+        )
+        for run in trial.outcome().runs
+    ]
+
+
 def recheck(
     answers: Sequence[FrontierAnswer],
     out: Path,
@@ -206,23 +242,28 @@ def recheck(
     processes: int = 2,
     log: Callable[[str], None] = print,
     command: str = "",
+    engine: str = "sequential",
 ) -> list[Recheck]:
-    """Retrain every answer on seeds first .. first + seeds - 1; write recheck.json (after every
-    seed) and recheck.md in `out`; return the rechecks in the answers' order."""
+    """Retrain every answer on seeds first .. first + seeds - 1 with `engine`; write
+    recheck.json (as seeds end) and recheck.md (every recheck stored there) in `out`; return
+    this call's rechecks in the answers' order."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     path = out / "recheck.json"
     stored = _stored(path)
     done: dict[str, dict[int, SeedResult]] = {a.cell.name: {} for a in answers}
     wanted = range(first, first + seeds)
     for a in answers:
-        entry = stored.get(a.cell.name)
-        if entry is not None and all(entry.get(k) == v for k, v in _identity(a).items()):
+        entry = stored.get((a.cell.name, engine))
+        if entry is not None and all(entry.get(k) == v for k, v in _identity(a, engine).items()):
             kept = [SeedResult(**s) for s in entry["seeds"] if s["seed"] in wanted]
             done[a.cell.name] = {s.seed: s for s in kept}
     jobs = [(a.to_dict(), s) for a in answers for s in wanted if s not in done[a.cell.name]]
     reused = len(answers) * seeds - len(jobs)
+    where = f"{processes} processes" if engine == "sequential" else f"{processes} threads"
     log(
         f"recheck: {len(answers)} answers x {seeds} seeds ({first}..{first + seeds - 1}), "
-        f"{len(jobs)} to train on {processes} processes"
+        f"{len(jobs)} to train with the {engine} engine on {where}"
         + (f", {reused} read back from {path}" if reused else "")
     )
 
@@ -232,93 +273,124 @@ def recheck(
             for a in answers
         ]
 
-    def save() -> None:
-        others = {k: v for k, v in stored.items() if k not in done}
-        document = {
-            "schema_version": 1,
+    def provenance() -> dict[str, Any]:
+        return {
+            "engine": engine,
             "first_seed": first,
             "code_commit": code_commit(),
             "torch_version": torch_version(),
             "command": command,
-            "rechecks": [*others.values(), *(r.to_dict() for r in results() if r.seeds)],
         }
+
+    def save() -> None:
+        ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance()}
+                for r in results() if r.seeds}  # fmt: skip
+        document = {"schema_version": 1, "rechecks": list({**stored, **ours}.values())}
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(document, indent=1) + "\n")
         os.replace(temporary, path)
 
+    def ended(name: str, result: SeedResult, count: int) -> None:
+        done[name][result.seed] = result
+        log(
+            f"{name}: seed {result.seed} "
+            f"{'learned f' if result.learned else 'did not learn f'} "
+            f"(epoch {result.epochs}, best loss {result.best_loss:.2e}, "
+            f"{result.seconds:.0f} s); {count}/{len(jobs)}"
+        )
+
     if jobs:
         out.mkdir(parents=True, exist_ok=True)
-        context = multiprocessing.get_context("spawn")
-        pool = context.Pool(min(processes, len(jobs)), initializer=_worker_start)
         try:
             with interrupt.watching():
-                ended = pool.imap_unordered(train_seed, jobs)
-                for count in range(1, len(jobs) + 1):
-                    while True:
-                        interrupt.check()
-                        try:
-                            name, result = ended.next(timeout=WAIT_SECONDS)
-                            break
-                        except multiprocessing.TimeoutError:
+                if engine == "sequential":
+                    _train_in_workers(jobs, processes, ended, save)
+                else:
+                    count = 0
+                    for a in answers:
+                        todo = [s for s in wanted if s not in done[a.cell.name]]
+                        if not todo:
                             continue
-                    done[name][result.seed] = result
-                    save()
-                    log(
-                        f"{name}: seed {result.seed} "
-                        f"{'learned f' if result.learned else 'did not learn f'} "
-                        f"(epoch {result.epochs}, best loss {result.best_loss:.2e}, "
-                        f"{result.seconds:.0f} s); {count}/{len(jobs)}"
-                    )
+                        for result in train_population(a.to_dict(), todo, processes):
+                            count += 1
+                            ended(a.cell.name, result, count)
+                        save()
         except KeyboardInterrupt as stopped:
             stop = interrupt.stop_of(stopped) or interrupt.CTRL_C
             kept = sum(len(d) for d in done.values())
             raise interrupt.Stopped(
                 stop, f"{stop.words}: {kept} recheck seeds kept in {path}; run it again to resume"
             ) from None
-        finally:
-            pool.terminate()
-            pool.join()
     out.mkdir(parents=True, exist_ok=True)
     save()
-    rechecks = results()
-    (out / "recheck.md").write_text(recheck_markdown(rechecks, first, command))
-    return rechecks
+    (out / "recheck.md").write_text(recheck_markdown(list(_stored(path).values())))
+    return results()
 
 
-def recheck_markdown(rechecks: Sequence[Recheck], first: int, command: str = "") -> str:
-    """recheck.md: one row per answer, and how the rechecks were made."""
+def _train_in_workers(jobs, processes: int, ended, save) -> None:
+    """The sequential engine: one seed per job, in single-thread worker processes; `ended` and
+    `save` after every seed."""
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(min(processes, len(jobs)), initializer=_worker_start)
+    try:
+        results = pool.imap_unordered(train_seed, jobs)
+        for count in range(1, len(jobs) + 1):
+            while True:
+                interrupt.check()
+                try:
+                    name, result = results.next(timeout=WAIT_SECONDS)
+                    break
+                except multiprocessing.TimeoutError:
+                    continue
+            ended(name, result, count)
+            save()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def recheck_markdown(entries: Sequence[dict]) -> str:
+    """recheck.md: one row per recheck in recheck.json (each engine its own), and how they
+    were made."""
     rows = []
-    for r in rechecks:
-        a, (low, high) = r.answer, r.interval
+    for e in sorted(entries, key=lambda e: (e["study"], e["engine"] != "sequential")):
+        low, high = e["interval_95"]
         rows.append(
             {
-                "cell": a.cell.name,
-                "stated width": f"{a.neurons} {list(a.width.profile)}",
-                "budget (epochs)": a.cell.budget,
-                "confirmed": f"{a.rate.successes}/{a.rate.seeds}",
-                "recheck": f"{r.successes}/{len(r.seeds)}",
+                "cell": e["study"],
+                "stated width": f"{e['neurons']} {e['profile']}",
+                "budget (epochs)": e["budget_epochs"],
+                "confirmed": "/".join(map(str, e["confirmation"])),
+                "engine": e["engine"],
+                "recheck": f"{e['successes']}/{e['seeds_trained']}",
                 "95% interval": f"{low:.2f}..{high:.2f}",
-                f"chance of so few at {a.plan.required_rate:.0%}": f"{r.chance:.3f}",
-                "holds up": "yes" if r.holds else "no",
-                "median epochs (learned)": _median([s.epochs for s in r.seeds if s.learned]),
+                "chance of so few at the required rate": f"{e['chance_at_required_rate']:.3f}",
+                "holds up": "yes" if e["holds"] else "no",
+                "median epochs (learned)": _median(e["seeds"]),
             }
         )
+    firsts = sorted({e["first_seed"] for e in entries})
     lines = [
         "# Recheck of the stated widths",
         "",
         "Each stated width retrained with its own recipe and budget on seeds no run of the "
-        f"frontier used ({first} onwards), by the sequential trainer (one network at a time; "
-        "the answers were stated with the population engine), every seed to the end of its "
-        "budget unless it reached the target first. A width holds up unless so few successes "
-        f"would happen less than {SHORT_OF:.0%} of the time at the required rate.",
+        f"frontier used ({', '.join(map(str, firsts))} onwards): by the sequential trainer (one "
+        "network at a time, an engine the answers were not stated with) and, where shown, by the "
+        "population engine they were stated with, every seed to the end of its budget unless it "
+        "reached the target first. A width holds up unless so few successes would happen less "
+        f"than {SHORT_OF:.0%} of the time at the required rate.",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",
+        "Produced by:",
+        "",
+        *sorted({f"- `{e['command']}`" for e in entries if e.get("command")}),
+        "",
     ]
-    if command:
-        lines += [f"Produced by: `{command}`", ""]
     return "\n".join(lines)
 
 
-def _median(values: Sequence[int]) -> str:
+def _median(seeds: Sequence[dict]) -> str:
+    """The median epoch at which the seeds that learned f reached the target."""
+    values = [s["epochs"] for s in seeds if s["learned"]]
     return f"{statistics.median(values):,.0f}" if values else ""

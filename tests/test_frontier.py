@@ -528,7 +528,7 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     path = _answers_file(tmp_path, answer)
     done = cli("frontier", "recheck", "--answers", str(path), "--seeds", "4", "--processes", "2")
     assert done.returncode == 0, done.stderr
-    assert "4 to train on 2 processes" in done.stdout
+    assert "4 to train with the sequential engine on 2 processes" in done.stdout
     document = json.loads((tmp_path / "recheck.json").read_text())
     (entry,) = document["rechecks"]
     assert entry["study"] == answer["study"] and entry["neurons"] == answer["neurons"]
@@ -561,6 +561,17 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     assert more.returncode == 0, more.stderr
     again = json.loads((tmp_path / "recheck.json").read_text())["rechecks"][0]
     assert again["seeds"][:4] == seeds and len(again["seeds"]) == 6
+    # the engine the answer was stated with, on the same seeds, stored beside the sequential
+    population = cli("frontier", "recheck", "--answers", str(path), "--seeds", "4",
+                     "--engine", "population", "--processes", "2")  # fmt: skip
+    assert population.returncode == 0, population.stderr
+    assert "4 to train with the population engine on 2 threads" in population.stdout
+    stored = json.loads((tmp_path / "recheck.json").read_text())["rechecks"]
+    both = {e["engine"]: e for e in stored}
+    assert both["sequential"] == again
+    assert [s["seed"] for s in both["population"]["seeds"]] == [s["seed"] for s in seeds]
+    table = (tmp_path / "recheck.md").read_text()
+    assert "| sequential " in table and "| population " in table
     changed = {**answer, "recipe": {**recipe, "learning_rate": recipe["learning_rate"] / 2}}
     _answers_file(tmp_path, changed)
     anew = cli("frontier", "recheck", "--answers", str(path), "--seeds", "2")
