@@ -256,7 +256,7 @@ def recheck(
     for a in answers:
         entry = stored.get((a.cell.name, engine))
         if entry is not None and all(entry.get(k) == v for k, v in _identity(a, engine).items()):
-            kept = [SeedResult(**s) for s in entry["seeds"] if s["seed"] in wanted]
+            kept = [SeedResult(**s) for s in entry["seeds"]]
             done[a.cell.name] = {s.seed: s for s in kept}
     jobs = [(a.to_dict(), s) for a in answers for s in wanted if s not in done[a.cell.name]]
     reused = len(answers) * seeds - len(jobs)
@@ -267,9 +267,14 @@ def recheck(
         + (f", {reused} read back from {path}" if reused else "")
     )
 
-    def results() -> list[Recheck]:
+    trained: set[str] = set()
+
+    def results(every: bool = False) -> list[Recheck]:
+        """The wanted seeds done (`every`: every seed stored too, as recheck.json keeps them)."""
         return [
-            Recheck(a, tuple(done[a.cell.name][s] for s in wanted if s in done[a.cell.name]))
+            Recheck(
+                a, tuple(r for s, r in sorted(done[a.cell.name].items()) if every or s in wanted)
+            )
             for a in answers
         ]
 
@@ -283,8 +288,9 @@ def recheck(
         }
 
     def save() -> None:
+        # an answer this call trained seeds of (one only read back stays as it was stored)
         ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance()}
-                for r in results() if r.seeds}  # fmt: skip
+                for r in results(every=True) if r.answer.cell.name in trained}  # fmt: skip
         document = {"schema_version": 1, "rechecks": list({**stored, **ours}.values())}
         temporary = path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(document, indent=1) + "\n")
@@ -292,6 +298,7 @@ def recheck(
 
     def ended(name: str, result: SeedResult, count: int) -> None:
         done[name][result.seed] = result
+        trained.add(name)
         log(
             f"{name}: seed {result.seed} "
             f"{'learned f' if result.learned else 'did not learn f'} "

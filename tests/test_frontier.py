@@ -561,6 +561,11 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     assert more.returncode == 0, more.stderr
     again = json.loads((tmp_path / "recheck.json").read_text())["rechecks"][0]
     assert again["seeds"][:4] == seeds and len(again["seeds"]) == 6
+    fewer = cli("frontier", "recheck", "--answers", str(path), "--seeds", "2", "--quiet")
+    first_two = sum(s["learned"] for s in seeds[:2])
+    assert fewer.returncode == 0 and f"{first_two}/2 recheck seeds" in fewer.stdout, fewer.stdout
+    kept = json.loads((tmp_path / "recheck.json").read_text())["rechecks"][0]
+    assert kept == again  # nothing trained: the stored recheck stays as it was, all six seeds
     # the engine the answer was stated with, on the same seeds, stored beside the sequential
     population = cli("frontier", "recheck", "--answers", str(path), "--seeds", "4",
                      "--engine", "population", "--processes", "2")  # fmt: skip
