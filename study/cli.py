@@ -24,6 +24,7 @@ from study import choices, interrupt
 from study.config import (
     IMAGE_DATASETS,
     MAX_SEEDS,
+    RECHECK_ENGINES,
     RECHECK_SEED,
     SETTINGS_OF_KIND,
     FrontierGrid,
@@ -392,8 +393,8 @@ def cmd_delete(args: argparse.Namespace) -> None:
             print("nothing deleted")
             return
     optuna.delete_study(study_name=args.name, storage=open_storage(args.storage))
-    store = artifact_store(args.storage, create=False) if files else None
-    for artifact_id in files if store is not None else []:
+    store = artifact_store(args.storage, create=False) if files else None  # None: none left
+    for artifact_id in files if store else ():
         with contextlib.suppress(ArtifactNotFound):  # removed by hand before
             store.remove(artifact_id)
     print(f"deleted study {args.name!r} ({what}) from {where}")
@@ -706,7 +707,7 @@ def _add_frontier(sub) -> None:
         "cores)",
     )  # fmt: skip
     check.add_argument(
-        "--engine", choices=("sequential", "population"), default="sequential",
+        "--engine", choices=RECHECK_ENGINES, default=RECHECK_ENGINES[0],
         help="sequential: one network at a time, in --processes workers (default); population: "
         "the engine the answers were stated with, on --processes threads",
     )  # fmt: skip

@@ -673,6 +673,10 @@ RECHECK_SEED = 9_000_000
 """`study frontier recheck` trains on seeds RECHECK_SEED + i by default: no run of the frontier
 trains on them (its selection seeds are 2,000,000 + i, its held-out blocks start at 3,000,000
 and a cell would need more than 500 confirmation blocks to reach this one)."""
+RECHECK_ENGINES = ("sequential", "population")
+"""What `study frontier recheck` trains with: the sequential trainer (one network at a time, in
+worker processes) or the population engine the frontier states its answers with (every seed of
+an answer at once)."""
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from study import interrupt
-from study.config import RECHECK_SEED
+from study.config import RECHECK_ENGINES, RECHECK_SEED
 from study.errors import ConfigError
 from study.frontier import (
     SCHEMA_VERSION,
@@ -44,6 +44,10 @@ from study.frontier import (
     torch_version,
 )
 from study.tables import markdown_table
+
+if TYPE_CHECKING:
+    from study.boolean_trial import BooleanTrial, SeedRun
+    from study.data import BooleanFunction
 
 WAIT_SECONDS = 0.5
 """How often the parent looks for a stop while its workers train."""
@@ -61,6 +65,12 @@ class SeedResult:
     epochs: int
     best_loss: float
     seconds: float
+
+    @classmethod
+    def of(cls, run: SeedRun, seconds: float) -> SeedResult:
+        history = run.result.history
+        epochs = int(history[-1].epoch) if len(history) else 0
+        return cls(run.seed, bool(run.learned), epochs, float(run.best_loss), round(seconds, 3))
 
 
 @dataclass(frozen=True)
@@ -177,61 +187,39 @@ def _worker_start() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_seed(job: tuple[dict, int]) -> tuple[str, SeedResult]:
-    """Train one recheck seed of an answer (given as its answers.json entry)."""
-    from study.boolean_trial import BooleanTrial, train_seeds
+def _trial(entry: dict, seeds: Sequence[int]) -> tuple[str, BooleanTrial, BooleanFunction]:
+    """An answer (its answers.json entry) as a trial of its stated width and recipe on `seeds`,
+    every seed trained to the end of its budget unless it reaches the target (no pruning, as a
+    confirmation block); its cell's name and function with it."""
+    from study.boolean_trial import BooleanTrial
     from study.data import boolean_function
 
-    entry, seed = job
-    a = FrontierAnswer.from_dict(entry)
-    settings = replace(
-        a.settings, function_seed=a.cell.function_seed, required_share=a.plan.required_rate
-    )
-    fn = boolean_function(settings.input_bits, a.cell.function_seed, settings.output_bits)
+    a = FrontierAnswer.from_dict(entry)  # its settings: the cell's function and required rate
+    s = a.settings
     trial = BooleanTrial(
-        candidate_of(a.cell, a.neurons, a.recipe), [seed], settings, prune=False, decisive=False
+        candidate_of(a.cell, a.neurons, a.recipe), seeds, s, prune=False, decisive=False
     )
+    return a.cell.name, trial, boolean_function(s.input_bits, s.function_seed, s.output_bits)
+
+
+def train_seed(job: tuple[dict, int]) -> tuple[str, SeedResult]:
+    """The sequential engine: train one recheck seed of an answer, in a worker."""
+    from study.boolean_trial import train_seeds
+
+    entry, seed = job
+    name, trial, fn = _trial(entry, [seed])
     started = time.perf_counter()
-    run = train_seeds(trial, fn).outcome().runs[0]
-    history = run.result.history
-    return a.cell.name, SeedResult(
-        seed,
-        bool(run.learned),
-        int(history[-1].epoch) if len(history) else 0,
-        float(run.best_loss),
-        round(time.perf_counter() - started, 3),
-    )
-
-
-ENGINES = ("sequential", "population")
-"""The sequential trainer (one network at a time, in worker processes) or the population engine
-the frontier states its answers with (every seed of an answer at once, in this process)."""
+    (run,) = train_seeds(trial, fn).outcome().runs
+    return name, SeedResult.of(run, time.perf_counter() - started)
 
 
 def train_population(entry: dict, seeds: Sequence[int], threads: int) -> list[SeedResult]:
-    """Train recheck seeds of an answer together with the population engine."""
-    from study.boolean_trial import BooleanTrial, train_together
-    from study.data import boolean_function
+    """The population engine: train recheck seeds of an answer together, in this process."""
+    from study.boolean_trial import train_together
 
-    a = FrontierAnswer.from_dict(entry)
-    settings = replace(
-        a.settings, function_seed=a.cell.function_seed, required_share=a.plan.required_rate
-    )
-    fn = boolean_function(settings.input_bits, a.cell.function_seed, settings.output_bits)
-    trial = BooleanTrial(
-        candidate_of(a.cell, a.neurons, a.recipe), seeds, settings, prune=False, decisive=False
-    )
+    _, trial, fn = _trial(entry, seeds)
     train_together([trial], fn, threads, watch=interrupt.check)
-    return [
-        SeedResult(
-            run.seed,
-            bool(run.learned),
-            int(run.result.history[-1].epoch) if len(run.result.history) else 0,
-            float(run.best_loss),
-            round(run.result.seconds, 3),
-        )
-        for run in trial.outcome().runs
-    ]
+    return [SeedResult.of(run, run.result.seconds) for run in trial.outcome().runs]
 
 
 def recheck(
@@ -247,8 +235,8 @@ def recheck(
     """Retrain every answer on seeds first .. first + seeds - 1 with `engine`; write
     recheck.json (as seeds end) and recheck.md (every recheck stored there) in `out`; return
     this call's rechecks in the answers' order."""
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine not in RECHECK_ENGINES:
+        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(RECHECK_ENGINES)}")
     path = out / "recheck.json"
     stored = _stored(path)
     done: dict[str, dict[int, SeedResult]] = {a.cell.name: {} for a in answers}
@@ -278,18 +266,17 @@ def recheck(
             for a in answers
         ]
 
-    def provenance() -> dict[str, Any]:
-        return {
-            "engine": engine,
-            "first_seed": first,
-            "code_commit": code_commit(),
-            "torch_version": torch_version(),
-            "command": command,
-        }
+    provenance = {  # once: the commit is read with git
+        "engine": engine,
+        "first_seed": first,
+        "code_commit": code_commit(),
+        "torch_version": torch_version(),
+        "command": command,
+    }
 
     def save() -> None:
         # an answer this call trained seeds of (one only read back stays as it was stored)
-        ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance()}
+        ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance}
                 for r in results(every=True) if r.answer.cell.name in trained}  # fmt: skip
         document = {"schema_version": 1, "rechecks": list({**stored, **ours}.values())}
         temporary = path.with_suffix(".json.tmp")
