@@ -9,9 +9,9 @@ confirmation block); a seed counts when it learns f (the target loss with every 
 Each answer gets its rate on those seeds, the exact 95% interval, and the chance of so few
 successes were its true rate the required one (below 5%: it does not hold up).
 
-Seeds train in worker processes of one thread each (on two cores, two single-thread processes
-beat one process with two threads on these tiny nets) and are written to recheck.json as they
-end; a rerun with the same answers and seeds reads them back, so a long recheck resumes.
+Seeds train in worker processes of one thread each, one process per core by default, and are
+written to recheck.json as they end; a rerun with the same answers and seeds reads them back,
+so a long recheck resumes.
 `--engine population` trains them with the engine the answers were stated with instead (all
 seeds of an answer at once; kept answer by answer), to tell a difference of engines from one of
 seeds: the two are stored side by side.
