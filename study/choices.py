@@ -43,8 +43,11 @@ BEFORE_CHOICES = {"image": "median", "boolean": "target-unreachable"}
 
 
 def stored_run(study: optuna.Study, kind: str) -> dict:
-    """The sampler and pruner a stored study runs with."""
-    return {"sampler": "tpe", "pruner": BEFORE_CHOICES[kind], **study.user_attrs.get(RUN_ATTR, {})}
+    """The sampler and pruner (and an image study's fidelity) a stored study runs with."""
+    before = {"sampler": "tpe", "pruner": BEFORE_CHOICES[kind]}
+    if kind == "image":
+        before["fidelity"] = "fixed"  # studies stored before plans existed
+    return {**before, **study.user_attrs.get(RUN_ATTR, {})}
 
 
 def pruners_for(kind: str) -> tuple[str, ...]:

@@ -537,6 +537,10 @@ def cmd_frontier_recheck(args: argparse.Namespace) -> None:
     print(f"recheck: {out}/recheck.md and {out}/recheck.json")
 
 
+BENCH_MINUTES = {"pruners": 15.0, "hour": 60.0}
+"""The default --minutes of the benches that take a budget."""
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from study.bench import (
         bench_boolean,
@@ -554,14 +558,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_cnn(args.data_dir, args.device, repeats=args.repeats)
     elif args.what == "boolean":
         bench_boolean(trials=args.trials or 32, epochs=args.epochs or 250, device_name=args.device)
-    elif args.what == "pruners":
+    elif args.what in ("pruners", "hour"):
+        args.minutes = args.minutes if args.minutes is not None else BENCH_MINUTES[args.what]
         if not (args.minutes > 0 and args.minutes <= 10_000):  # also refuses NaN
             raise ConfigError(f"--minutes: must be a number from 0 to 10000, got {args.minutes}")
+    if args.what == "hour":
+        from study.bench_hour import bench_hour
+
+        RunOptions(trials=1, sampler_seed=args.sampler_seed, precision=args.precision,
+                   workers=args.workers)  # checked before anything runs  # fmt: skip
+        out = _out_dir(args.out, "bench", "--out")
+        run = bench_hour(default_storage() if args.storage is None else args.storage, out,
+                         space=args.study or "fashion-cnn", precision=args.precision,
+                         sampler_seed=args.sampler_seed, minutes=args.minutes,
+                         workers=args.workers, data_dir=args.data_dir)  # fmt: skip
+        print(f"bench hour: {run['study_name']}: test {run['test_accuracy_mean']:.4f} against "
+              f"the baseline hour's {run['baseline_hour_test_accuracy_mean']:.4f} "
+              f"({run['gain_points']:+.2f} points); {out}/hour-cpu.md")  # fmt: skip
+    elif args.what == "pruners":
         pruners = tuple(p.strip() for p in args.pruners.split(",") if p.strip())
         for pruner in pruners:
             choices.check(None, pruner, "image")
         bench_pruners(minutes=args.minutes, repeats=args.repeats, data_dir=args.data_dir,
-                      study=args.study, pruners=pruners)  # fmt: skip
+                      study=args.study or "fashion-mlp", pruners=pruners)  # fmt: skip
     elif args.what == "claims":
         bench_claims(trials=args.trials or 2000)
     elif args.what == "long":
@@ -741,7 +760,7 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "cnn", "boolean", "long", "step", "pruners", "claims"],
+        choices=["trainer", "cnn", "boolean", "long", "step", "pruners", "claims", "hour"],
         help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); cnn: a plain "
         "DataLoader script vs the trainer on the fashion-cnn baseline network (fp32, bf16; "
         "threads or processes); boolean: tutorial "
@@ -749,7 +768,9 @@ def _add_bench(sub) -> None:
         "(member-epochs per second, memory per 1,000 members); step: the candidates for a "
         "population step (eager, torch.compile, native kernel); pruners: median against "
         "hyperband for fashion-mlp under one time budget; claims: claiming and reaping "
-        "trials, one call per trial against chunks of them per transaction",
+        "trials, one call per trial against chunks of them per transaction; hour: the search "
+        "hour (study run --timeout, with its export) against the space's baseline trained for "
+        "the same hour, three seeds each, into results/bench/hour-cpu.json (resumes)",
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
@@ -761,13 +782,25 @@ def _add_bench(sub) -> None:
                    help="boolean: epochs each (250); long: epochs (4000)")  # fmt: skip
     p.add_argument("--members", type=_bounded_int(1, 100_000), default=64,
                    help="long: members (64)")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=15.0, help="pruners: minutes per study")
+    p.add_argument("--minutes", type=float,
+                   help="pruners: minutes per study (15); hour: the budget (60)")  # fmt: skip
     p.add_argument(
         "--study",
         choices=["fashion-mlp", "fashion-cnn"],
-        default="fashion-mlp",
-        help="pruners: the image study (fashion-mlp)",
+        help="pruners: the image study (fashion-mlp); hour: the space (fashion-cnn)",
     )
+    p.add_argument("--precision", default="auto",
+                   help="hour: auto (bf16 where native) or fp32")  # fmt: skip
+    p.add_argument("--sampler-seed", type=_bounded_int(0, 2**31), default=0,
+                   help="hour: the search's sampler seed (0)")  # fmt: skip
+    p.add_argument("--workers", type=_bounded_int(1, 64), default=2,
+                   help="hour: the search's worker processes (2)")  # fmt: skip
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"hour: the bench store (${STORAGE_VARIABLE}, else {DEFAULT_STORAGE})",
+    )
+    p.add_argument("--out", help="hour: where the tables go (results/runs/bench)")
     p.add_argument("--pruners", default="median,hyperband",
                    help="pruners: the pruners side by side (median,hyperband)")  # fmt: skip
     p.set_defaults(func=cmd_bench)

@@ -29,6 +29,12 @@ IMAGE_DATASETS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 """The image datasets: the names the command line and the stored settings use, and their
 titles (also torchvision's class names)."""
 
+FIDELITIES = ("plan", "fixed")
+"""How an image study spends its budget: rungs fitted to it (`study.plan`), or every trial at
+the space's max_epochs."""
+PRECISIONS = ("auto", "fp32")
+"""auto: bf16 autocast for image models where the device has it natively; fp32: never."""
+
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 
@@ -176,6 +182,10 @@ class TrainConfig(Settings):
     ema_decay: float = 0.0
     """Per-step decay of an exponential moving average of the weights, which are evaluated and
     kept at the end instead of the raw ones (0: off)."""
+    ema_horizon: float = 0.0
+    """The weight average's span as a share of all training steps, instead of `ema_decay`: the
+    decay is 1 - 1 / (share x steps), so that the average means the same at 2 epochs as at 18
+    (a planned study's rungs); 0: off."""
     test_time_flip: bool = False
     """Evaluate on each image and its mirror image, averaging the predictions (validation and
     test alike)."""
@@ -218,6 +228,10 @@ class TrainConfig(Settings):
               "must be an integer from 0 to 8")  # fmt: skip
         check(is_number(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay",
               "must be in [0, 1)")  # fmt: skip
+        check(is_number(self.ema_horizon) and 0 <= self.ema_horizon <= 1, "ema_horizon",
+              "must be in [0, 1]")  # fmt: skip
+        check(not (self.ema_decay and self.ema_horizon), "ema_horizon",
+              "give ema_decay or ema_horizon, not both")  # fmt: skip
         for name in ("flip", "test_time_flip"):
             check(isinstance(getattr(self, name), bool), name, "must be true or false")
         check(is_seed(self.seed), "seed", SEED_RANGE)
@@ -498,6 +512,10 @@ class ImageCandidate:
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "train": asdict(self.train)}
 
+    def replace_epochs(self, epochs: int) -> ImageCandidate:
+        """The same network and training for `epochs` epochs (its schedule stretched)."""
+        return ImageCandidate(self.architecture, self.train.replace(epochs=epochs))
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ImageCandidate:
         return cls(dict(values["architecture"]), TrainConfig.from_dict(values["train"]))
@@ -523,6 +541,7 @@ class ImageCandidate:
             "flip" * t.flip,
             f"erase {t.erase_probability:.2f}" * bool(t.erase_probability),
             f"ema {t.ema_decay:g}" * bool(t.ema_decay),
+            f"ema over {t.ema_horizon:.0%} of the steps" * bool(t.ema_horizon),
             "test-time flip" * t.test_time_flip,
         ]
         extra = "".join(f", {e}" for e in extras if e)
@@ -602,8 +621,17 @@ class RunOptions(Settings):
     sampler: str | None = None
     """Optuna's sampler: tpe (the default), random, qmc, cmaes or gp; stored with the study."""
     pruner: str | None = None
-    """Image studies: median (default), hyperband, successive-halving or none; Boolean
-    studies: target-unreachable (default) or none; stored with the study."""
+    """Image studies: quartile (default), median, hyperband, successive-halving or none (a
+    planned study: none, its rungs are its pruning); Boolean studies: target-unreachable
+    (default) or none; stored with the study."""
+    fidelity: str | None = None
+    """Image studies: plan (the default with --timeout: successive halving over epochs, its
+    rungs fitted to the budget and to an epoch's measured cost here; see study/plan.py) or
+    fixed (every trial trains the space's max_epochs; the default without --timeout); stored
+    with the study."""
+    precision: str = "auto"
+    """Image models: auto (bf16 autocast where the device has native bf16, else fp32) or fp32
+    (never bf16: on a CPU with native bf16, the stand-in for one without)."""
     sampler_seed: int | None = None
     """Seed of the sampler (worker i samples with this seed + i)."""
     timeout: float | None = None
@@ -660,6 +688,9 @@ class RunOptions(Settings):
         need(isinstance(self.export, bool), "export", "must be true or false")
         need(self.export_dir is None or isinstance(self.export_dir, str), "export_dir",
              "must be a directory")  # fmt: skip
+        need(self.fidelity in (None, *FIDELITIES), "fidelity",
+             f"must be one of {', '.join(FIDELITIES)}")  # fmt: skip
+        need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------

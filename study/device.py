@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 from collections.abc import Iterator
 
 import torch
@@ -79,11 +80,40 @@ def bf16_native(device_type: str) -> bool:
     return False
 
 
+PRECISION_ENV = "STUDY_PRECISION"
+"""The process's precision, in the environment so that worker processes inherit it."""
+
+
+def set_precision(name: str) -> None:
+    """Use `name` ("auto" or "fp32", `config.PRECISIONS`, checked by `RunOptions`) in this
+    process and the processes it starts."""
+    if name not in ("auto", "fp32"):
+        raise ConfigError(f"precision: must be auto or fp32, got {name!r}")
+    os.environ[PRECISION_ENV] = name
+
+
+def bf16_used(device: torch.device, enabled: bool = True) -> bool:
+    """Whether image models train in bf16 autocast here: asked for, native to the device, and
+    the precision is not forced to fp32."""
+    return (
+        enabled
+        and os.environ.get(PRECISION_ENV, "auto") != "fp32"
+        and device.type in (_CUDA, _CPU)
+        and bf16_native(device.type)
+    )
+
+
+def precision_name(device: torch.device, enabled: bool = True) -> str:
+    """ "bf16" or "fp32": what an image model trains in here (stored with every trial)."""
+    return "bf16" if bf16_used(device, enabled) else "fp32"
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast when enabled and bf16 is native to the device (CUDA, or a CPU with
     AVX512-BF16/AMX: 2.4x the fp32 speed of the reference CNN on the project's CPU, `study bench
-    cnn`); a no-op context everywhere else (one code path)."""
-    if enabled and device.type in (_CUDA, _CPU) and bf16_native(device.type):
+    cnn`) and the precision is not forced to fp32; a no-op context everywhere else (one code
+    path)."""
+    if bf16_used(device, enabled):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

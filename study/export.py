@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from optuna.artifacts import upload_artifact
-from optuna.trial import TrialState
 
 from study import device as dev
 from study.config import ImageCandidate, ImageSettings
@@ -27,7 +26,14 @@ from study.data import load_image_dataset, normalize_images
 from study.errors import ConfigError, DataError, StudyError, first_line
 from study.image_objective import history_rows, prepare_model
 from study.storage import artifact_store, default_out
-from study.studies import BASELINE_EXPORT_ATTR, EXPORT_ATTR, best_feasible, load, run_seconds
+from study.studies import (
+    BASELINE_EXPORT_ATTR,
+    EXPORT_ATTR,
+    baseline_trial,
+    best_feasible,
+    load,
+    run_seconds,
+)
 from study.trainer import evaluate, train
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.json"
@@ -96,7 +102,7 @@ def export_model(
     first = None
     for seed in wanted:
         if seed not in done:
-            retrained = _retrain(candidate, dataset, seed, target)
+            retrained = retrain(candidate, dataset, seed, target)
             done[seed] = retrained.test_accuracy
             if seed == wanted[0]:
                 first = retrained
@@ -118,16 +124,10 @@ def _chosen(study, name: str, baseline: bool):
         if best is None:
             raise ConfigError(f"study {name!r} has no complete trial yet; run it first")
         return best
-    trial = _baseline_trial(study)
+    trial = baseline_trial(study)
     if trial is None:
         raise ConfigError(f"study {name!r} has no complete baseline trial to export")
     return trial
-
-
-def _baseline_trial(study):
-    """The study's enqueued baseline, once complete; None before."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return next((t for t in complete if t.user_attrs.get("baseline")), None)
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class _Retrained:
     seconds: float
 
 
-def _retrain(candidate: ImageCandidate, dataset, seed: int, target) -> _Retrained:
+def retrain(candidate: ImageCandidate, dataset, seed: int, target) -> _Retrained:
     """Train `candidate` with training seed `seed` on all training images; test it once."""
     config = candidate.train.replace(seed=seed)
     with dev.seeded(seed):
@@ -165,8 +165,8 @@ def _metrics(study, trial, dataset, wanted, done, earlier, first, command, study
     """metrics.json: the saved model's test accuracy and history, every seed's accuracy and
     their mean, the wall times, and the search against its baseline (validation)."""
     accuracies = [done[s] for s in wanted]
-    baseline_trial = _baseline_trial(study)
-    baseline = baseline_trial.value if baseline_trial is not None else None
+    base = baseline_trial(study)
+    baseline = base.value if base is not None else None
     saved = (
         {
             "test_accuracy": first.test_accuracy,

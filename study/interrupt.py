@@ -68,7 +68,7 @@ SIGTERM = Stop("terminated (SIGTERM)", "terminated (SIGTERM) before it finished"
 TIME_BUDGET = Stop(
     "time budget reached",
     "stopped by the run's time budget (--timeout) before it finished; re-queued with its "
-    "parameters, to train again from its first epoch (trials keep no checkpoints)",
+    "parameters (an image trial with its checkpoint, to go on after its last epoch)",
     False,
     0,
     True,

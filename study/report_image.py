@@ -15,11 +15,17 @@ import numpy as np
 import optuna
 import pandas as pd
 from matplotlib.ticker import NullFormatter
-from optuna.trial import TrialState
 
 from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
-from study.studies import BASELINE_EXPORT_ATTR, StudyInfo, best_feasible, run_seconds
+from study.plan import PLANS_ATTR, Plan, rung_table
+from study.studies import (
+    BASELINE_EXPORT_ATTR,
+    StudyInfo,
+    baseline_trial,
+    best_feasible,
+    run_seconds,
+)
 from study.tables import (
     STATES,
     empty_note,
@@ -360,8 +366,7 @@ def _answer(study: optuna.Study, export: dict[str, Any] | None) -> list[str]:
 def _against_baseline(study: optuna.Study, export: dict[str, Any] | None) -> list[str]:
     """The best trial against the study's enqueued baseline: validation, and test where both
     were exported (`study export`, `study export --baseline`)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    base = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    base = baseline_trial(study)
     best = best_feasible(study)
     if base is None or best is None:
         return ["No complete baseline trial to compare with."]
@@ -396,10 +401,21 @@ def _fidelity(study: optuna.Study, frame: pd.DataFrame, s: ImageSettings) -> lis
             f"{seconds / 60:.0f} min of wall time"
         )
     reached = done.groupby("epochs_run").size().sort_index()
+    plans = study.user_attrs.get(PLANS_ATTR) or []
+    if not plans:
+        lines.append(
+            f"- fidelity: every trial is scheduled for {s.max_epochs} epochs; reached "
+            + ", ".join(f"{int(e)} epochs: {n} trial{'s' * (n > 1)}" for e, n in reached.items())
+        )
+        return lines
     lines.append(
-        f"- fidelity: every trial is scheduled for {s.max_epochs} epochs; reached "
-        + ", ".join(f"{int(e)} epochs: {n} trial{'s' * (n > 1)}" for e, n in reached.items())
+        "- fidelity: planned by the time budget (study/plan.py: successive halving over epochs, "
+        "every evaluation a trial trained from scratch with its rung's epochs)"
     )
+    lines += [f"  - run {i + 1}: {p.get('why', '')}" for i, p in enumerate(plans)]
+    plan = Plan.from_dict({k: v for k, v in plans[-1].items() if k != "why"})
+    rows = pd.DataFrame(rung_table(study, plan))
+    lines += ["", rows.to_markdown(index=False, floatfmt=".4f"), ""]
     return lines
 
 

@@ -32,10 +32,12 @@ import search_spaces
 from search_spaces import get_space
 from study import choices, claims, interrupt
 from study import device as dev
+from study import plan as plan_mod
 from study.boolean_objective import BooleanObjective, PopulationBatch
 from study.config import BooleanSettings, ImageSettings, RunOptions
 from study.errors import ConfigError, StudyError, TrialFailed, first_line
 from study.image_objective import ImageObjective
+from study.plan import Plan
 from study.storage import HEARTBEAT_SECONDS, holds_store, open_storage, study_names
 from study.studies import (
     FINISHED,
@@ -93,6 +95,12 @@ class _Run:
     how a worker process finds a space that came from a file."""
     command: str | None = None
     """The command line that started the run, recorded by `--export` in `metrics.json`."""
+    plan: Plan | None = None
+    """A planned image study's plan for this run (fitted by the parent; workers inherit it)."""
+
+    @property
+    def planned(self) -> bool:
+        return self.chosen.get("fidelity") == "plan"
 
     @property
     def space(self) -> ModuleType:
@@ -154,15 +162,46 @@ def _resolve(
         overrides["prune"] = pruner != "none"
     study_name = options.study_name or default_study_name(name, overrides)
     dev.resolve_device(options.device)
-    requested = {"sampler": options.sampler, "pruner": pruner if space.KIND == "image" else None}
+    dev.set_precision(options.precision)  # this process's and its workers' (the environment)
+    image = space.KIND == "image"
+    if options.fidelity is not None and not image:
+        raise ConfigError(f"fidelity: only image studies have one, not {name!r}")
+    requested = {
+        "sampler": options.sampler,
+        "pruner": pruner if image else None,
+        "fidelity": options.fidelity if image else None,
+    }
     fixed, chosen = _stored_or_requested(name, study_name, options.storage, overrides, requested)
     if space.KIND == "boolean":
         chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
+    if image:
+        _fidelity(chosen, options, study_name)
     if space.KIND == "image":
         from study.data import check_image_files
 
         check_image_files(fixed.dataset, options.data_dir, fixed.validation_size)
     return _Run(name, options, study_name, fixed, chosen, search_spaces.source_of(space))
+
+
+def _fidelity(chosen: dict, options: RunOptions, study_name: str) -> None:
+    """An image study's fidelity (a new study: a plan with --timeout, else fixed) and the
+    pruner that goes with it: a planned study's rungs are its pruning."""
+    if "fidelity" not in chosen:  # a new study
+        chosen["fidelity"] = "plan" if options.timeout is not None else "fixed"
+    if chosen["fidelity"] != "plan":
+        return
+    if options.pruner is None:
+        chosen["pruner"] = "none"
+    if chosen["pruner"] != "none":
+        raise ConfigError(
+            f"pruner: a study planned by its budget (--fidelity plan) prunes by its rungs; "
+            f"leave --pruner out, or give --fidelity fixed to prune with {chosen['pruner']}"
+        )
+    if options.timeout is None:
+        raise ConfigError(
+            f"timeout: study {study_name!r} is planned by its time budget (--fidelity plan); "
+            "give --timeout SECONDS"
+        )
 
 
 def find_space(name: str, options: RunOptions) -> ModuleType:
@@ -190,7 +229,8 @@ def _stored_or_requested(
     requested = study_settings(space_name, overrides)  # validates every given value
     kind = get_space(space_name).KIND
     chosen = {"sampler": choices.DEFAULT_SAMPLER, "pruner": choices.DEFAULT_PRUNERS[kind]}
-    chosen.update({k: v for k, v in run.items() if v is not None})
+    chosen.update({k: v for k, v in run.items() if v is not None})  # a new study's fidelity:
+    # `_fidelity` (it depends on the time budget)
     if not holds_store(storage):
         return requested, chosen  # a new store: a new study
     rdb = open_storage(storage, heartbeat=False)
@@ -211,9 +251,9 @@ def _stored_or_requested(
         for key in sorted(overrides)
         if getattr(requested, key) != getattr(stored, key)
     ] + [
-        f"{key}={value!r} (stored {stored_run[key]!r})"
+        f"{key}={value!r} (stored {stored_run.get(key)!r})"
         for key, value in sorted(run.items())
-        if value is not None and value != stored_run[key]
+        if value is not None and value != stored_run.get(key)
     ]
     if conflicts:
         raise ConfigError(
@@ -307,11 +347,51 @@ def _open(run: _Run) -> optuna.Study:
     return study
 
 
+def _planned(run: _Run, started: float) -> _Run:
+    """A planned image run with its plan: the costs measured here, the plan fitted to the
+    budget, checked before anything is written (a budget too short is refused in one line)."""
+    from study.data import load_image_dataset
+    from study.image_objective import calibrate
+
+    target = dev.resolve_device(run.options.device)
+    dataset = load_image_dataset(
+        run.fixed.dataset,
+        run.options.data_dir,
+        device=target,
+        validation_size=run.fixed.validation_size,
+        split_seed=run.fixed.split_seed,
+    )
+    workers = run.options.workers
+    threads = run.options.threads or max(1, (os.cpu_count() or 1) // workers)
+    costs = calibrate(run.space, run.fixed, dataset, target, threads, os.cpu_count() or 1, started)
+    fitted = plan_mod.fit(
+        run.options.timeout, workers, costs, run.fixed.max_epochs, run.options.export, started
+    )
+    return replace(run, plan=fitted)
+
+
+def _record_plan(study: optuna.Study, plan: Plan) -> Plan:
+    """A study keeps the rungs of its first plan (its trials were trained at them); every
+    run's plan is stored with the study for the report."""
+    plans = list(study.user_attrs.get(plan_mod.PLANS_ATTR, []))
+    if plans:
+        plan = plan.replace(rungs=tuple(plans[0]["rungs"]), fitted=False)
+    plans.append({**plan.identity(), "why": plan.why()})
+    study.set_user_attr(plan_mod.PLANS_ATTR, plans)
+    return plan
+
+
 def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna.Study:
     """Run in this process, or in `options.workers` processes, until the total is reached;
     record the run with the study; then export when asked. With `reserve` (or an export to
     follow), trials leave the export of the best one its time within the budget."""
-    started, study = time.time(), _open(run)
+    started = time.time()
+    if run.planned and run.plan is None:  # the parent measures and fits, once for all workers
+        run = _planned(run, started)
+        study = _open(run)
+        run = replace(run, plan=_record_plan(study, run.plan))
+    else:
+        study = _open(run)
     options, before = run.options, finished_trials(study)
     if options.workers > 1 and options.trials > before:
         _run_workers(run, study, deadline)
@@ -335,13 +415,34 @@ def _train_here(run: _Run, study: optuna.Study, deadline: float | None, reserve:
     elif run.kind == "image":
         if options.threads:
             torch.set_num_threads(options.threads)
-        trainer = ImageObjective(run.space, run.fixed, device=target, data_dir=options.data_dir)
+        trainer = ImageObjective(
+            run.space,
+            run.fixed,
+            device=target,
+            data_dir=options.data_dir,
+            rungs=run.plan.rungs if run.plan is not None else None,
+            storage=options.storage,
+        )
         size, train = 1, _one_at_a_time(trainer)
     else:
         trainer = BooleanObjective(run.space, run.fixed, device=target)
         size, train = 1, _one_at_a_time(trainer)
-    told = None
-    if reserve and run.kind == "image" and deadline is not None:
+    told = choose = None
+    if run.plan is not None:
+        plan = run.plan
+
+        def told(study: optuna.Study) -> None:  # trials end before the export's time
+            interrupt.set_deadline(plan_mod.deadline(study, plan))
+
+        def choose(study: optuna.Study) -> bool:  # under the claim lock
+            if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                return True  # the baseline, a promotion or a stopped trial comes first
+            job = plan_mod.next_job(study, plan)
+            if isinstance(job, plan_mod.Promotion):
+                plan_mod.promote(study, job)
+            return job is not None
+
+    elif reserve and run.kind == "image" and deadline is not None:
         images = trainer.dataset  # the export trains on all of them, a trial on the split
         share = (len(images.train_images) + len(images.validation_images)) / len(
             images.train_images
@@ -352,7 +453,15 @@ def _train_here(run: _Run, study: optuna.Study, deadline: float | None, reserve:
         if told is not None:
             told(study)
         _drive(
-            study, options.storage, options.trials, size, train, not options.quiet, trainer, told
+            study,
+            options.storage,
+            options.trials,
+            size,
+            train,
+            not options.quiet,
+            trainer,
+            told,
+            choose,
         )
 
 
@@ -469,6 +578,7 @@ def _drive(
     progress: bool,
     trainer=None,
     told: Callable[[optuna.Study], None] | None = None,
+    choose: Callable[[optuna.Study], bool] | None = None,
 ) -> None:
     """Claim up to `size` trials at a time and train them until `total` trials are finished.
 
@@ -481,7 +591,7 @@ def _drive(
         trainer.progress = _Note(bar, study)  # motion inside a trial
     in_flight: list[optuna.Trial] = []
     try:
-        _rounds(study, url, total, size, train, bar, in_flight, told)
+        _rounds(study, url, total, size, train, bar, in_flight, told, choose)
     except BaseException as error:
         claims.abandon(study, in_flight, error)
         stop = interrupt.stop_of(error)
@@ -502,8 +612,12 @@ def _drive(
             bar.close()
 
 
-def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial], told) -> None:
-    """The claim-and-train loop of `_drive`; `in_flight` holds the trials in hand."""
+def _rounds(
+    study, url, total, size, train, bar, in_flight: list[optuna.Trial], told, choose
+) -> None:
+    """The claim-and-train loop of `_drive`; `in_flight` holds the trials in hand. `choose`
+    (a planned study) decides under the claim lock what the next trial is, or that nothing
+    fits in the time left (this process is done)."""
     fruitless, waiting_said, settle = 0, False, 0.0
     while True:
         interrupt.check()
@@ -512,6 +626,8 @@ def _rounds(study, url, total, size, train, bar, in_flight: list[optuna.Trial], 
         with claims.claim_lock(url, study._storage, study.study_name):
             claims.reap(study)
             free = total - claims.claimed(study)
+            if free > 0 and choose is not None and not choose(study):
+                return  # the rest of the budget is the export's
             if free > 0:
                 claims.claim(study, min(size, free), into=in_flight)
         if not in_flight:

@@ -265,6 +265,14 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """An image study's enqueued baseline, once complete (None before); in a planned study,
+    where it may have climbed rungs, the one trained for the most epochs."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    runs = [t for t in complete if t.user_attrs.get("baseline")]
+    return max(runs, key=lambda t: t.user_attrs["config"]["train"]["epochs"], default=None)
+
+
 def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best complete trial (None when there is none yet): for Boolean studies the feasible
     one with the fewest neurons, for image studies the highest validation accuracy."""

@@ -9,11 +9,12 @@ the task's tensors live on.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -316,6 +317,64 @@ class _Average:
         return self.model
 
 
+class _Parts:
+    """What a training run's state is made of, saved after an epoch and restored to go on."""
+
+    def __init__(self, model, optimizer, scheduler, shuffle, augment_rng, average, history):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.shuffle, self.augment_rng, self.average = shuffle, augment_rng, average
+        self.history: list[EpochMetrics] = history
+
+    def snapshot(self, epoch: int, device: torch.device) -> dict:
+        """The state after `epoch`: tensors and plain data only (torch.load(weights_only=True)
+        reads it back), on the CPU."""
+        average = self.average
+        state = {
+            "epoch": epoch,
+            "seconds": self.history[-1].seconds,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "average": None
+            if average is None
+            else {"model": average.model.state_dict(), "steps": average.steps},
+            "shuffle": self.shuffle.get_state(),
+            "augment": self.augment_rng.get_state(),
+            "rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "history": [asdict(m) for m in self.history],
+        }
+        return _to_cpu(state)
+
+    def restore(self, state: dict, device: torch.device) -> tuple[int, float]:
+        """Load a snapshot; returns the epoch to go on with and the seconds trained so far."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.model.load_state_dict(state["average"]["model"])
+            self.average.steps = state["average"]["steps"]
+        self.shuffle.set_state(state["shuffle"])
+        self.augment_rng.set_state(state["augment"])
+        torch.set_rng_state(state["rng"])
+        if state.get("device_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["device_rng"], device)
+        self.history.extend(EpochMetrics(**row) for row in state["history"])
+        return state["epoch"] + 1, float(state["seconds"])
+
+
+def _to_cpu(value):
+    """A copy of a nested state with every tensor on the CPU (a checkpoint file's content)."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def _mixed(config: TrainConfig, task: Task) -> bool:
     """bf16 autocast where asked and the task is an image task (Boolean nets stay fp32)."""
     return config.mixed_precision and task.kind == "multiclass"
@@ -363,18 +422,29 @@ def _train_epoch(
     return loss_sum, correct
 
 
+StopCallback = Callable[[BaseException, Callable[[], dict]], None]
+"""Called when `on_epoch` raises, with the error and a function that returns the training state
+after that epoch (a checkpoint: `train(..., resume=state)` goes on from there)."""
+
+
 def train(
     model: nn.Module,
     task: Task,
     config: TrainConfig,
     on_epoch: EpochCallback | None = None,
+    *,
+    resume: dict | None = None,
+    on_stop: StopCallback | None = None,
 ) -> TrainResult:
     """Train `model` on `task` as `config` says; return the per-epoch history and totals.
 
     `on_epoch` is called after every epoch with its metrics; it may return True to stop the
-    run cleanly, or raise (an Optuna adapter raises `TrialPruned`). A NaN/inf loss stops the
-    run with `result.divergence` set; that epoch is not in the history. (One screen on
-    purpose: set-up, then the epoch loop's phases in order, read top to bottom.)
+    run cleanly, or raise (an Optuna adapter raises `TrialPruned`); when it raises, `on_stop`
+    may take a checkpoint, and `resume` (a checkpoint of the same model and config) goes on
+    after its epoch exactly as the run would have gone on: the same weights, optimiser, schedule,
+    weight average, shuffling, augmentation and dropout draws. A NaN/inf loss stops the run with
+    `result.divergence` set; that epoch is not in the history. (One screen on purpose: set-up,
+    then the epoch loop's phases in order, read top to bottom.)
     """
     device = task.device
     model.to(device)
@@ -385,18 +455,23 @@ def train(
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     shuffle = dev.generator_for(device, config.seed)
     augment_rng = dev.generator_for(device, (config.seed + 1) % 2**63)
-    average = _Average(model, config.ema_decay) if config.ema_decay else None
+    decay = config.ema_decay
+    if config.ema_horizon:  # a span that is a share of the run, whatever its length
+        decay = max(0.0, 1.0 - 1.0 / (config.ema_horizon * config.epochs * steps_per_epoch))
+    average = _Average(model, decay) if decay else None
     evaluated = average.model if average is not None else model
     track_train_accuracy = task.kind == "multiclass"
     history: list[EpochMetrics] = []
     reached = stopped = False
     divergence = None
     dev.reset_peak_memory(device)
-    dev.synchronize(device)
-    started = time.perf_counter()
+    parts = _Parts(model, optimizer, scheduler, shuffle, augment_rng, average, history)
     # dropout draws from the global RNG: fork it so the run is reproducible and side-effect free
     with dev.seeded(config.seed):
-        for epoch in range(1, config.epochs + 1):
+        first, before = parts.restore(resume, device) if resume is not None else (1, 0.0)
+        dev.synchronize(device)
+        started = time.perf_counter() - before  # a resumed run's clock goes on from its own
+        for epoch in range(first, config.epochs + 1):
             # --- train: one pass in a seeded random order, batches are index slices
             order = torch.randperm(n, generator=shuffle, device=shuffle.device).to(device)
             loss_sum, correct = _train_epoch(
@@ -427,9 +502,14 @@ def train(
             if target_met(task.kind, metrics, config.target_loss):
                 reached = True
                 break
-            if on_epoch is not None and on_epoch(metrics):
-                stopped = True
-                break
+            try:
+                if on_epoch is not None and on_epoch(metrics):
+                    stopped = True
+                    break
+            except BaseException as error:
+                if on_stop is not None:
+                    on_stop(error, functools.partial(parts.snapshot, epoch, device))
+                raise
     if average is not None:  # the weights kept are the averaged ones
         model.load_state_dict(average.ready().state_dict())
     dev.synchronize(device)

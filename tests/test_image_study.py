@@ -55,7 +55,7 @@ def _corners(space):
     trainings = [
         {**_training.plain_training("sgd", 0.4, 2e-3), "lr_schedule": "onecycle",
          "warmup_fraction": 0.3, "batch_size": 256, "label_smoothing": 0.15, "crop_padding": 2,
-         "flip": True, "erase_probability": 0.4, "ema_decay": 0.998, "test_time_flip": True},
+         "flip": True, "erase_probability": 0.4, "ema_horizon": 0.08, "test_time_flip": True},
         {**_training.plain_training("adamw", 3e-4, 0.2), "batch_size": 128},
     ]  # fmt: skip
     params = []
@@ -322,8 +322,8 @@ def test_export_more_seeds_reads_back_the_ones_done_and_the_baseline_too(
     first = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None)
     weights = (out / "model.pt").read_bytes()
     trained = []
-    real = export_module._retrain
-    monkeypatch.setattr(export_module, "_retrain", lambda c, d, seed, t: trained.append(seed)
+    real = export_module.retrain
+    monkeypatch.setattr(export_module, "retrain", lambda c, d, seed, t: trained.append(seed)
                         or real(c, d, seed, t))  # fmt: skip
     more = export_model("fashion-mlp", storage, out, "cpu", images_dir, log=lambda *_: None,
                         seeds=3)  # fmt: skip

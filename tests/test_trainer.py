@@ -1,3 +1,4 @@
+import io
 import itertools
 import math
 
@@ -313,3 +314,94 @@ def test_augmentation_and_extras_run_on_cuda(tiny_images):
                       epochs=2, ema_decay=0.9, test_time_flip=True, crop_padding=1)  # fmt: skip
     result = train(net, task, cfg)
     assert result.device.startswith("cuda") and result.epochs_run == 2
+
+
+class _StopAfter(Exception):
+    pass
+
+
+def _extras_net():
+    with dev.seeded(0):
+        return ConvNet(ConvNetSpec(blocks=(ConvBlock(8), ConvBlock(8, residual=True)),
+                                   head_width=16, dropout=0.2))  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "constant"])
+def test_a_resumed_run_goes_on_exactly_as_the_run_that_was_not_stopped(tiny_images, schedule):
+    """Stopped after epoch 2 (its checkpoint saved and read back as a file, weights only), then
+    resumed in a new model: the same weights, history and decisions as 4 epochs in one go, with
+    every part of the state in play (Nesterov momentum, a schedule with warm-up, a weight
+    average, augmentation, dropout)."""
+    cfg = TrainConfig(optimizer="sgd", nesterov=True, learning_rate=0.05, batch_size=64,
+                      epochs=4, lr_schedule=schedule, warmup_fraction=0.2, crop_padding=1,
+                      flip=True, erase_probability=0.3, ema_decay=0.9, seed=3)  # fmt: skip
+    task = tiny_images.search_task()
+    straight = _extras_net()
+    whole = train(straight, task, cfg)
+
+    saved = {}
+
+    def stop_at_two(metrics):
+        if metrics.epoch == 2:
+            raise _StopAfter
+
+    def keep(error, snapshot):
+        saved["state"] = snapshot()
+
+    with pytest.raises(_StopAfter):
+        train(_extras_net(), task, cfg, stop_at_two, on_stop=keep)
+    buffer = io.BytesIO()
+    torch.save(saved["state"], buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    resumed_net = _extras_net()
+    seen = []
+    resumed = train(resumed_net, task, cfg, lambda m: seen.append(m.epoch), resume=state)
+    assert seen == [3, 4]  # the callback sees the epochs it trains
+    assert [m.epoch for m in resumed.history] == [1, 2, 3, 4]
+    strip = ("seconds",)
+    rows = [{k: v for k, v in vars(m).items() if k not in strip} for m in resumed.history]
+    assert rows == [{k: v for k, v in vars(m).items() if k not in strip} for m in whole.history]
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed_net.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert resumed.history[1].seconds == pytest.approx(state["seconds"])
+
+
+def test_no_checkpoint_without_a_stop_callback_and_other_errors_pass_through(tiny_images):
+    cfg = TrainConfig(optimizer="adamw", learning_rate=1e-3, batch_size=64, epochs=2)
+    calls = []
+
+    def boom(metrics):
+        raise _StopAfter
+
+    with pytest.raises(_StopAfter):
+        train(_extras_net(), tiny_images.search_task(), cfg, boom,
+              on_stop=lambda error, snapshot: calls.append(type(error)))  # fmt: skip
+    assert calls == [_StopAfter]  # told once, with the error; the snapshot only if asked
+
+
+def test_fp32_precision_turns_bf16_autocast_off(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(dev.PRECISION_ENV, "fp32")
+    assert not dev.bf16_used(cpu) and dev.precision_name(cpu) == "fp32"
+    with dev.autocast(cpu, True):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(dev.PRECISION_ENV, "auto")
+    assert dev.precision_name(cpu) == ("bf16" if dev.bf16_native("cpu") else "fp32")
+    with pytest.raises(ConfigError, match=r"^precision:"):
+        dev.set_precision("fp16")
+
+
+def test_the_weight_average_spans_a_share_of_the_run_whatever_its_length(tiny_images):
+    """ema_horizon h over E epochs of S steps trains exactly as ema_decay 1 - 1/(h E S)."""
+    task = tiny_images.search_task()  # 300 images: 5 steps of 64 an epoch
+    base = TrainConfig(optimizer="adamw", learning_rate=2e-3, batch_size=64, epochs=3, seed=1)
+    by_share = train(_extras_net(), task, base.replace(ema_horizon=0.2))
+    by_decay = train(_extras_net(), task, base.replace(ema_decay=1 - 1 / (0.2 * 3 * 5)))
+    assert [m.eval_loss for m in by_share.history] == [m.eval_loss for m in by_decay.history]
+    plain = train(_extras_net(), task, base)
+    assert [m.eval_loss for m in plain.history] != [m.eval_loss for m in by_share.history]
+    with pytest.raises(ConfigError, match=r"^ema_horizon: give ema_decay or ema_horizon"):
+        base.replace(ema_decay=0.9, ema_horizon=0.1)
