@@ -760,6 +760,7 @@ def _pruners_side_by_side(
             command = [sys.executable, "-m", "study.cli", "run", study, "--trials", "1000",
                        "--storage", f"sqlite:///{tmp}/{pruner}.db", "--pruner", pruner,
                        "--sampler-seed", str(repeat), "--timeout", str(minutes * 60), "--quiet",
+                       "--fidelity", "fixed",
                        "--device", "cpu"]  # fmt: skip
             command += ["--data-dir", str(data_dir)] if data_dir else []
             env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -4,13 +4,16 @@ budget and to what an epoch costs on the machine at hand.
 Rule (what `fit` does, in the README's words). Before the first trial the run measures two
 rates on the space's baseline network (`calibrate`): seconds per epoch of a trial (the search
 split, a worker's threads) and of the export (all training images, all threads), plus what
-loading and measuring took. With `w` workers, a reduction factor of 3 and `K + 1` rungs, the
-rungs are `E / 3^K, ..., E / 3, E` epochs and each rung holds `w * 3^(K - k)` configurations, so
-that every rung costs each worker `E` epochs: the search takes `(K + 1) * E` trial epochs per
-worker and the export `E` export epochs. `K` is the smallest depth that tries at least
-`MIN_CONFIGURATIONS` configurations, and `E` the most epochs (at most the space's `max_epochs`)
-for which search and export fit the budget. Where the budget holds more than that plan, rung 0
-takes more configurations.
+loading and measuring took. With a reduction factor of 3 and `K + 1` rungs, the rungs are
+`E / 3^K, ..., E / 3, E` epochs, and a configuration that climbs them all costs
+`(K + 1) * E / 3^K` epochs per configuration started at rung 0 (a third climbs each rung). For
+a depth `K`, `E` is the most epochs (at most the space's `max_epochs`) for which `w` workers can
+give every rung `E` epochs each and the export its `E` epochs within the budget; the budget's
+trial epochs, divided by that cost, are the configurations rung 0 holds. `K` is the smallest
+depth at which they reach `MIN_CONFIGURATIONS`: the shallowest halving that still searches,
+since a shallow rung 0 judges configurations at a fidelity that says little of their last
+epoch (measured: rungs of 2, 6 and 18 epochs on the 2-core CPU promoted configurations that
+ended 0.5 validation points below the best of a plain 18-epoch search; results/summary.md).
 
 Every evaluation is a trial trained from scratch with its rung's epochs and its own full
 schedule (a trial stopped at epoch 3 of 18 mid-schedule says little about its 18th), so
@@ -40,7 +43,7 @@ REDUCTION = 3
 """Each rung keeps the top third of the one below and trains it for three times the epochs."""
 MIN_CONFIGURATIONS = 16
 """Configurations rung 0 holds at least, where the budget allows (TPE starts from 8)."""
-EXPORT_MARGIN = 1.1
+EXPORT_MARGIN = 1.15
 """The export's measured seconds x this, for what varies between runs."""
 EXPORT_FIXED_SECONDS = 8.0
 """Loading the data, testing and saving in the export, besides its epochs (a few seconds for
@@ -91,6 +94,8 @@ class Plan(Settings):
     """Measured: loading and calibration before the first trial."""
     exports: bool
     """Whether the budget also holds the export of the best trial."""
+    configurations: int = 0
+    """Configurations rung 0 holds in this budget (a third climbs each rung)."""
     reduction: int = REDUCTION
     fitted: bool = True
     """False when the rungs were the study's stored ones (a resumed study keeps its rungs)."""
@@ -100,16 +105,15 @@ class Plan(Settings):
         return self.rungs[-1]
 
     def planned(self) -> list[int]:
-        """Configurations each rung holds in the plan (rung 0 may take more)."""
-        k = len(self.rungs) - 1
-        return [self.workers * self.reduction ** (k - i) for i in range(len(self.rungs))]
+        """Configurations each rung holds in the plan."""
+        first = self.configurations or self.workers * self.reduction ** (len(self.rungs) - 1)
+        return [max(1, round(first / self.reduction**k)) for k in range(len(self.rungs))]
 
-    def export_seconds(self, epochs: int, seconds_per_epoch: float | None = None) -> float:
-        """What exporting a configuration trained for `epochs` takes: the measured export rate,
-        scaled by the configuration's own trial rate against the baseline's."""
+    def export_seconds(self, epochs: int, scale: float = 1.0) -> float:
+        """What exporting a configuration trained for `epochs` takes: the measured export rate
+        of the baseline, x `scale` (the configuration's trial rate against the baseline's)."""
         if not self.exports:
             return 0.0
-        scale = (seconds_per_epoch or self.trial_seconds_per_epoch) / self.trial_seconds_per_epoch
         per_epoch = self.export_seconds_per_epoch * scale
         return epochs * per_epoch * EXPORT_MARGIN + EXPORT_FIXED_SECONDS
 
@@ -148,33 +152,44 @@ def fit(
     A study that has rungs keeps them. A budget that holds not one epoch per worker plus the
     export is refused in one line."""
 
+    usable = budget_seconds - costs.overhead_seconds - (EXPORT_FIXED_SECONDS if exports else 0)
+    c = costs.trial_seconds_per_epoch
+    x = costs.export_seconds_per_epoch * EXPORT_MARGIN if exports else 0.0
+
+    def configurations(rungs: Sequence[int]) -> int:
+        """Rung-0 configurations the budget's trial epochs hold (a third climbs each rung)."""
+        epochs = workers * max(0.0, usable - rungs[-1] * x) / c
+        climb = sum(r / REDUCTION**k for k, r in enumerate(rungs))
+        return math.floor(epochs / climb)
+
     def plan(rungs: Sequence[int], fitted: bool = True) -> Plan:
+        rungs = tuple(int(r) for r in rungs)
         return Plan(
             budget_seconds=float(budget_seconds),
             started=started,
             workers=workers,
-            rungs=tuple(int(r) for r in rungs),
-            trial_seconds_per_epoch=costs.trial_seconds_per_epoch,
+            rungs=rungs,
+            trial_seconds_per_epoch=c,
             export_seconds_per_epoch=costs.export_seconds_per_epoch,
             overhead_seconds=costs.overhead_seconds,
             exports=exports,
+            configurations=configurations(rungs),
             fitted=fitted,
         )
 
     if stored_rungs:
         return plan(stored_rungs, fitted=False)
-    usable = budget_seconds - costs.overhead_seconds - (EXPORT_FIXED_SECONDS if exports else 0)
-    c = costs.trial_seconds_per_epoch
-    x = costs.export_seconds_per_epoch * EXPORT_MARGIN if exports else 0.0
-    depth = 0
-    while workers * REDUCTION**depth < MIN_CONFIGURATIONS:
-        depth += 1
-    while depth >= 0:
+    feasible = []  # (depth, rungs) whose first rung has at least one epoch
+    for depth in range(8):
         top = min(max_epochs, math.floor(usable / ((depth + 1) * c + x)))
-        if top >= REDUCTION**depth:  # rung 0 gets at least one epoch
-            rungs = {max(1, round(top / REDUCTION ** (depth - k))) for k in range(depth + 1)}
-            return plan(sorted(rungs))
-        depth -= 1
+        if top < REDUCTION**depth:
+            break
+        rungs = sorted({max(1, round(top / REDUCTION ** (depth - k))) for k in range(depth + 1)})
+        feasible.append(rungs)
+        if configurations(rungs) >= MIN_CONFIGURATIONS:
+            return plan(rungs)
+    if feasible:  # no depth reaches the minimum: the one that searches most
+        return plan(max(feasible, key=configurations))
     need = costs.overhead_seconds + c + x + (EXPORT_FIXED_SECONDS if exports else 0)
     raise ConfigError(
         f"timeout: {budget_seconds:g} s holds not one epoch per worker here (an epoch of the "
@@ -204,14 +219,20 @@ def _seconds_per_epoch(trials: list[FrozenTrial], plan: Plan) -> float:
 
 def deadline(study: optuna.Study, plan: Plan) -> float:
     """When trials must end (time.time()): the budget less the export of the best trial so far,
-    trained at the top rung (where the best will be)."""
+    trained at the top rung (where the best will be). Its export rate is the measured one of
+    the baseline, scaled by the best trial's epoch against the baseline trial's in this study
+    (both measured side by side with the other workers; the export runs alone)."""
     end = plan.started + plan.budget_seconds
     if not plan.exports:
         return end
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = max(complete, key=lambda t: t.value, default=None)
-    rate = best.user_attrs.get("seconds_per_epoch") if best is not None else None
-    return end - plan.export_seconds(plan.top, rate)
+    base = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    scale = 1.0
+    if best is not None and base is not None:
+        mine, theirs = (t.user_attrs.get("seconds_per_epoch") for t in (best, base))
+        scale = mine / theirs if mine and theirs else 1.0
+    return end - plan.export_seconds(plan.top, scale)
 
 
 @dataclass(frozen=True)

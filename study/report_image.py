@@ -415,7 +415,8 @@ def _fidelity(study: optuna.Study, frame: pd.DataFrame, s: ImageSettings) -> lis
     lines += [f"  - run {i + 1}: {p.get('why', '')}" for i, p in enumerate(plans)]
     plan = Plan.from_dict({k: v for k, v in plans[-1].items() if k != "why"})
     rows = pd.DataFrame(rung_table(study, plan))
-    lines += ["", rows.to_markdown(index=False, floatfmt=".4f"), ""]
+    rows["best"] = [f"{v:.4f}" if v is not None else "-" for v in rows["best"]]
+    lines += ["", rows.to_markdown(index=False), ""]
     return lines
 
 

@@ -133,6 +133,8 @@ def isolated_data_dir(tmp_path_factory, monkeypatch) -> Path:
     """Never touch the user's ~/.cache: each test gets its own default data directory."""
     path = tmp_path_factory.mktemp("data-default")
     monkeypatch.setenv("STUDY_DATA_DIR", str(path))
+    # a run sets its precision in the environment (for its workers): no test inherits another's
+    monkeypatch.delenv("STUDY_PRECISION", raising=False)
     return path
 
 
