@@ -248,7 +248,8 @@ def test_timeout_with_workers_stops_every_worker_and_leaves_nothing_running(tmp_
 
 @pytest.mark.slow
 def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images):
-    """Whatever the default pruner of new studies, a stored study runs on as it was made."""
+    """Whatever the default pruner and fidelity of new studies, a stored study runs on as it
+    was made: TPE, the median pruner, a fixed number of epochs."""
     from study.runner import study_settings
     from study.studies import bind
 
@@ -260,7 +261,7 @@ def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images
                str(images), "--device", "cpu", "--quiet")  # fmt: skip
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
-    assert study.user_attrs["run"] == {"sampler": "tpe", "pruner": "median"}
+    assert study.user_attrs["run"] == {"sampler": "tpe", "pruner": "median", "fidelity": "fixed"}
     refused = cli("run", "fashion-mlp", "--trials", "2", "--storage", storage, "--pruner",
                   "hyperband")  # fmt: skip
     assert refused.returncode == 2 and "(stored 'median')" in refused.stderr
