@@ -8,9 +8,11 @@ One run, on one machine, one step after the other (nothing else should run besid
 2. two more training seeds of the exported configuration (after the hour), so that its test
    accuracy is a mean over three seeds;
 3. **the baseline hour**: the space's baseline trained on all training images for as many
-   epochs as fit in the same budget (one epoch timed first, at all threads), three seeds, each
-   tested once. It is the same for every sampler seed of one machine and precision, so it is
-   trained once per (CPU, precision, minutes, space) and shared.
+   epochs as fit in the same budget (one epoch timed first, at all threads, with nothing beside
+   it), three seeds, each tested once. It is the same for every sampler seed of one machine and
+   precision, so it is trained once per (CPU, precision, minutes, space) and shared. Once the
+   epochs are fixed, `--baseline-jobs 2` trains two seeds at a time (one thread each): the
+   epochs and seeds trained do not depend on it, only the wall time, which the record states.
 
 Each finished step is written to `OUT/hour-cpu.json` at once (one object per run) and a
 baseline seed to `OUT/hour-baseline-cpu.json` as it ends, so that a stopped bench goes on where
@@ -92,10 +94,11 @@ def bench_hour(
     workers: int = 2,
     data_dir: str | None = None,
     log=print,
+    baseline_jobs: int = 1,
     settings: dict[str, Any] | None = None,
 ) -> dict:
     """Run (or go on with) one bench run; returns its record. `settings` override the space's
-    fixed settings (small data in tests)."""
+    fixed settings (small data in tests); `baseline_jobs` baseline seeds train at a time."""
     from study import device as dev
     from study.export import export_model
 
@@ -122,11 +125,12 @@ def bench_hour(
         _save(runs_path, runs, run)
     base_key = {k: key[k] for k in ("study", "cpu", "precision", "minutes")}
     base = _keyed(baselines, base_key) or {**base_key, "seeds": [], "test_accuracy_seeds": []}
-    while len(base["seeds"]) < SEEDS:
-        _baseline_seed(base, space, minutes, data_dir, log, settings)
-        _save(baselines_path, baselines, base)
+    if len(base["seeds"]) < SEEDS:
+        _baseline_hour(base, space, minutes, data_dir, log, settings, baseline_jobs,
+                       lambda: _save(baselines_path, baselines, base))  # fmt: skip
     run["baseline_hour_epochs"] = base["epochs"]
     run["baseline_hour_seconds_per_seed"] = base["seconds_per_seed"]
+    run["baseline_hour_seed_jobs"] = base.get("seed_jobs", 1)
     run["baseline_hour_test_accuracy_seeds"] = base["test_accuracy_seeds"]
     run["baseline_hour_test_accuracy_mean"] = statistics.mean(base["test_accuracy_seeds"])
     gain = 100 * (run["test_accuracy_mean"] - run["baseline_hour_test_accuracy_mean"])
@@ -190,39 +194,98 @@ def _search_hour(run, space, storage, out, precision, workers, data_dir, log, se
     })  # fmt: skip
 
 
-def _baseline_seed(base: dict, space_name: str, minutes: float, data_dir, log, settings) -> None:
-    """One seed of the baseline trained on all training images for the hour's epochs (timed
-    once, on the first seed: one whole epoch at all threads), tested once."""
+def _baseline_hour(
+    base: dict, space_name: str, minutes: float, data_dir, log, overrides, jobs: int, save
+) -> None:
+    """The baseline trained on all training images for the hour's epochs, `SEEDS` seeds, each
+    tested once. The epochs are timed once, on one whole epoch at all threads with nothing
+    beside it; the seeds then train `jobs` at a time (processes of `cores // jobs` threads
+    each: the count of epochs is fixed by then, so only the wall time of the seeds depends on
+    it). `save` is called as each seed ends, so that a stopped bench keeps the seeds done."""
     import torch
 
+    from study import device as dev
+    from study.export import retrain
+
+    space, settings, dataset, target = _baseline_parts(space_name, data_dir, overrides)
+    if "epochs" not in base:  # what one epoch costs here: as many as fit in the budget
+        torch.set_num_threads(os.cpu_count() or 1)
+        one = retrain(baseline_of(space, settings).replace_epochs(1), dataset, settings.seed,
+                      target)  # fmt: skip
+        base["seconds_per_epoch"] = round(one.seconds, 2)
+        base["epochs"] = max(1, math.floor(minutes * 60 / one.seconds))
+        log(f"baseline hour: one epoch {one.seconds:.1f} s here: {base['epochs']} epochs")
+        save()
+    missing = [s for s in range(settings.seed, settings.seed + SEEDS) if s not in base["seeds"]]
+    jobs = max(1, min(jobs, len(missing)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    base["seed_jobs"], base["threads_per_seed"] = jobs, threads
+    for seed in missing:
+        log(
+            f"baseline hour: seed {seed}, {base['epochs']} epochs on all training images"
+            + (f" ({jobs} seeds at a time, {threads} thread(s) each)" if jobs > 1 else "")
+        )
+    args = [(space_name, data_dir, overrides, base["epochs"], seed,
+             threads, dev.precision_name(target)) for seed in missing]  # fmt: skip
+    if jobs == 1:
+        results = map(_train_baseline_seed, args)
+        _record_seeds(base, results, log, save)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_baseline_seed, a) for a in args]
+        _record_seeds(base, (f.result() for f in as_completed(futures)), log, save)
+
+
+def _record_seeds(base: dict, results, log, save) -> None:
+    for seed, accuracy, seconds in results:
+        done = dict(zip(base["seeds"], zip(base["test_accuracy_seeds"],
+                                           base.get("seconds_of_seeds", []), strict=False),
+                        strict=False))  # fmt: skip
+        done[seed] = (accuracy, round(seconds, 1))
+        base["seeds"] = sorted(done)
+        base["test_accuracy_seeds"] = [done[s][0] for s in base["seeds"]]
+        base["seconds_of_seeds"] = [done[s][1] for s in base["seeds"]]
+        base["seconds_per_seed"] = round(statistics.mean(base["seconds_of_seeds"]), 1)
+        log(f"baseline hour: seed {seed}: test accuracy {accuracy:.4f} in {seconds:.0f} s")
+        save()
+
+
+def _baseline_parts(space_name: str, data_dir, settings: dict[str, Any] | None):
     from search_spaces import get_space
     from study import device as dev
     from study.data import load_image_dataset
-    from study.export import retrain
-    from study.image_objective import baseline_candidate
 
     space = get_space(space_name)
     settings = space.base_settings().replace(**(settings or {}))
     target = dev.resolve_device("cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
     dataset = load_image_dataset(settings.dataset, data_dir, device=target,
                                  validation_size=settings.validation_size,
                                  split_seed=settings.split_seed)  # fmt: skip
-    candidate = baseline_candidate(space, settings)
-    if "epochs" not in base:  # what one epoch costs here: as many as fit in the budget
-        one = retrain(candidate.replace_epochs(1), dataset, settings.seed, target)
-        base["seconds_per_epoch"] = round(one.seconds, 2)
-        base["epochs"] = max(1, math.floor(minutes * 60 / one.seconds))
-        log(f"baseline hour: one epoch {one.seconds:.1f} s here: {base['epochs']} epochs")
-    seed = settings.seed + len(base["seeds"])
-    log(f"baseline hour: seed {seed}, {base['epochs']} epochs on all training images")
-    done = retrain(candidate.replace_epochs(base["epochs"]), dataset, seed, target)
-    base["seeds"].append(seed)
-    base["test_accuracy_seeds"].append(done.test_accuracy)
-    base.setdefault("seconds_of_seeds", []).append(round(done.seconds, 1))
-    base["seconds_per_seed"] = round(statistics.mean(base["seconds_of_seeds"]), 1)
-    log(f"baseline hour: seed {seed}: test accuracy {done.test_accuracy:.4f} in "
-        f"{done.seconds:.0f} s")  # fmt: skip
+    return space, settings, dataset, target
+
+
+def baseline_of(space, settings):
+    from study.image_objective import baseline_candidate
+
+    return baseline_candidate(space, settings)
+
+
+def _train_baseline_seed(job: tuple) -> tuple[int, float, float]:
+    """One seed of the baseline hour (in this process or a worker process of the pool)."""
+    import torch
+
+    from study import device as dev
+    from study.export import retrain
+
+    space_name, data_dir, overrides, epochs, seed, threads, precision = job
+    dev.set_precision("fp32" if precision == "fp32" else "auto")
+    torch.set_num_threads(threads)
+    space, settings, dataset, target = _baseline_parts(space_name, data_dir, overrides)
+    done = retrain(baseline_of(space, settings).replace_epochs(epochs), dataset, seed, target)
+    return seed, done.test_accuracy, done.seconds
 
 
 def _commit() -> str | None:

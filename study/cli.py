@@ -571,7 +571,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run = bench_hour(default_storage() if args.storage is None else args.storage, out,
                          space=args.study or "fashion-cnn", precision=args.precision,
                          sampler_seed=args.sampler_seed, minutes=args.minutes,
-                         workers=args.workers, data_dir=args.data_dir)  # fmt: skip
+                         workers=args.workers, data_dir=args.data_dir,
+                         baseline_jobs=args.baseline_jobs)  # fmt: skip
         print(f"bench hour: {run['study_name']}: test {run['test_accuracy_mean']:.4f} against "
               f"the baseline hour's {run['baseline_hour_test_accuracy_mean']:.4f} "
               f"({run['gain_points']:+.2f} points); {out}/hour-cpu.md")  # fmt: skip
@@ -795,6 +796,9 @@ def _add_bench(sub) -> None:
                    help="hour: the search's sampler seed (0)")  # fmt: skip
     p.add_argument("--workers", type=_bounded_int(1, 64), default=2,
                    help="hour: the search's worker processes (2)")  # fmt: skip
+    p.add_argument("--baseline-jobs", type=_bounded_int(1, 3), default=1,
+                   help="hour: baseline seeds trained at a time once the hour's epochs are "
+                   "timed, each on cores/jobs threads (1)")  # fmt: skip
     p.add_argument(
         "--storage",
         metavar="URL",

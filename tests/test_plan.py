@@ -279,19 +279,24 @@ def test_bench_hour_runs_the_search_hour_and_the_baseline_hour_and_resumes(tmp_p
     """The search hour as the user's command, three seeds of its export, the baseline trained
     for the same budget with three seeds; a second call reads everything back and trains
     nothing; an hour cut short is refused in one line, not resumed."""
+    from search_spaces import get_space
     from study import bench_hour
 
     url = f"sqlite:///{tmp_path / 'hour.db'}"
     out = tmp_path / "bench"
     tiny = {"precision": "fp32", "minutes": 0.5, "workers": 1, "data_dir": str(images_dir),
             "settings": SETTINGS}  # fmt: skip
-    run = bench_hour.bench_hour(url, out, log=lambda *a: None, **tiny)
+    run = bench_hour.bench_hour(url, out, log=lambda *a: None, baseline_jobs=2, **tiny)
     for key in ("precision", "cpu", "sampler_seed", "study_seconds", "export_seconds",
                 "best_is_baseline", "test_accuracy_seeds", "baseline_hour_epochs",
                 "baseline_hour_test_accuracy_seeds"):  # fmt: skip
         assert key in run, key
     assert run["precision"] == "fp32" and len(run["test_accuracy_seeds"]) == 3
     assert len(run["baseline_hour_test_accuracy_seeds"]) == 3 and run["baseline_hour_epochs"] >= 1
+    baseline = json.loads((out / "hour-baseline-cpu.json").read_text())[0]
+    first = get_space("fashion-cnn").base_settings().seed
+    assert baseline["seeds"] == [first, first + 1, first + 2]
+    assert baseline["seed_jobs"] == 2 and run["baseline_hour_seed_jobs"] == 2
     assert run["command_seconds"] <= 30 + 30  # the budget, and a subprocess's start-up
     assert run["rungs"] and "measured here" in run["plan"]
     stored = json.loads((out / "hour-cpu.json").read_text())
