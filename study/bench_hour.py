@@ -8,11 +8,15 @@ One run, on one machine, one step after the other (nothing else should run besid
 2. two more training seeds of the exported configuration (after the hour), so that its test
    accuracy is a mean over three seeds;
 3. **the baseline hour**: the space's baseline trained on all training images for as many
-   epochs as fit in the same budget (one epoch timed first, at all threads, with nothing beside
-   it), three seeds, each tested once. It is the same for every sampler seed of one machine and
-   precision, so it is trained once per (CPU, precision, minutes, space) and shared. Once the
-   epochs are fixed, `--baseline-jobs 2` trains two seeds at a time (one thread each): the
-   epochs and seeds trained do not depend on it, only the wall time, which the record states.
+   epochs as fit in the same budget, three seeds, each tested once. What an epoch costs is
+   timed on the machine of the run, alone, at all threads, just before the search hour and
+   again after the export's seeds (a shared host's speed drifts: this machine's epoch went
+   from 11.6 s to 21 s within one day); the epochs are the budget over the mean of the two,
+   and a run whose two timings differ by more than `MAX_DRIFT` is marked unsteady. A baseline
+   hour is shared by the runs of one CPU and precision whose epochs are within 5% of it. Once
+   the epochs are fixed, `--baseline-jobs 2` trains two seeds at a time (one thread each):
+   the epochs and seeds trained do not depend on it, only the wall time, which the record
+   states.
 
 Each finished step is written to `OUT/hour-cpu.json` at once (one object per run) and a
 baseline seed to `OUT/hour-baseline-cpu.json` as it ends, so that a stopped bench goes on where
@@ -38,6 +42,11 @@ RUNS_FILE, BASELINES_FILE, TABLE_FILE = "hour-cpu.json", "hour-baseline-cpu.json
 SEEDS = 3
 TARGET_TEST_ACCURACY = 0.935
 TARGET_GAIN_POINTS = 0.3
+MAX_DRIFT = 1.15
+"""The baseline's epoch timed before and after a run may differ by this factor at most for the
+run to count: the machine's speed drifted more (a shared host), so the hours do not compare."""
+SHARE_EPOCHS = 0.05
+"""A baseline hour trained for E epochs serves a run that fits E' epochs when |E - E'| <= 5%."""
 
 
 def cpu_description() -> dict[str, Any]:
@@ -114,6 +123,10 @@ def bench_hour(
     run = _keyed(runs, key) or {**key, "study_name": study_name, "storage": storage}
     run.update(machine)
     if "study_seconds" not in run:
+        _check_fresh(study_name, storage)
+        run["baseline_epoch_seconds"] = [_time_epoch(space, data_dir, settings)]
+        log(f"{study_name}: the baseline's epoch before the hour: "
+            f"{run['baseline_epoch_seconds'][0]:.1f} s")  # fmt: skip
         _search_hour(run, space, storage, out, precision, workers, data_dir, log, settings)
         _save(runs_path, runs, run)
     if len(run.get("test_accuracy_seeds", [])) < SEEDS:
@@ -123,10 +136,20 @@ def bench_hour(
         run["test_accuracy_seeds"] = list(done.test_accuracy_seeds)
         run["test_accuracy_mean"] = statistics.mean(done.test_accuracy_seeds)
         _save(runs_path, runs, run)
+    timed = run.setdefault("baseline_epoch_seconds", [])
+    if len(timed) < run.get("epoch_timings", 2):  # and after the hour: the speed may drift
+        timed.append(_time_epoch(space, data_dir, settings))
+        log(f"{study_name}: the baseline's epoch after the hour: {timed[-1]:.1f} s")
+        _save(runs_path, runs, run)
+    run["machine_drift"] = round(max(timed) / min(timed), 3)
+    epochs = max(1, math.floor(minutes * 60 / statistics.mean(timed)))
+    run["baseline_hour_epochs_fitting"] = epochs
     base_key = {k: key[k] for k in ("study", "cpu", "precision", "minutes")}
-    base = _keyed(baselines, base_key) or {**base_key, "seeds": [], "test_accuracy_seeds": []}
+    base = _near(baselines, base_key, epochs)
+    if base is None:
+        base = {**base_key, "epochs": epochs, "seeds": [], "test_accuracy_seeds": []}
     if len(base["seeds"]) < SEEDS:
-        _baseline_hour(base, space, minutes, data_dir, log, settings, baseline_jobs,
+        _baseline_hour(base, space, data_dir, log, settings, baseline_jobs,
                        lambda: _save(baselines_path, baselines, base))  # fmt: skip
     run["baseline_hour_epochs"] = base["epochs"]
     run["baseline_hour_seconds_per_seed"] = base["seconds_per_seed"]
@@ -140,25 +163,32 @@ def bench_hour(
         "best_is_not_the_baseline": not run["best_is_baseline"],
         "beats_the_baseline_hour_by_0.3_points": gain >= TARGET_GAIN_POINTS,
         "within_the_hour": run["command_seconds"] <= minutes * 60,
+        "steady_machine": run["machine_drift"] <= MAX_DRIFT,
     }
     _save(runs_path, runs, run)
     (out / TABLE_FILE).write_text(table(runs))
     return run
 
 
-def _search_hour(run, space, storage, out, precision, workers, data_dir, log, settings) -> None:
-    """The user's command, timed as a whole; then what the study and its export recorded."""
-    import optuna
-
+def _check_fresh(name: str, storage: str) -> None:
+    """An hour's study must not exist before the hour: an hour is never resumed."""
     from study.storage import holds_store, open_storage, study_names
-    from study.studies import baseline_trial, best_feasible
 
-    name, minutes = run["study_name"], run["minutes"]
     if holds_store(storage) and name in study_names(open_storage(storage, heartbeat=False)):
         raise ConfigError(
             f"study {name!r} in {storage} is from an hour that did not finish: an hour is not "
             f"resumed; `study delete {name} --storage {storage}` to run it again"
         )
+
+
+def _search_hour(run, space, storage, out, precision, workers, data_dir, log, settings) -> None:
+    """The user's command, timed as a whole; then what the study and its export recorded."""
+    import optuna
+
+    from study.storage import open_storage
+    from study.studies import baseline_trial, best_feasible
+
+    name, minutes = run["study_name"], run["minutes"]
     command = [sys.executable, "-m", "study.cli", "run", space, "--trials", "1000",
                "--timeout", f"{minutes * 60:g}", "--workers", str(workers), "--sampler-seed",
                str(run["sampler_seed"]), "--precision", precision, "--export", "--export-dir",
@@ -194,29 +224,16 @@ def _search_hour(run, space, storage, out, precision, workers, data_dir, log, se
     })  # fmt: skip
 
 
-def _baseline_hour(
-    base: dict, space_name: str, minutes: float, data_dir, log, overrides, jobs: int, save
-) -> None:
-    """The baseline trained on all training images for the hour's epochs, `SEEDS` seeds, each
-    tested once. The epochs are timed once, on one whole epoch at all threads with nothing
-    beside it; the seeds then train `jobs` at a time (processes of `cores // jobs` threads
-    each: the count of epochs is fixed by then, so only the wall time of the seeds depends on
-    it). `save` is called as each seed ends, so that a stopped bench keeps the seeds done."""
-    import torch
-
+def _baseline_hour(base: dict, space_name: str, data_dir, log, overrides, jobs: int,
+                   save) -> None:  # fmt: skip
+    """The baseline trained on all training images for `base["epochs"]`, `SEEDS` seeds, each
+    tested once, `jobs` at a time (processes of `cores // jobs` threads each: the epochs are
+    fixed by the run's timings, so only the wall time depends on it). `save` is called as each
+    seed ends, so that a stopped bench keeps the seeds done."""
     from study import device as dev
-    from study.export import retrain
 
-    space, settings, dataset, target = _baseline_parts(space_name, data_dir, overrides)
-    if "epochs" not in base:  # what one epoch costs here: as many as fit in the budget
-        torch.set_num_threads(os.cpu_count() or 1)
-        one = retrain(baseline_of(space, settings).replace_epochs(1), dataset, settings.seed,
-                      target)  # fmt: skip
-        base["seconds_per_epoch"] = round(one.seconds, 2)
-        base["epochs"] = max(1, math.floor(minutes * 60 / one.seconds))
-        log(f"baseline hour: one epoch {one.seconds:.1f} s here: {base['epochs']} epochs")
-        save()
-    missing = [s for s in range(settings.seed, settings.seed + SEEDS) if s not in base["seeds"]]
+    first = get_space_settings(space_name, overrides).seed
+    missing = [s for s in range(first, first + SEEDS) if s not in base["seeds"]]
     jobs = max(1, min(jobs, len(missing)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     base["seed_jobs"], base["threads_per_seed"] = jobs, threads
@@ -225,11 +242,11 @@ def _baseline_hour(
             f"baseline hour: seed {seed}, {base['epochs']} epochs on all training images"
             + (f" ({jobs} seeds at a time, {threads} thread(s) each)" if jobs > 1 else "")
         )
-    args = [(space_name, data_dir, overrides, base["epochs"], seed,
-             threads, dev.precision_name(target)) for seed in missing]  # fmt: skip
+    precision = dev.precision_name(dev.resolve_device("cpu"))
+    args = [(space_name, data_dir, overrides, base["epochs"], seed, threads, precision)
+            for seed in missing]  # fmt: skip
     if jobs == 1:
-        results = map(_train_baseline_seed, args)
-        _record_seeds(base, results, log, save)
+        _record_seeds(base, map(_train_baseline_seed, args), log, save)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -237,6 +254,34 @@ def _baseline_hour(
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_train_baseline_seed, a) for a in args]
         _record_seeds(base, (f.result() for f in as_completed(futures)), log, save)
+
+
+def _time_epoch(space_name: str, data_dir, overrides) -> float:
+    """One whole epoch of the baseline on all training images at all threads (and its test),
+    after one untimed epoch that warms the kernels: what an epoch of the baseline hour costs
+    here now."""
+    import torch
+
+    from study.export import retrain
+
+    space, settings, dataset, target = _baseline_parts(space_name, data_dir, overrides)
+    torch.set_num_threads(os.cpu_count() or 1)
+    one = baseline_of(space, settings).replace_epochs(1)
+    retrain(one, dataset, settings.seed, target)
+    return round(retrain(one, dataset, settings.seed, target).seconds, 2)
+
+
+def _near(baselines: list[dict], key: dict, epochs: int) -> dict | None:
+    """The baseline hour of `key` trained for about `epochs` (within `SHARE_EPOCHS`)."""
+    found = [b for b in baselines if all(b.get(k) == v for k, v in key.items())
+             and abs(b["epochs"] - epochs) <= SHARE_EPOCHS * epochs]  # fmt: skip
+    return min(found, key=lambda b: abs(b["epochs"] - epochs), default=None)
+
+
+def get_space_settings(space_name: str, overrides):
+    from search_spaces import get_space
+
+    return get_space(space_name).base_settings().replace(**(overrides or {}))
 
 
 def _record_seeds(base: dict, results, log, save) -> None:
@@ -306,9 +351,9 @@ def table(runs: list[dict]) -> str:
         "training seeds, each tested once. Runs of one CPU only compare with each other.",
         "",
         "| CPU (flags) | precision | sampler seed | command s (study + export) | rungs | trials "
-        "| best trial (epochs) | best is baseline | test, 3 seeds | baseline hour: epochs, test "
-        "| gain (points) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| best trial (epochs) | best is baseline | test, 3 seeds | baseline epoch s (before, "
+        "after) | baseline hour: epochs, test | gain (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         seeds = ", ".join(f"{a:.4f}" for a in r.get("test_accuracy_seeds", []))
@@ -321,6 +366,7 @@ def table(runs: list[dict]) -> str:
             f"+ {r.get('export_seconds')}) | {r.get('rungs')} | {r.get('trials')} "
             f"| {r.get('best_trial')} ({r.get('best_epochs')}) | {r.get('best_is_baseline')} "
             f"| {f'{mean:.4f}' if mean else '-'} ({seeds}) "
+            f"| {', '.join(f'{t:.1f}' for t in r.get('baseline_epoch_seconds', []))} "
             f"| {r.get('baseline_hour_epochs', '-')}, "
             f"{f'{base_mean:.4f}' if base_mean else '-'} ({base}) | {r.get('gain_points', '-')} |"
         )

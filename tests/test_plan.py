@@ -275,6 +275,18 @@ def test_the_report_shows_the_plan_and_what_each_rung_holds(tmp_path, images_dir
 
 
 @pytest.mark.slow
+def test_a_baseline_hour_serves_the_runs_whose_epochs_are_within_five_percent():
+    from study.bench_hour import _near
+
+    key = {"study": "fashion-cnn", "cpu": "x", "precision": "bf16", "minutes": 60.0}
+    rows = [{**key, "epochs": 172}, {**key, "epochs": 309}, {**key, "precision": "fp32",
+            "epochs": 200}]  # fmt: skip
+    assert _near(rows, key, 170)["epochs"] == 172
+    assert _near(rows, key, 300)["epochs"] == 309
+    assert _near(rows, key, 240) is None  # neither is within 5%
+    assert _near(rows, {**key, "precision": "fp32"}, 172) is None
+
+
 def test_bench_hour_runs_the_search_hour_and_the_baseline_hour_and_resumes(tmp_path, images_dir):
     """The search hour as the user's command, three seeds of its export, the baseline trained
     for the same budget with three seeds; a second call reads everything back and trains
@@ -293,6 +305,13 @@ def test_bench_hour_runs_the_search_hour_and_the_baseline_hour_and_resumes(tmp_p
         assert key in run, key
     assert run["precision"] == "fp32" and len(run["test_accuracy_seeds"]) == 3
     assert len(run["baseline_hour_test_accuracy_seeds"]) == 3 and run["baseline_hour_epochs"] >= 1
+    assert len(run["baseline_epoch_seconds"]) == 2 and run["machine_drift"] >= 1
+    assert (
+        run["baseline_hour_epochs"]
+        == run["baseline_hour_epochs_fitting"]
+        == max(1, int(30 // (sum(run["baseline_epoch_seconds"]) / 2)))
+    )
+    assert "steady_machine" in run["targets_met"]
     baseline = json.loads((out / "hour-baseline-cpu.json").read_text())[0]
     first = get_space("fashion-cnn").base_settings().seed
     assert baseline["seeds"] == [first, first + 1, first + 2]
