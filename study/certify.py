@@ -65,7 +65,7 @@ class Certification:
             f"Retrained on {self.table['seeds'].iloc[0]} fresh initialisation seeds "
             f"(seeds {FRESH_SEED_OFFSET}+), same learning rate, batch size and epoch budget as "
             "the trial, no early-stop rule. A configuration learns f when at least "
-            f"{s.required_share:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
+            f"{s.required_rate:.0%} of the seeds reach a full-table loss <= {s.target_loss:g} "
             "with every bit right.\n\n"
             + markdown_table(self.table[SHOWN])
             + f"\n\n{self.verdict()}\n"

@@ -12,7 +12,8 @@ says why.
 
 Optuna's RDB storage writes one call per transaction; asking or failing thousands of trials
 that way takes minutes. Here they go `CHUNK` per transaction, through the storage's own
-session and models (`_claim_chunk`, `_fail_chunk`), with Optuna's calls one by one as the
+session and models (`_claim_chunk`, `_fail_chunk`, through `study/rdb.py`, the one module
+that touches Optuna's internals), with Optuna's calls one by one as the
 fallback for a storage that is not a database (`study bench claims` measures both).
 """
 
@@ -34,12 +35,12 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from study import interrupt
-from study.storage import file_lock, sqlite_path
+from study import interrupt, rdb
+from study.storage import advisory_lock, file_lock, sqlite_path
+from study.studies import FINISHED
 
 OWNER_ATTR = "study:owner"
 """Trial system attribute: {"host", "pid", "started"} of the process that runs the trial."""
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 DEAD_PROCESS = "its process ({owner}) ended before the trial finished"
 STALE = "its heartbeat stopped: the process running it died or lost the store"
@@ -107,7 +108,7 @@ def claim(
     Optuna call per trial, as on a storage that is not a database."""
     trials = [] if into is None else into
     owner = owner or this_process()
-    backend = _rdb(study._storage) if batched else None
+    backend = rdb.backend(rdb.storage_of(study)) if batched else None
     while count > 0:
         size = min(count, CHUNK)
         with interrupt.held():
@@ -115,7 +116,7 @@ def claim(
                 ids = _claim_chunk(study, backend, size, owner)
             else:
                 ids = [_claim_one(study, owner) for _ in range(size)]
-            _forget_cached_trials(study)
+            rdb.forget_cached_trials(study)
             trials += [optuna.Trial(study, trial_id) for trial_id in ids]
         count -= size
         if count > 0:
@@ -125,26 +126,25 @@ def claim(
 
 def _claim_one(study: optuna.Study, owner: dict) -> int:
     """One trial through Optuna's own calls (a storage that is not a database)."""
-    storage = study._storage
+    storage = rdb.storage_of(study)
     with _quiet_heartbeat_warning():
         trial = study.ask()
-    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, owner)
+    storage.set_trial_system_attr(rdb.trial_id(trial), OWNER_ATTR, owner)
     if heartbeat_interval(storage):
-        storage.record_heartbeat(trial._trial_id)
-    return trial._trial_id
+        storage.record_heartbeat(rdb.trial_id(trial))
+    return rdb.trial_id(trial)
 
 
 def _claim_chunk(study: optuna.Study, backend, size: int, owner: dict) -> list[int]:
     """`size` trials in one transaction: WAITING ones set RUNNING, then new ones created."""
-    from optuna.storages._rdb import models
-
-    beat = heartbeat_interval(study._storage) is not None
+    models = rdb.models()
+    beat = heartbeat_interval(rdb.storage_of(study)) is not None
     ids = []
-    with _transaction(backend) as session:
-        models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+    with rdb.transaction(backend) as session:
+        models.StudyModel.find_or_raise_by_id(rdb.study_id(study), session, for_update=True)
         waiting = (
             session.query(models.TrialModel)
-            .filter(models.TrialModel.study_id == study._study_id)
+            .filter(models.TrialModel.study_id == rdb.study_id(study))
             .filter(models.TrialModel.state == TrialState.WAITING)
             .order_by(models.TrialModel.trial_id)
             .limit(size)
@@ -154,18 +154,23 @@ def _claim_chunk(study: optuna.Study, backend, size: int, owner: dict) -> list[i
         for trial in waiting:
             trial.state = TrialState.RUNNING
             trial.datetime_start = datetime.datetime.now()
-            backend._set_trial_attr_without_commit(
-                session, models.TrialSystemAttributeModel, trial.trial_id, OWNER_ATTR, owner
+            rdb.set_attr(
+                backend,
+                session,
+                models.TrialSystemAttributeModel,
+                trial.trial_id,
+                OWNER_ATTR,
+                owner,
             )
             ids.append(trial.trial_id)
         for _ in range(size - len(waiting)):
             template = _running_template({}, {}, {}, owner)
-            row = backend._get_prepared_new_trial(study._study_id, template, session)
+            row = rdb.new_trial(backend, study, template, session)
             ids.append(row.trial_id)
         session.flush()
         if beat:
             for trial_id in ids:
-                _beat_without_commit(session, trial_id)
+                rdb.first_heartbeat(session, trial_id)
     return ids
 
 
@@ -177,14 +182,14 @@ def claim_fixed(
 ) -> list[optuna.Trial]:
     """Create one RUNNING trial per entry of `params` (an evaluation fixed in advance, not
     sampled), with its owner in the same write, and a first heartbeat."""
-    storage = study._storage
+    storage = rdb.storage_of(study)
     owner = this_process()
     trials = []
     for values, attrs in zip(params, user_attrs, strict=True):
         template = _running_template(
             values, {name: distributions[name] for name in values}, attrs, owner
         )
-        trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+        trial_id = storage.create_new_trial(rdb.study_id(study), template_trial=template)
         if heartbeat_interval(storage):
             storage.record_heartbeat(trial_id)
         trials.append(optuna.Trial(study, trial_id))
@@ -227,7 +232,7 @@ def _quiet_heartbeat_warning() -> Iterator[None]:
 def heartbeat(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
     """Beat the trials' heartbeats from a background thread while the block runs (however long
     an epoch takes); leaving the block stops it."""
-    storage = study._storage
+    storage = rdb.storage_of(study)
     interval = heartbeat_interval(storage)
     if not interval:
         yield
@@ -238,7 +243,7 @@ def heartbeat(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]
         while not stop.wait(interval):
             for trial in trials:
                 with contextlib.suppress(Exception):  # a lost connection: the trial goes stale
-                    storage.record_heartbeat(trial._trial_id)
+                    storage.record_heartbeat(rdb.trial_id(trial))
 
     thread = threading.Thread(target=beat, name="study-heartbeat", daemon=True)
     thread.start()
@@ -247,6 +252,25 @@ def heartbeat(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]
     finally:
         stop.set()
         thread.join()
+
+
+def train_claimed(
+    study: optuna.Study,
+    trials: list[optuna.Trial],
+    train: Callable[..., Any],
+    *args: Any,
+    requeue: bool | None = None,
+) -> Any:
+    """`train(*args)` for trials this process claimed, their heartbeats beating meanwhile; on any
+    error (a stop included) the trials are failed with its reason (`abandon`: re-queued as
+    `requeue` or the stop says) and the error goes on. Every claim-and-train loop trains
+    through here."""
+    try:
+        with heartbeat(study, trials):
+            return train(*args)
+    except BaseException as error:
+        abandon(study, trials, error, requeue=requeue)
+        raise
 
 
 def fail_many(
@@ -262,11 +286,11 @@ def fail_many(
     thousand in about a second, where one call per trial took a minute); `between` runs
     between chunks (a stop check); `batched=False` makes one Optuna call per trial. Returns
     how many this call failed."""
-    storage = study._storage
+    storage = rdb.storage_of(study)
     callback = None
     if retry and heartbeat_interval(storage):
         callback = storage.get_heartbeat_stale_trial_callback()
-    backend = _rdb(storage) if batched else None
+    backend = rdb.backend(storage) if batched else None
     items = list(reasons.items())
     failed = 0
     for start in range(0, len(items), CHUNK):
@@ -305,7 +329,7 @@ class _Collect:
 
 
 def _fail_one(study: optuna.Study, trial_id: int, reason: str, callback) -> int:
-    storage = study._storage
+    storage = rdb.storage_of(study)
     try:
         if storage.get_trial(trial_id).state != TrialState.RUNNING:
             return 0
@@ -317,29 +341,28 @@ def _fail_one(study: optuna.Study, trial_id: int, reason: str, callback) -> int:
     trial = storage.get_trial(trial_id)
     for retry in _retries(callback, trial):
         retry.user_attrs.pop("fail_reason", None)
-        storage.create_new_trial(study._study_id, template_trial=retry)
+        storage.create_new_trial(rdb.study_id(study), template_trial=retry)
     return 1
 
 
 def _fail_chunk(study: optuna.Study, backend, chunk: list[tuple[int, str]], callback) -> int:
-    from optuna.storages._rdb import models
-
+    models = rdb.models()
     failed = 0
-    with _transaction(backend) as session:
-        models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+    with rdb.transaction(backend) as session:
+        models.StudyModel.find_or_raise_by_id(rdb.study_id(study), session, for_update=True)
         for trial_id, reason in chunk:
             row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
             if row.state != TrialState.RUNNING:
                 continue  # told or failed by its owner or another reaper meanwhile
-            trial = backend._build_frozen_trial_from_trial_model(row)
-            backend._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, "fail_reason", reason
+            trial = rdb.frozen(backend, row)
+            rdb.set_attr(
+                backend, session, models.TrialUserAttributeModel, trial_id, "fail_reason", reason
             )
             row.state = TrialState.FAIL
             row.datetime_complete = datetime.datetime.now()
             failed += 1
             for retry in _retries(callback, trial):
-                backend._get_prepared_new_trial(study._study_id, retry, session)
+                rdb.new_trial(backend, study, retry, session)
     return failed
 
 
@@ -348,7 +371,7 @@ def reap(study: optuna.Study, requeue: bool = True, batched: bool = True) -> int
     parameters): at once for a process of this machine, after the heartbeat grace for one
     elsewhere. Returns how many. Thousands take seconds (`fail_many`), and a stop is honoured
     between chunks."""
-    storage = study._storage
+    storage = rdb.storage_of(study)
     reasons: dict[int, str] = {}
     alive: dict[tuple, bool | None] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -359,9 +382,9 @@ def reap(study: optuna.Study, requeue: bool = True, batched: bool = True) -> int
         if key not in alive:
             alive[key] = owner_alive(owner)
         if alive[key] is False:
-            reasons[trial._trial_id] = DEAD_PROCESS.format(owner=describe_owner(owner))
+            reasons[rdb.trial_id(trial)] = DEAD_PROCESS.format(owner=describe_owner(owner))
     if heartbeat_interval(storage):
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
+        for trial_id in rdb.stale_trial_ids(study):
             reasons.setdefault(trial_id, STALE)
     return fail_many(study, reasons, retry=requeue, between=interrupt.check, batched=batched)
 
@@ -382,7 +405,7 @@ def abandon(
         stop = interrupt.stop_of(error)
         retry = (stop is not None and stop.requeue) if requeue is None else requeue
         with contextlib.suppress(Exception):  # the store is gone: the next run reaps them
-            fail_many(study, {trial._trial_id: reason for trial in trials}, retry=retry)
+            fail_many(study, {rdb.trial_id(trial): reason for trial in trials}, retry=retry)
 
 
 def running_elsewhere(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -427,61 +450,6 @@ def _database_lock(storage: optuna.storages.BaseStorage, study_name: str) -> Ite
     if engine is None or not engine.dialect.name.startswith("postgresql"):
         yield
         return
-    from sqlalchemy import text
-
     key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-
-
-# ----------------------------------------------------------------------------------------------
-# many trials in one transaction (Optuna's RDBStorage writes one call per transaction)
-
-
-def _rdb(storage):
-    """The `RDBStorage` under Optuna's cache, or None for a storage without one (in memory):
-    then every trial goes through Optuna's own calls."""
-    backend = getattr(storage, "_backend", storage)
-    needed = (
-        "_get_prepared_new_trial",
-        "_set_trial_attr_without_commit",
-        "_build_frozen_trial_from_trial_model",
-        "scoped_session",
-    )
-    if isinstance(backend, optuna.storages.RDBStorage) and all(
-        hasattr(backend, name) for name in needed
-    ):
-        return backend
-    return None
-
-
-@contextlib.contextmanager
-def _transaction(backend) -> Iterator[Any]:
-    """One session of `backend`, committed when the block ends (rolled back on an error)."""
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session) as session:
-        yield session
-
-
-def _beat_without_commit(session, trial_id: int) -> None:
-    """A trial's first heartbeat (now, the database's clock), in the caller's transaction."""
-    from optuna.storages._rdb import models
-
-    if models.TrialHeartbeatModel.where_trial_id(trial_id, session) is None:
-        session.add(models.TrialHeartbeatModel(trial_id=trial_id))
-
-
-def _forget_cached_trials(study: optuna.Study) -> None:
-    """What `Study.ask` does before making a `Trial`: the study's cached trial list is stale;
-    and Optuna's storage cache learns the trials written past it (it writes a trial's
-    parameters only for trials it knows)."""
-    local = getattr(study, "_thread_local", None)
-    if local is not None and hasattr(local, "cached_all_trials"):
-        local.cached_all_trials = None
-    if getattr(study._storage, "_backend", None) is not None:
-        study._storage.get_all_trials(study._study_id, deepcopy=False, states=())
+    with engine.connect() as connection, advisory_lock(connection, key):
+        yield

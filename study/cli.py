@@ -235,6 +235,8 @@ def _out_dir(given_dir: str | None, name: str, flag: str = "--out", create: bool
     """Where a command writes: --out, else results/runs/NAME; one line if it cannot be.
     Without `create` it is only checked (a run checks its report directory before it trains)."""
     out = Path(given_dir) if given_dir else default_out(name)
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"{flag}: {out} is a link to nothing ({os.readlink(out)})")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}: {out} exists and is not a directory")
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
@@ -386,7 +388,7 @@ def cmd_delete(args: argparse.Namespace) -> None:
     what = f"{len(frozen)} trials" + (f", {len(files)} stored files" if files else "")
     where = redact(args.storage)
     if not args.yes:
-        if not sys.stdin.isatty():
+        if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
             raise ConfigError(f"delete: {args.name!r} has {what}; add --yes to delete")
         answer = input(f"delete study {args.name!r} ({what}) from {where}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -482,13 +484,17 @@ def cmd_certify(args: argparse.Namespace) -> None:
 
 
 def cmd_frontier_run(args: argparse.Namespace) -> None:
-    from study.frontier import FrontierAnswer, run_frontier
+    from study.answers import FrontierAnswer, NoAnswer
+    from study.frontier import run_frontier
 
     grid = FrontierGrid.from_dict(given(args, FrontierGrid))
     plan = given(args, FrontierPlan)
     FrontierPlan.from_dict(plan)  # checked before anything is opened
 
-    def say(answer: FrontierAnswer) -> None:
+    def say(answer: FrontierAnswer | NoAnswer) -> None:
+        if isinstance(answer, NoAnswer):
+            print(answer.line(), flush=True)
+            return
         low, high = answer.rate.interval
         fitted_low, fitted_high = answer.curve.interval
         print(
@@ -511,13 +517,20 @@ def _end(value: float | None) -> str:
 
 
 def cmd_frontier_report(args: argparse.Namespace) -> None:
-    from study.report_frontier import frontier_answers, headline, write_frontier_report
+    from study.report_frontier import (
+        frontier_answers,
+        frontier_outcomes,
+        headline,
+        write_frontier_report,
+    )
 
     out = _out_dir(args.out, "frontier")
     answers = Path(args.answers) if args.answers else out / "answers.json"
     write_frontier_report(args.storage, out, answers, _command_line())
     for line in headline(frontier_answers(args.storage)):
         print(line)
+    for outcome in frontier_outcomes(args.storage):
+        print(outcome.line())
     print(f"report: {out}/summary.md; answers: {answers}")
 
 

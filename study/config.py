@@ -21,7 +21,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from study.errors import ConfigError
 
@@ -119,6 +119,13 @@ class Settings:
 
     WHAT = "setting"
     """What a field is called in the error for an unknown one."""
+    RENAMED: ClassVar[dict[str, str]] = {}
+    """Old field names -> their names now: stored settings of older stores still read."""
+
+    @classmethod
+    def upgrade(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` (stored settings) with renamed fields under their names now."""
+        return {cls.RENAMED.get(k, k): v for k, v in values.items()}
 
     def identity(self) -> dict[str, Any]:
         """JSON-able dict stored with the study; a resumed run must match it."""
@@ -128,6 +135,7 @@ class Settings:
     @classmethod
     def from_dict(cls: type[S], values: Mapping[str, Any]) -> S:
         """Build from a mapping (stored settings); unknown keys are an error naming the key."""
+        values = cls.upgrade(values)
         reject_unknown_fields(cls, values, cls.WHAT)
         types = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
         converted = {
@@ -270,6 +278,8 @@ BOOLEAN_OPTIMIZER = "adam"
 class BooleanSettings(Settings):
     """Fixed settings of a Boolean width study (the question and its training budget)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"required_share": "required_rate"}  # the frontier's
+
     input_bits: int = 8
     """n: the function maps {0,1}^n to {0,1}^m; the truth table has 2^n rows."""
     output_bits: int = 8
@@ -282,7 +292,7 @@ class BooleanSettings(Settings):
     """Epoch cap: the largest training budget a trial may draw (it stops early at the target)."""
     seeds: int = 3
     """r: independent initialisation seeds trained per trial."""
-    required_share: float = 1.0
+    required_rate: float = 1.0
     """Share of the r seeds that must learn f for the configuration to count as learning f."""
     min_width: int = 1
     """Smallest width of a hidden layer in the search space."""
@@ -317,7 +327,7 @@ class BooleanSettings(Settings):
              f"must be an integer from 1 to {MAX_EPOCHS}")  # fmt: skip
         need(is_int(self.seeds) and 1 <= self.seeds <= MAX_SEEDS, "seeds",
              f"must be an integer from 1 to {MAX_SEEDS}")  # fmt: skip
-        need(is_number(self.required_share) and 0 < self.required_share <= 1, "required_share",
+        need(is_number(self.required_rate) and 0 < self.required_rate <= 1, "required_rate",
              "must be in (0, 1]")  # fmt: skip
         need(is_int(self.min_width) and self.min_width >= 1, "min_width", "must be at least 1")
         need(
@@ -356,7 +366,7 @@ class BooleanSettings(Settings):
 
     def required_of(self, seeds: int) -> int:
         """Seeds out of `seeds` that must learn f at the required share (`required_successes`)."""
-        return required_successes(self.required_share, seeds)
+        return required_successes(self.required_rate, seeds)
 
     @property
     def min_epochs(self) -> int:
@@ -761,7 +771,7 @@ class FrontierPlan(Settings):
     Stored with the cell: a resumed cell runs with its stored plan."""
 
     recipe_trials: int = 48
-    """Recipes Optuna tries per cell (the first `frontier.RECIPE_STARTUP` at random or from
+    """Recipes Optuna tries per cell (the first `cell_engine.RECIPE_STARTUP` at random or from
     neighbouring cells, the rest guided by TPE)."""
     recipe_seeds: int = 4
     """Selection seeds per recipe."""

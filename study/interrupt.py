@@ -88,6 +88,25 @@ class Stopped(KeyboardInterrupt):
         self.stop = stop
 
 
+def detach_worker() -> None:
+    """Make this process a worker of its parent: out of the terminal's process group (a
+    Ctrl-C reaches only the parent, which stops its workers itself), and on Linux sent SIGTERM
+    when the parent dies, even by SIGKILL. Every worker process of this tool starts here."""
+    import ctypes
+
+    with contextlib.suppress(OSError):
+        os.setpgrp()
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def ended(stop: Stop, kept: str) -> Stopped:
+    """The command's last line when `stop` ends it: how it stopped, what is kept, and how to go
+    on (every command that resumes says it the same way)."""
+    return Stopped(stop, f"{stop.words}: {kept}; run the same command again to continue")
+
+
 def stop_of(error: BaseException) -> Stop | None:
     """The stop behind `error`: a plain KeyboardInterrupt (Python's own handler) is a Ctrl-C;
     None for any other error."""

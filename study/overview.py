@@ -21,7 +21,7 @@ def _kind(study: optuna.Study) -> str:
 
 def _answer(study: optuna.Study) -> dict[str, Any] | None:
     """A frontier cell's confirmed answer (the `answers.json` entry), else None."""
-    from study.frontier import stored_answer
+    from study.answers import stored_answer
 
     answer = stored_answer(study)
     return None if answer is None else answer.to_dict()

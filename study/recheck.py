@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,16 +32,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from study import interrupt
+from study.answers import SCHEMA_VERSION, FrontierAnswer, code_commit, exact_interval
+from study.cell_engine import candidate_of, torch_version
 from study.config import RECHECK_ENGINES, RECHECK_SEED
 from study.errors import ConfigError
-from study.frontier import (
-    SCHEMA_VERSION,
-    FrontierAnswer,
-    candidate_of,
-    code_commit,
-    exact_interval,
-    torch_version,
-)
 from study.tables import markdown_table
 
 if TYPE_CHECKING:
@@ -183,8 +176,8 @@ def _worker_start() -> None:
     """A worker trains on one thread and leaves signals to its parent (which ends it)."""
     import torch
 
+    interrupt.detach_worker()
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _trial(entry: dict, seeds: Sequence[int]) -> tuple[str, BooleanTrial, BooleanFunction]:
@@ -312,9 +305,7 @@ def recheck(
         except KeyboardInterrupt as stopped:
             stop = interrupt.stop_of(stopped) or interrupt.CTRL_C
             kept = sum(len(d) for d in done.values())
-            raise interrupt.Stopped(
-                stop, f"{stop.words}: {kept} recheck seeds kept in {path}; run it again to resume"
-            ) from None
+            raise interrupt.ended(stop, f"{kept} recheck seeds kept in {path}") from None
     out.mkdir(parents=True, exist_ok=True)
     save()
     (out / "recheck.md").write_text(recheck_markdown(list(_stored(path).values())))

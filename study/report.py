@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from study.certify import stored_certification
-from study.errors import StudyError
+from study.errors import ConfigError, StudyError
 from study.report_boolean import BOOLEAN_FIGURES, boolean_figures, boolean_summary, pareto_front
 from study.report_image import IMAGE_FIGURES, image_figures, image_frame, image_summary
 from study.storage import default_out
@@ -43,7 +43,10 @@ def write_report(
         held = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
         raise StudyError(f"study {study_name!r} has no finished trial to report yet ({held})")
     out = Path(out_dir) if out_dir is not None else default_out(study_name)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out: cannot create {out} ({error.strerror})") from None
     frame = trials_frame(study)
     frame.to_csv(out / "trials.csv", index=False)
     for stale in REPORT_FIGURES:  # figures of an earlier report in this directory

@@ -51,7 +51,7 @@ def boolean_figures(frame: pd.DataFrame, settings: BooleanSettings, out: Path) -
     done["median_best_loss"] = done["median_best_loss"].astype(float)
     return [
         _neurons_vs_loss(done, settings.target_loss, out / "neurons_vs_loss.png"),
-        _success_share(done, settings.required_share, out / "success_share_vs_width.png"),
+        _success_share(done, settings.required_rate, out / "success_share_vs_width.png"),
         _best_width_history(frame, out / "best_width_history.png"),
     ]
 
@@ -168,7 +168,7 @@ def boolean_summary(
         f"learns a random Boolean function {{0,1}}^{s.input_bits} -> "
         f"{{0,1}}^{s.output_bits} (function seed {s.function_seed}) to a full-table "
         f"mean BCE of at most {s.target_loss:g} with every bit right, on at least "
-        f"{s.required_share:.0%} of {s.seeds} initialisation seeds.",
+        f"{s.required_rate:.0%} of {s.seeds} initialisation seeds.",
         "",
         "## Answer",
         "",

@@ -1,6 +1,6 @@
 """The frontier report: the fewest certified neurons per epoch budget and depth.
 
-Reads the answers (`study.frontier.FrontierAnswer`) that `study frontier run` stored with its
+Reads the answers (`study.answers.FrontierAnswer`) that `study frontier run` stored with its
 cells and writes `summary.md`, `frontier.png` and the machine-readable `answers.json`. Only
 reads the store.
 """
@@ -16,17 +16,25 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from study.frontier import (
+from study.answers import (
+    CONFIRM_BLOCK,
+    HELDOUT_BLOCK,
+    HELDOUT_SEED,
     SCHEMA_VERSION,
+    SELECTION_SEED,
     BlockRate,
     FrontierAnswer,
+    NoAnswer,
+    cell_studies,
     earlier_answer,
     exact_interval,
-    probe_for,
+    first_seed,
     stored_answer,
+    stored_no_answer,
 )
-from study.storage import open_storage, study_names
-from study.studies import FRONTIER_NAME
+from study.config import FrontierPlan
+from study.probe import probe_for
+from study.storage import open_storage
 from study.success_curve import Curve
 from study.tables import figure, markdown_table, whole_numbers
 
@@ -38,21 +46,28 @@ def frontier_answers(storage_url: str) -> list[FrontierAnswer]:
     return _read(storage_url)[0]
 
 
-def _read(storage_url: str) -> tuple[list[FrontierAnswer], list[str]]:
-    """The answers, and the cells answered by the earlier method (named, not read)."""
+def frontier_outcomes(storage_url: str) -> list[NoAnswer]:
+    """The cells whose plan ran to its end without a width to state (research outcomes)."""
+    return _read(storage_url)[2]
+
+
+def _read(storage_url: str) -> tuple[list[FrontierAnswer], list[str], list[NoAnswer]]:
+    """The answers, the cells answered by the earlier method (named, not read), and the cells
+    whose plan stated no width."""
     storage = open_storage(storage_url, heartbeat=False)
-    answers, earlier = [], []
-    for name in study_names(storage):
-        match = FRONTIER_NAME.match(name)
-        if match and not match.group(4):  # a cell, not its recipe search
-            study = optuna.load_study(study_name=name, storage=storage)
-            answer = stored_answer(study)
-            if answer is not None:
-                answers.append(answer)
-            elif earlier_answer(study) is not None:
-                earlier.append(name)
+    answers, earlier, unanswered = [], [], []
+    for name in cell_studies(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        answer = stored_answer(study)
+        if answer is not None:
+            answers.append(answer)
+        elif earlier_answer(study) is not None:
+            earlier.append(name)
+        elif (outcome := stored_no_answer(study)) is not None:
+            unanswered.append(outcome)
     answers.sort(key=lambda a: (a.cell.function_seed, a.cell.depth, a.cell.budget))
-    return answers, sorted(earlier)
+    unanswered.sort(key=lambda a: (a.cell.function_seed, a.cell.depth, a.cell.budget))
+    return answers, sorted(earlier), unanswered
 
 
 def answers_document(answers: list[FrontierAnswer]) -> dict:
@@ -475,23 +490,42 @@ def curves_figure(answers: list[FrontierAnswer], out: Path, function_seed: int =
     return path
 
 
-INTRODUCTION = (
-    "The fewest hidden ReLU neurons with which a network learns the random Boolean function "
-    "{0,1}^{n} -> {0,1}^{m} to a full-table mean BCE of at most 0.001 with every bit right, on "
-    "at least 90% of held-out initialisation seeds, for each epoch budget and depth "
-    "(`study.frontier`, method 2). Per cell: Optuna's TPE, seeded from the cell, searches the "
-    "recipe (Adam's learning rate, batch size, schedule with warm-up and floor; 48 trials, the "
-    "neighbouring cells' best recipes first) at a width near the cell's boundary; a k-ary "
-    "search on selection seeds finds where the boundary lies; five widths around it are "
-    "trained on 24 held-out seeds each and a logistic curve in width is fitted to every "
-    "held-out seed (*fitted 90% width*: where it crosses 90%, with its profile-likelihood 95% "
-    "interval); the smallest whole width whose fitted rate is at least 90% is trained on 96 "
-    "fresh seeds (*confirmed*, with its exact 95% interval), which must pass (87 of 96) for "
-    "the width to be stated. Seeds: selection 2,000,000 + i, curve blocks 3,000,000 + "
-    "10,000 j + i, confirmation blocks 4,000,000 + 10,000 j + i. answers.json carries "
-    "every answer's curve, recipe ranking, seeds, plan, code commit, torch version, device "
-    "and command."
-)
+def introduction(answers: list[FrontierAnswer]) -> str:
+    """What the report's cells are and how they were answered, from the answers' own plans
+    (the default plan's numbers only where the cells ran it)."""
+    plans = {a.plan for a in answers}
+
+    def each(field: str) -> str:
+        values = sorted({getattr(p, field) for p in plans}) or [getattr(FrontierPlan(), field)]
+        return " or ".join(f"{v:,}" for v in values)
+
+    def needed() -> str:
+        pairs = sorted({(p.required(p.confirmation_seeds), p.confirmation_seeds) for p in plans})
+        plan = FrontierPlan()
+        pairs = pairs or [(plan.required(plan.confirmation_seeds), plan.confirmation_seeds)]
+        return " or ".join(f"{k} of {n}" for k, n in pairs)
+
+    rate = " or ".join(f"{r:.0%}" for r in sorted({p.required_rate for p in plans} or {0.9}))
+    n, m = (answers[0].settings.input_bits, answers[0].settings.output_bits) if answers else (8, 8)
+    return (
+        "The fewest hidden ReLU neurons with which a network learns the random Boolean function "
+        f"{{0,1}}^{n} -> {{0,1}}^{m} to a full-table mean BCE of at most 0.001 with every bit "
+        f"right, on at least {rate} of held-out initialisation seeds, for each epoch budget and "
+        "depth (`study.frontier`, method 2). Per cell: Optuna's TPE, seeded from the cell, "
+        "searches the recipe (Adam's learning rate, batch size, schedule with warm-up and floor; "
+        f"{each('recipe_trials')} trials, the neighbouring cells' best recipes first) at a width "
+        "near the cell's boundary; a k-ary search on selection seeds finds where the boundary "
+        f"lies; five widths around it are trained on {each('heldout_seeds')} held-out seeds each "
+        "and a logistic curve in width is fitted to every held-out seed (*fitted width*: where "
+        "it crosses the required rate, with its profile-likelihood 95% interval); the smallest "
+        "whole width whose fitted rate is at least the required rate is trained on "
+        f"{each('confirmation_seeds')} fresh seeds (*confirmed*, with its exact 95% interval), "
+        f"which must pass ({needed()}) for the width to be stated. Seeds: selection "
+        f"{SELECTION_SEED:,} + i, curve blocks {HELDOUT_SEED:,} + {HELDOUT_BLOCK:,} j + i, "
+        f"confirmation blocks {first_seed(CONFIRM_BLOCK):,} + {HELDOUT_BLOCK:,} j + i. "
+        "answers.json carries every answer's curve, recipe ranking, seeds, plan, code commit, "
+        "torch version, device and command."
+    )
 
 
 def write_frontier_report(
@@ -499,14 +533,12 @@ def write_frontier_report(
 ) -> Path:
     """Write summary.md, frontier.png, success_curves.png and answers.json; return the
     summary's path."""
-    answers, earlier = _read(storage_url)
+    answers, earlier, unanswered = _read(storage_url)
     out.mkdir(parents=True, exist_ok=True)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     answers_path.write_text(json.dumps(answers_document(answers), indent=1) + "\n")
     seeds = sorted({a.cell.function_seed for a in answers})
-    bits = (answers[0].settings.input_bits, answers[0].settings.output_bits) if answers else (8, 8)
-    intro = INTRODUCTION.replace("{n}", str(bits[0])).replace("{m}", str(bits[1]))
-    lines = ["# The budget frontier", "", intro, ""]
+    lines = ["# The budget frontier", "", introduction(answers), ""]
     if 0 in seeds:
         lines += ["## The answers (function seed 0)", "", *headline(answers), ""]
         lines += [markdown_table(headline_table(answers)), ""]
@@ -533,6 +565,16 @@ def write_frontier_report(
         lines += ["![The frontier](frontier.png)", ""]
     if curves_figure(answers, out, seeds[0] if seeds else 0) is not None:
         lines += ["![Success curves](success_curves.png)", ""]
+    if unanswered:
+        lines += [
+            "## Cells without an answer",
+            "",
+            "Their plan ran to its end and states no width (every evaluation stays stored; "
+            "another plan, more seeds or a larger budget, may answer them):",
+            "",
+            *(f"- {a.cell.name}: {a.reason}" for a in unanswered),
+            "",
+        ]
     if earlier:
         lines += [
             f"Not shown: {len(earlier)} cell(s) of this store answered by the earlier method "

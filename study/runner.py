@@ -10,10 +10,8 @@ dead process stays RUNNING. Stops (Ctrl-C, SIGTERM, the time budget) are `study.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
-import signal
 import sys
 import time
 import warnings
@@ -38,6 +36,7 @@ from study.config import BooleanSettings, ImageSettings, RunOptions
 from study.errors import ConfigError, StudyError, TrialFailed, first_line
 from study.image_objective import ImageObjective
 from study.plan import Plan
+from study.rdb import storage_of
 from study.storage import HEARTBEAT_SECONDS, holds_store, open_storage, study_names
 from study.studies import (
     FINISHED,
@@ -393,6 +392,14 @@ def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna
     else:
         study = _open(run)
     options, before = run.options, finished_trials(study)
+    if options.trials <= before and not _in_worker:
+        print(
+            f"study: {study.study_name}: {before} trials are finished already and --trials is "
+            f"the total ({options.trials}): nothing to train; --trials {before + options.trials}"
+            f" trains {options.trials} more",
+            file=sys.stderr,
+            flush=True,
+        )
     if options.workers > 1 and options.trials > before:
         _run_workers(run, study, deadline)
     else:
@@ -600,11 +607,10 @@ def _drive(
                 _say_out_of_time(study, total)
             return
         if stop is not None:
-            raise interrupt.Stopped(
+            raise interrupt.ended(
                 stop,
-                f"{stop.words}: {finished_trials(study)} of {total} trials of "
-                f"{study.study_name!r} are finished and stored; the running trial was failed "
-                "with its reason; run the same command again to continue",
+                f"{finished_trials(study)} of {total} trials of {study.study_name!r} are "
+                "finished and stored; the running trial was failed with its reason",
             ) from None
         raise
     finally:
@@ -623,7 +629,7 @@ def _rounds(
         interrupt.check()
         # each trial is created with its owner (a kill cannot leave one nobody reaps); a large
         # claim goes in chunks, and a stop between them leaves the claimed ones in `in_flight`
-        with claims.claim_lock(url, study._storage, study.study_name):
+        with claims.claim_lock(url, storage_of(study), study.study_name):
             claims.reap(study)
             free = total - claims.claimed(study)
             if free > 0 and choose is not None and not choose(study):
@@ -699,22 +705,13 @@ def assign_gpus(workers: int, gpus: list[str]) -> list[str | None]:
     return [gpus[i % len(gpus)] for i in range(workers)]
 
 
-def _die_with_parent() -> None:
-    """Linux: this worker gets SIGTERM when its parent dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 _in_worker = False
 
 
 def _worker(index: int, gpu: str | None, run: _Run, deadline: float | None) -> None:
     global _in_worker
     _in_worker = True
-    # out of the terminal's process group: Ctrl-C reaches the parent, which forwards it once
-    os.setpgrp()
-    _die_with_parent()
+    interrupt.detach_worker()  # Ctrl-C reaches the parent, which forwards it once
     if gpu is not None:  # before this process touches CUDA: the worker sees one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     seed = run.options.sampler_seed
@@ -772,11 +769,10 @@ def _run_workers(run: _Run, study: optuna.Study, deadline: float | None) -> optu
             bar.close()
     stop = interrupt.forwarded()
     if stop is not None:
-        raise interrupt.Stopped(
+        raise interrupt.ended(
             stop,
-            f"{stop.words}: {finished_trials(study)} of {trials} trials of "
-            f"{study.study_name!r} are finished and stored; the workers failed their running "
-            "trials with the reason; run the same command again to continue",
+            f"{finished_trials(study)} of {trials} trials of {study.study_name!r} are finished "
+            "and stored; the workers failed their running trials with the reason",
         )
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:

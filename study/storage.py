@@ -8,7 +8,6 @@ becomes one `StorageError` line; nothing here ever writes to a store it could no
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -146,15 +145,66 @@ def _sqlite_tables(path: Path) -> set[str]:
         raise StorageError(f"storage: cannot read {path}: {error}") from None
 
 
+LOCK_SAY_SECONDS = 5.0
+"""A lock not had within this long is waited for with one line saying so."""
+LOCK_WAIT_SECONDS = 600.0
+"""A lock still held elsewhere after this long ends the command with one line
+(`$STUDY_LOCK_SECONDS` sets another limit)."""
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (created if needed) shared by every process of this machine."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """An exclusive lock on `path` (created if needed) shared by every process of this machine
+    (`filelock`: an OS lock, released when its process ends however it ends). A lock path that
+    is not a regular file is refused; a lock held elsewhere is waited for, saying so after
+    `LOCK_SAY_SECONDS`, and given up after `LOCK_WAIT_SECONDS`, each in one line."""
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise StorageError(
+            f"lock: {path} is not a regular file (a pipe, a directory or a link?); remove it "
+            "and run again"
+        )
+    try:
+        limit = float(os.environ.get("STUDY_LOCK_SECONDS", LOCK_WAIT_SECONDS))
+    except ValueError:
+        raise StorageError("$STUDY_LOCK_SECONDS: must be a number of seconds") from None
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=min(LOCK_SAY_SECONDS, limit))
+    except Timeout:
+        print(
+            f"study: waiting for the lock {path}: another process of this machine holds it "
+            f"(giving up after {limit:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            lock.acquire(timeout=max(0.0, limit - LOCK_SAY_SECONDS))
+        except Timeout:
+            raise StorageError(
+                f"lock: {path} is still held by another process after {limit:g} s; run again "
+                "once it ends (or set $STUDY_LOCK_SECONDS)"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def advisory_lock(connection, key: int) -> Iterator[None]:
+    """A PostgreSQL session advisory lock on `key`, held while the block runs (every machine
+    on the database shares it)."""
+    from sqlalchemy import text
+
+    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    try:
+        yield
+    finally:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
 
 def open_storage(
@@ -244,22 +294,16 @@ def _advisory_lock(url: str, engine_kwargs: dict, create: bool) -> Iterator[None
     """The PostgreSQL form of the lock file: processes that open one new database at once
     create Optuna's tables one at a time (concurrent CREATE TABLEs collide in pg_type).
     Without `create`, a database with no Optuna tables is refused (a read makes no store)."""
-    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy import create_engine, inspect
 
     engine = create_engine(url, **engine_kwargs)
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": CREATE_LOCK_KEY})
-            try:
-                if not create and not OPTUNA_TABLES & set(inspect(connection).get_table_names()):
-                    raise NoStoreYet(
-                        f"storage: {redact(url)} holds no Optuna store yet (run a study first)"
-                    )
-                yield
-            finally:
-                connection.execute(
-                    text("SELECT pg_advisory_unlock(:key)"), {"key": CREATE_LOCK_KEY}
+        with engine.connect() as connection, advisory_lock(connection, CREATE_LOCK_KEY):
+            if not create and not OPTUNA_TABLES & set(inspect(connection).get_table_names()):
+                raise NoStoreYet(
+                    f"storage: {redact(url)} holds no Optuna store yet (run a study first)"
                 )
+            yield
     finally:
         engine.dispose()
 

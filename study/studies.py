@@ -187,6 +187,8 @@ def bind(
     other settings (a study never mixes settings)."""
     identity: dict[str, Any] = settings.identity()
     stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is not None:
+        stored = type(settings).upgrade(stored)  # a field renamed since it was stored
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space)
         if source:

@@ -39,6 +39,7 @@ def world(tmp_path_factory):
     stuck.ask()  # RUNNING (its process gone)
     stuck.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
     (tmp / "a-file").write_text("not a directory")
+    os.symlink(tmp / "nowhere", tmp / "dangling")
     # other people's files: another application's SQLite database, an empty file, a pipe
     import sqlite3
 
@@ -89,6 +90,11 @@ EXPORT_CONFIG = (
 
 RUN = ["run", "boolean-shallow", "--storage", "{storage}"]
 CASES = [
+    (["report", "boolean-shallow", "--storage", "{storage}", "--out", "/proc/nope"], "--out: "),
+    (
+        ["report", "boolean-shallow", "--storage", "{storage}", "--out", "{tmp}/dangling"],
+        "is a link to nothing",
+    ),
     (["run", "boolean-shallow", "--trials", "0"], "--trials"),
     (["run", "boolean-shallow", "--trials", "abc"], "--trials"),
     ([*RUN, "--trials", "2", "--min-width", "20", "--max-width", "10"], "--max-width: must be"),
@@ -145,7 +151,7 @@ CASES = [
     ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
     ([*RUN, "--trials", "2", "--target-loss", "0"], "--target-loss"),
     ([*RUN, "--trials", "2", "--target-loss", "nan"], "--target-loss"),
-    ([*RUN, "--trials", "2", "--required-share", "1.5"], "--required-share"),
+    ([*RUN, "--trials", "2", "--required-rate", "1.5"], "--required-rate"),
     ([*RUN, "--trials", "2", "--batch-sizes", "x"], "--batch-sizes"),
     ([*RUN, "--trials", "2", "--batch-sizes", "0,8"], "--batch-sizes"),
     ([*RUN, "--trials", "2", "--max-epochs", "0"], "--max-epochs"),
@@ -374,3 +380,19 @@ def test_bad_input_is_one_line_and_changes_no_store(world, capsys, argv, expecte
     assert not Path("/tmp/study-hostile-marker").exists()
     assert not Path("/dev/null-journal").exists()
     assert not any((tmp / d).exists() for d in ("no-such-dir", "stuck-report", "images-report"))
+
+
+def test_delete_with_stdin_closed_asks_for_yes_in_one_line(world):
+    """`study delete NAME <&-`: no terminal to ask on, and no stdin at all: one line."""
+    import subprocess
+    import sys
+
+    _, storage = world
+    done = subprocess.run(
+        [sys.executable, "-m", "study.cli", "delete", "boolean-shallow", "--storage", storage],
+        capture_output=True, text=True, preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "study: error: delete: 'boolean-shallow' has 2 trials; add --yes to delete"
+    ]

@@ -33,7 +33,7 @@ def outcome(runs, planned=3, required=2):
     return CandidateOutcome(BooleanCandidate((4,), 1e-2, 8, 100), runs, planned, required, 1e-3)
 
 
-def test_learns_f_only_at_the_required_share():
+def test_learns_f_only_at_the_required_rate():
     two_of_three = outcome(
         [fake_run(0, 5e-4, True), fake_run(1, 0.2, False), fake_run(2, 8e-4, True)]
     )
@@ -75,7 +75,7 @@ def test_unreachable_rule_stops_a_plateau_but_not_a_steady_descent():
 
 def test_a_trial_gives_up_once_the_share_is_out_of_reach():
     fn = boolean_function(3, 0, 3)
-    settings = BooleanSettings(**TINY, required_share=1.0)
+    settings = BooleanSettings(**TINY, required_rate=1.0)
     hopeless = BooleanCandidate((1,), 2e-2, 8, 60)
     result = train_seeds(BooleanTrial(hopeless, [0, 1], settings), fn).outcome()
     assert len(result.runs) == 1 and not result.learns and result.abandoned
@@ -87,8 +87,8 @@ def test_a_trial_gives_up_once_the_share_is_out_of_reach():
 def test_settings_validation_names_the_field():
     with pytest.raises(ConfigError, match=r"^max_width: .*inverted width bounds"):
         BooleanSettings(min_width=20, max_width=10)
-    with pytest.raises(ConfigError, match=r"^required_share"):
-        BooleanSettings(required_share=0)
+    with pytest.raises(ConfigError, match=r"^required_rate"):
+        BooleanSettings(required_rate=0)
     with pytest.raises(ConfigError, match=r"^widthh: unknown setting"):
         BooleanSettings.from_dict({"widthh": 3})
 
@@ -341,3 +341,24 @@ def test_cli_storage_file_that_is_not_a_database_is_left_alone(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     assert "is not an SQLite database" in done.stderr
     assert notes.read_text() == "these are my notes, not a database\n"
+
+
+def test_a_store_that_named_the_required_rate_required_share_still_resumes(tmp_path):
+    """The Boolean settings' `required_share` is `required_rate` now (the frontier's name): a
+    study stored with the old name is described and resumed as it was made."""
+    import optuna
+
+    from study.runner import run_study
+    from study.studies import describe
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    settings = {"input_bits": 3, "output_bits": 2, "max_epochs": 40, "seeds": 2}
+    run_study("boolean-shallow", settings, trials=1, storage=storage, device="cpu", quiet=True)
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    stored = dict(study.user_attrs["settings"])
+    stored["required_share"] = stored.pop("required_rate")  # as an older version stored it
+    study.set_user_attr("settings", stored)
+    assert describe(study).settings.required_rate == stored["required_share"]
+    again = run_study("boolean-shallow", settings, trials=2, storage=storage, device="cpu",
+                      quiet=True)  # fmt: skip
+    assert len(again.trials) == 2

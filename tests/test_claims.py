@@ -16,7 +16,7 @@ import optuna
 import pytest
 from sqlalchemy import text
 
-from study import claims, interrupt
+from study import claims, interrupt, rdb
 from study.storage import open_storage
 
 POSTGRES = os.environ.get("STUDY_TEST_POSTGRES") or None
@@ -52,25 +52,25 @@ def dead_owner() -> dict:
 
 def count_transactions(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = claims._transaction
+    original = rdb.transaction
 
     def counted(backend):
         calls.append(1)
         return original(backend)
 
-    monkeypatch.setattr(claims, "_transaction", counted)
+    monkeypatch.setattr(rdb, "transaction", counted)
     return calls
 
 
 def heartbeats(study: optuna.Study) -> int:
-    backend = claims._rdb(study._storage)
+    backend = rdb.backend(rdb.storage_of(study))
     with backend.engine.connect() as connection:
         return connection.execute(
             text(
                 "SELECT count(*) FROM trial_heartbeats h JOIN trials t "
                 "ON t.trial_id = h.trial_id WHERE t.study_id = :id"
             ),
-            {"id": study._study_id},
+            {"id": rdb.study_id(study)},
         ).scalar_one()
 
 
@@ -138,8 +138,10 @@ def test_reaping_many_dead_trials_is_a_few_transactions(new_study, backend, monk
     assert claims.reap(study) == 0
     # the re-queued ones are claimed first by the next run, now owned by it
     again = claims.claim(study, 5)
-    assert [t.params for t in study.get_trials() if t._trial_id in {a._trial_id for a in again}
-            ] == [t.params for t in sampled]  # fmt: skip
+    ids = {rdb.trial_id(a) for a in again}
+    assert [t.params for t in study.get_trials() if rdb.trial_id(t) in ids] == [
+        t.params for t in sampled
+    ]
 
 
 def test_reaping_without_a_database_calls_optuna_per_trial_with_the_same_result(new_study):
@@ -166,7 +168,7 @@ def test_a_kill_during_a_huge_claim_leaves_only_trials_the_next_run_reaps(new_st
     """kill -9 at some moment of a claim of 50,000: each trial stored has an owner and a
     heartbeat, and one reap fails them all (re-queuing none: none had parameters)."""
     study = new_study("sqlite")
-    url = study._storage._backend.url
+    url = rdb.backend(rdb.storage_of(study)).url
     process = subprocess.Popen([sys.executable, "-c", CLAIM_FOREVER, url, study.study_name],
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
@@ -239,3 +241,66 @@ def test_an_owner_record_without_a_real_process_is_not_alive():
     assert claims.owner_alive({"host": here, "pid": 0}) is False
     assert claims.owner_alive(claims.this_process()) is True
     assert claims.owner_alive({"host": "elsewhere", "pid": 1}) is None
+
+
+def test_every_optuna_internal_the_project_uses_is_there():
+    """An Optuna upgrade that moves an internal fails here, in one line naming it."""
+    gone = rdb.missing()
+    assert not gone, f"study/rdb.py: the installed Optuna lacks {', '.join(gone)}"
+
+
+def test_no_module_but_rdb_touches_optuna_internals():
+    import re
+    from pathlib import Path
+
+    private = re.compile(
+        r"\._(storage|study_id|trial_id|backend|thread_local|rdb)\b"
+        r"|optuna\.[\w.]*\._\w|_without_commit|_get_prepared|_build_frozen|_get_stale|"
+        r"\"constraints:"
+    )
+    root = Path(__file__).parent.parent
+    found = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for folder in ("study", "search_spaces", "tests")
+        for path in sorted((root / folder).glob("*.py"))
+        if path.name not in ("rdb.py", "test_claims.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not found, "Optuna internals outside study/rdb.py:\n" + "\n".join(found)
+
+
+def test_a_lock_path_that_is_no_regular_file_is_refused_and_a_held_lock_says_so(
+    tmp_path, monkeypatch, capsys
+):
+    """A FIFO at the lock path would hang every run: refused in one line. A lock another
+    process holds is waited for with one line saying so, and given up with one line."""
+    from study.errors import StorageError
+    from study.storage import file_lock
+
+    fifo = tmp_path / "s.db.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(StorageError, match=r"^lock: .* is not a regular file"), file_lock(fifo):
+        pass
+    held = tmp_path / "t.db.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+         f"lock = FileLock({str(held)!r}); lock.acquire(); print('held', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr("study.storage.LOCK_SAY_SECONDS", 0.2)
+        monkeypatch.setenv("STUDY_LOCK_SECONDS", "1")
+        with (
+            pytest.raises(StorageError, match=r"still held by another process after 1 s"),
+            file_lock(held),
+        ):
+            pass
+        assert "study: waiting for the lock" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with file_lock(held):  # its holder gone, the lock is had (else: an error after 1 s)
+        pass

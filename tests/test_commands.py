@@ -331,3 +331,22 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     os.close(write)
     assert done.stderr == "" and done.returncode == 141, done.stderr
+
+
+def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_path):
+    """--trials is the study's total: a run that asks for no more than is finished trains
+    nothing and says so in one line, with the flag that would add that many."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    first = cli("run", "boolean-shallow", "--trials", "2", "--storage", storage, "--quiet",
+                *TINY_ARGS)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    again = cli("run", "boolean-shallow", "--trials", "2", "--storage", storage, "--quiet",
+                *TINY_ARGS)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    said = [line for line in again.stderr.splitlines() if "nothing to train" in line]
+    assert said == [
+        "study: boolean-shallow: 2 trials are finished already and --trials is the total (2): "
+        "nothing to train; --trials 4 trains 2 more"
+    ]
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    assert len(study.trials) == 2

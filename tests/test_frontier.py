@@ -9,17 +9,16 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
-from study.frontier import (
-    CONFIRM_BLOCK,
+from study.answers import (
     HELDOUT_SEED,
     SCHEMA_VERSION,
     SELECTION_SEED,
     FrontierAnswer,
+    Recipe,
     exact_interval,
-    run_cell,
-    run_frontier,
 )
+from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
+from study.frontier import CONFIRM_BLOCK, run_cell, run_frontier
 from study.success_curve import Point, fit
 from tests.conftest import cli
 
@@ -129,7 +128,7 @@ def test_the_recipe_ranking_is_the_searchs_best_three(cell_store):
     for t in recipes.trials:
         assert 0 <= t.params["warmup_fraction"] <= 0.3
         assert ("lr_floor" in t.params) == (t.params["lr_schedule"] != "constant")
-    from study.frontier import cell_seed
+    from study.cell_engine import cell_seed
 
     assert recipes.user_attrs["sampler_seed"] == cell_seed(Cell(0, 1, 200))
 
@@ -178,6 +177,11 @@ def test_the_report_and_answers_json(cell_store, tmp_path):
     assert "second" in summary and "## Next to theory" in summary
     assert "about 2 sqrt((m + 2) N) = 18 neurons in two hidden layers" in summary  # N 16, m 3
     assert "{0,1}^4 -> {0,1}^3" in summary
+    # the introduction tells the plan the cell ran, not the default one
+    intro = " ".join(summary.split())
+    assert "; 6 trials, the" in intro and "trained on 20 held-out seeds each" in intro
+    assert "trained on 20 fresh seeds" in intro and "must pass (18 of 20)" in intro
+    assert "48 trials" not in intro and "96 fresh seeds" not in intro
     for name in ("frontier.png", "success_curves.png"):
         assert (tmp_path / "r" / name).stat().st_size > 10_000, name
 
@@ -202,15 +206,18 @@ def test_function_seed_zero_is_a_function_seed():
     assert args.function_seeds == (0, 3)
 
 
-def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(tmp_path):
+def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(
+    tmp_path, monkeypatch
+):
     """The fit places 8 neurons; 8 fails its confirmation block (15/20): its block joins the
     fit, and the next width (at least 9) is confirmed on the next fresh block."""
     from study import frontier
+    from study.cell_engine import CellRun
     from study.storage import open_storage
 
     storage = f"sqlite:///{tmp_path / 'c.db'}"
-    run = frontier.CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200), PLAN,
-                           TINY, 1, print)  # fmt: skip
+    run = CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200), PLAN, TINY, 1,
+                  print)  # fmt: skip
     curve = [Point(n, k, 20) for n, k in [(5, 2), (6, 8), (7, 15), (8, 19), (9, 20)]]
     rates = {(8, CONFIRM_BLOCK): 15, (9, CONFIRM_BLOCK + 1): 20}
     confirmed: dict[int, Point] = {}
@@ -229,9 +236,13 @@ def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(tmp
         attrs = {"successes": rates[(n, block)], "seeds_planned": 20, "block": block}
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
-    run._points, run.heldout = points, heldout
-    run._answer = lambda recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed)
-    trial, chosen_by, failed = run.confirm(frontier.Recipe(0.01, 8, "constant"), (0,))
+    run.points, run.heldout = points, heldout
+    monkeypatch.setattr(
+        frontier,
+        "_state",
+        lambda run, recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed),
+    )
+    trial, chosen_by, failed = frontier.confirm(run, Recipe(0.01, 8, "constant"), (0,))
     assert fit(curve).smallest() == 8
     assert trial.params["neurons"] == 9 and trial.user_attrs["block"] == CONFIRM_BLOCK + 1
     assert [(w.neurons, w.rate.successes, w.rate.block) for w in failed] == [
@@ -276,30 +287,31 @@ def test_a_cell_of_the_earlier_method_is_not_resumed(tmp_path):
 def test_a_second_cell_starts_from_its_neighbours_recipe_with_its_own_seed(cell_store):
     """Depth 2 next to the answered depth 1: the neighbour's recipe is its first trial, the
     probe comes from the neighbour's fitted crossing, and its sampler seed is its own."""
-    from study import frontier
+    from study import probe, recipe_search
+    from study.cell_engine import CellRun, cell_seed
     from study.storage import open_storage
 
     storage, answer, _ = cell_store
     plan = FrontierPlan.from_dict({**PLAN.identity(), "probe_neurons": None})
     cell = Cell(0, 2, 200)
-    run = frontier.CellRun(storage, open_storage(storage), cell, plan, TINY, 1, lambda _: None)
-    run._begin_recipes(run.recipes)
+    run = CellRun(storage, open_storage(storage), cell, plan, TINY, 1, lambda _: None)
+    recipe_search.begin(run, run.recipes)
     waiting = run.recipes.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"] for t in waiting] == [
-        frontier.Recipe.from_params(answer["recipe"]).search_params()
+        Recipe.from_params(answer["recipe"]).search_params()
     ]
     neighbour = FrontierAnswer.from_dict(answer)
-    assert run.probe == frontier.probe_for(cell, [neighbour])
-    assert run.probe == round(answer["fitted_width_90"] * frontier.DEPTH_FACTOR[2])
-    seeds = {frontier.cell_seed(Cell(f, d, b)) for f in (0, 1) for d in (1, 2) for b in (200, 400)}
+    assert run.probe == probe.probe_for(cell, [neighbour])
+    assert run.probe == round(answer["fitted_width_90"] * probe.DEPTH_FACTOR[2])
+    seeds = {cell_seed(Cell(f, d, b)) for f in (0, 1) for d in (1, 2) for b in (200, 400)}
     assert len(seeds) == 8
-    assert run.recipes.user_attrs["sampler_seed"] == frontier.cell_seed(cell)
-    run._begin_recipes(run.recipes)  # once per cell: nothing enqueued twice
+    assert run.recipes.user_attrs["sampler_seed"] == cell_seed(cell)
+    recipe_search.begin(run, run.recipes)  # once per cell: nothing enqueued twice
     assert len(run.recipes.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
 
 def test_probes_sit_near_the_boundary():
-    from study.frontier import probe_for
+    from study.probe import probe_for
 
     assert probe_for(Cell(0, 1, 2000)) == 72
     assert probe_for(Cell(0, 2, 2000)) == round(72 * 0.85)
@@ -318,7 +330,7 @@ def test_probes_follow_the_answered_budgets_of_the_cells_function_and_depth():
     beyond them it continues at the slope of the two nearest (never rising with budget, never
     falling faster than budget^-BUDGET_SHRINK); one answer gives no slope, and other functions
     or depths are used only when the cell's own have no answer."""
-    from study.frontier import BUDGET_SHRINK, DEPTH_FACTOR, probe_for
+    from study.probe import BUDGET_SHRINK, DEPTH_FACTOR, probe_for
 
     d1 = [_answered(0, 1, 2000, 70.0), _answered(0, 1, 8000, 56.0)]
     assert probe_for(Cell(0, 1, 4000), d1) == round(math.sqrt(70 * 56)) == 63
@@ -346,7 +358,7 @@ def test_the_report_replays_the_probe_rule_on_the_committed_store():
     before then; the rule probes nearer the boundaries the cells found than the probes used."""
     from pathlib import Path
 
-    from study.frontier import PROBE_ATTR
+    from study.cell_engine import PROBE_ATTR
     from study.report_frontier import frontier_answers, probe_lines, probe_table
 
     storage = f"sqlite:///{Path(__file__).parent.parent / 'results/frontier.db'}"
@@ -602,8 +614,8 @@ def test_a_recheck_says_when_a_width_falls_short():
 
 
 def test_recheck_seeds_are_no_runs_seeds():
+    from study.answers import HELDOUT_BLOCK, first_seed
     from study.config import MAX_SEEDS, RECHECK_SEED
-    from study.frontier import HELDOUT_BLOCK, first_seed
 
     assert SELECTION_SEED + MAX_SEEDS < HELDOUT_SEED
     # confirmation blocks CONFIRM_BLOCK .. CONFIRM_BLOCK + 499 all end below the recheck seeds
@@ -659,7 +671,7 @@ def test_a_stopped_recheck_keeps_its_seeds_and_its_workers_end(cell_store, tmp_p
     _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == status, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("study: ") and "run it again to resume" in last, stderr
+    assert last.startswith("study: ") and "run the same command again to continue" in last, stderr
     for pid in map(int, children):
         for _ in range(100):
             try:
@@ -676,3 +688,27 @@ def test_a_stopped_recheck_keeps_its_seeds_and_its_workers_end(cell_store, tmp_p
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert again.returncode == 0 and "0 to train" in again.stdout, again.stderr
     assert json.loads(stored.read_text())["rechecks"][0]["seeds"] == seeds
+
+
+def test_a_cell_its_plan_cannot_answer_is_a_research_outcome_not_an_error(tmp_path):
+    """One epoch is too short for any width to learn f: the cell's width search runs to the
+    largest width and the cell states no answer. That is a result (stored with the cell, read
+    back without training, listed by the report), not an error that stops the other cells."""
+    from study.answers import NoAnswer
+    from study.report_frontier import write_frontier_report
+
+    storage = f"sqlite:///{tmp_path / 'n.db'}"
+    outcome = run_cell(storage, Cell(0, 1, 1), PLAN, threads=1, log=lambda _: None,
+                       settings=TINY)  # fmt: skip
+    assert isinstance(outcome, NoAnswer), outcome
+    assert outcome.reason.startswith("no width up to ") and outcome.cell == Cell(0, 1, 1)
+    cell = optuna.load_study(study_name=Cell(0, 1, 1).name, storage=storage)
+    assert cell.user_attrs["no_answer"] == outcome.reason and "answer" not in cell.user_attrs
+    trained = len(cell.trials)
+    assert run_cell(storage, Cell(0, 1, 1), PLAN, threads=1, log=lambda _: None,
+                    settings=TINY) == outcome  # fmt: skip
+    assert len(optuna.load_study(study_name=Cell(0, 1, 1).name, storage=storage).trials) == trained
+    summary = write_frontier_report(storage, tmp_path / "r", tmp_path / "r" / "answers.json")
+    text = summary.read_text()
+    assert "## Cells without an answer" in text and f"- {Cell(0, 1, 1).name}: no width" in text
+    assert json.loads((tmp_path / "r" / "answers.json").read_text())["answers"] == []

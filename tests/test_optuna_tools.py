@@ -12,8 +12,10 @@ from pathlib import Path
 import optuna
 import pytest
 
+from study import rdb
+from study.answers import earlier_answer, stored_answer
 from study.config import BooleanSettings, FrontierCell, FrontierPlan
-from study.frontier import STATED, align_with_optuna, earlier_answer, run_cell, stored_answer
+from study.frontier import STATED, align_with_optuna, run_cell
 from study.runner import best_feasible, run_study
 from study.storage import open_storage
 from tests.conftest import TINY, write_fake_dataset
@@ -106,7 +108,7 @@ def test_cells_stored_by_earlier_versions_are_aligned_once(tmp_path):
         connection.execute(
             "DELETE FROM trial_system_attributes WHERE key = ? AND trial_id IN (SELECT trial_id "
             "FROM trials JOIN studies USING (study_id) WHERE study_name = ?)",
-            (f"constraints:{STATED}", "frontier-f0-d1-b500"),
+            (rdb.constraint_key(STATED), "frontier-f0-d1-b500"),
         )
     old = optuna.load_study(study_name="frontier-f0-d1-b500", storage=f"sqlite:///{copy}")
     neurons = earlier_answer(old)["neurons"]

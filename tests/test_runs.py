@@ -406,6 +406,8 @@ def test_a_storage_password_never_reaches_any_output(tmp_path):
 
 @pytest.mark.slow
 def test_a_trial_of_another_machine_is_failed_once_its_heartbeat_is_stale(tmp_path):
+    from study.rdb import trial_id
+
     storage = f"sqlite:///{tmp_path / 's.db'}"
     env = {**os.environ, "STUDY_HEARTBEAT_SECONDS": "1"}
     first = subprocess.run(command(storage, "--trials", "1", *TINY_ARGS), env=env,
@@ -415,8 +417,8 @@ def test_a_trial_of_another_machine_is_failed_once_its_heartbeat_is_stale(tmp_pa
     rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
     trial = optuna.load_study(study_name="boolean-shallow", storage=rdb).ask()
     trial.suggest_int("width", 2, 2, log=True)  # it had started: its parameters are re-queued
-    rdb.set_trial_system_attr(trial._trial_id, "study:owner", {"host": "elsewhere", "pid": 1})
-    rdb.record_heartbeat(trial._trial_id)
+    rdb.set_trial_system_attr(trial_id(trial), "study:owner", {"host": "elsewhere", "pid": 1})
+    rdb.record_heartbeat(trial_id(trial))
     # a grace (8 s) longer than this process takes to start: it has to wait, and says so
     later = {**os.environ, "STUDY_HEARTBEAT_SECONDS": "4"}
     done = subprocess.run(command(storage, "--trials", "1", "--quiet"), env=later,

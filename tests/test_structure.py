@@ -306,3 +306,19 @@ def test_reports_draw_without_pyplot_or_a_backend_switch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
     assert (tmp_path / "r" / "neurons_vs_loss.png").stat().st_size > 10_000
+
+
+def test_reading_answers_imports_neither_torch_nor_the_frontier_engine():
+    """`study list`, `study best`, the reports and the notebooks read a cell's answer through
+    study.answers: JSON-like types, with no torch and no training engine behind them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; import study.answers, study.probe, study.overview, study.report_frontier, "
+        "study.studies; print(sorted(m for m in ('torch', 'study.frontier', 'study.trainer', "
+        "'study.boolean_trial') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
