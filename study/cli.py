@@ -555,6 +555,11 @@ BENCH_MINUTES = {"pruners": 15.0, "hour": 60.0}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "read":  # reading only: no torch
+        from study.bench_read import bench_read
+
+        bench_read(None if args.storage is None else [args.storage], repeats=args.repeats)
+        return
     from study.bench import (
         bench_boolean,
         bench_claims,
@@ -774,7 +779,7 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     p.add_argument(
         "what",
-        choices=["trainer", "cnn", "boolean", "long", "step", "pruners", "claims", "hour"],
+        choices=["trainer", "cnn", "boolean", "long", "step", "pruners", "claims", "hour", "read"],
         help="trainer: tutorial pipeline vs trainer (FashionMNIST MLP); cnn: a plain "
         "DataLoader script vs the trainer on the fashion-cnn baseline network (fp32, bf16; "
         "threads or processes); boolean: tutorial "
@@ -784,12 +789,13 @@ def _add_bench(sub) -> None:
         "hyperband for fashion-mlp under one time budget; claims: claiming and reaping "
         "trials, one call per trial against chunks of them per transaction; hour: the search "
         "hour (study run --timeout, with its export) against the space's baseline trained for "
-        "the same hour, three seeds each, into results/bench/hour-cpu.json (resumes)",
+        "the same hour, three seeds each, into results/bench/hour-cpu.json (resumes); read: "
+        "`study list` against `optuna studies` on the committed stores (time, memory)",
     )
     p.add_argument("--data-dir", help="directory with the FashionMNIST IDX files")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=_bounded_int(1, 100), default=3,
-                   help="trainer: timed epochs (3); pruners: repetitions")  # fmt: skip
+                   help="trainer: timed epochs (3); pruners, read: repetitions")  # fmt: skip
     p.add_argument("--trials", type=_bounded_int(1, 4096),
                    help="boolean: configurations (32); claims: trials (2000)")  # fmt: skip
     p.add_argument("--epochs", type=_bounded_int(1, 10**6),
@@ -815,7 +821,8 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--storage",
         metavar="URL",
-        help=f"hour: the bench store (${STORAGE_VARIABLE}, else {DEFAULT_STORAGE})",
+        help=f"hour: the bench store (${STORAGE_VARIABLE}, else {DEFAULT_STORAGE}); read: the "
+        "one store to time (the committed ones)",
     )
     p.add_argument("--out", help="hour: where the tables go (results/runs/bench)")
     p.add_argument("--pruners", default="median,hyperband",

@@ -28,31 +28,63 @@ def _answer(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def list_studies(storage_url: str) -> list[dict[str, Any]]:
-    """One row per study: kind, trials by state, best value, last activity."""
+    """One row per study: kind, trials by state, best value, last activity.
+
+    Reads each study's attributes and a digest of its trials (`rdb.trial_digest`: counts,
+    times, complete values), never the trials themselves."""
+    from study import rdb
+
     storage = open_storage(storage_url, heartbeat=False)
+    backend = rdb.backend(storage)
+    digest = rdb.trial_digest(backend) if backend is not None else None
     rows = []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        states = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-        times = [t.datetime_complete or t.datetime_start for t in trials]
-        times = [t for t in times if t is not None]
+    for study in storage.get_all_studies():
+        if digest is None:
+            trials = _digest_of(optuna.load_study(study_name=study.study_name, storage=storage))
+        else:
+            trials = digest.get(study.study_name, {"states": {}, "last": None, "values": []})
         kind = _kind(study)
-        best = best_feasible(study) if len(study.directions) == 1 else None
-        value = None if best is None else best.value
-        if kind == "frontier" and not summary.study_name.endswith("-recipe"):
-            value = (_answer(study) or {}).get("neurons")  # the confirmed width
+        value = None
+        if kind == "frontier" and not study.study_name.endswith("-recipe"):
+            from study.answers import stored_answer
+
+            answer = stored_answer(study)
+            value = None if answer is None else answer.neurons  # the confirmed width
+        elif len(study.directions) == 1:
+            feasible = [v for v, ok in trials["values"] if ok]
+            pick = max if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else min
+            value = pick(feasible) if feasible else None
+        last = trials["last"]
         rows.append(
             {
-                "study": summary.study_name,
+                "study": study.study_name,
                 "kind": kind,
-                "trials": len(trials),
-                **{s: n for s, n in states.items() if n},
+                "trials": sum(trials["states"].values()),
+                **{
+                    s.name.lower(): trials["states"][s.name]
+                    for s in TrialState
+                    if trials["states"].get(s.name)
+                },
                 "best": value,
-                "last_activity": max(times).isoformat(timespec="seconds") if times else None,
+                "last_activity": last.isoformat(timespec="seconds") if last else None,
             }
         )
     return rows
+
+
+def _digest_of(study: optuna.Study) -> dict[str, Any]:
+    """`rdb.trial_digest`'s entry, from the trials (a storage without Optuna's models)."""
+    trials = study.get_trials(deepcopy=False)
+    times = [t.datetime_complete or t.datetime_start for t in trials]
+    return {
+        "states": {s.name: sum(t.state == s for t in trials) for s in TrialState},
+        "last": max((t for t in times if t is not None), default=None),
+        "values": [
+            (t.value, all(c <= 0.0 for c in t.constraints.values()))
+            for t in trials
+            if t.state == TrialState.COMPLETE and t.values is not None and len(t.values) == 1
+        ],
+    }
 
 
 BEST_KEYS = ("study", "kind", "space", "settings", "best", "certified", "export", "answer")

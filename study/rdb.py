@@ -25,7 +25,10 @@ Optuna upgrade that moves one breaks here and nowhere else.
   (`Study.fail_stale_trials`, which fails them without the reason this project stores);
 - `optuna.study._constrained_optimization._CONSTRAINTS_KEY`: the prefix of the key
   `Trial.set_constraint` writes, for the frontier's migration of old cells (none: the key is
-  Optuna's own).
+  Optuna's own), and `_get_constraints_from_system_attrs`, which reads both of its formats;
+- the models again for `trial_digest`: `study list` counts every study's trials by state in a
+  few queries, where Optuna's `get_all_study_summaries` loads every trial of every study
+  (fallback: `Study.get_trials` per study, as `overview` does for a storage without them).
 """
 
 from __future__ import annotations
@@ -131,6 +134,69 @@ def constraint_key(name: str) -> str:
     return f"{_CONSTRAINTS_KEY}:{name}"
 
 
+def trial_digest(rdb: optuna.storages.RDBStorage) -> dict[str, dict[str, Any]]:
+    """Per study name: `states` (TrialState name -> count), `last` (the latest completion or
+    start, None without trials) and `values` (each complete trial's first objective value with
+    whether it is feasible, i.e. all its `Trial.set_constraint` values at most 0).
+
+    Four queries over the whole store; reads no parameter, intermediate value or attribute
+    but the constraints."""
+    import datetime
+    import json
+
+    import sqlalchemy
+    from optuna.study._constrained_optimization import (
+        _CONSTRAINTS_KEY,
+        _get_constraints_from_system_attrs,
+    )
+
+    m = models()
+    trial, value, attr = m.TrialModel, m.TrialValueModel, m.TrialSystemAttributeModel
+    digest: dict[int, dict[str, Any]] = {}
+    with transaction(rdb) as session:
+        names = dict(session.query(m.StudyModel.study_id, m.StudyModel.study_name))
+        # Optuna 5 keeps UTC in `_datetime_*_utc` and shows local time; earlier ones local only
+        utc = hasattr(trial, "_datetime_start_utc")
+        when = sqlalchemy.func.coalesce(
+            *(
+                getattr(trial, f"_{n}_utc" if utc else n)
+                for n in ("datetime_complete", "datetime_start")
+            )
+        )
+        for study, state, count, last in session.query(
+            trial.study_id, trial.state, sqlalchemy.func.count(), sqlalchemy.func.max(when)
+        ).group_by(trial.study_id, trial.state):
+            entry = digest.setdefault(study, {"states": {}, "last": None, "values": []})
+            entry["states"][state.name] = count
+            if last is not None and utc:
+                last = last.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
+            if last is not None and (entry["last"] is None or last > entry["last"]):
+                entry["last"] = last
+        complete = optuna.trial.TrialState.COMPLETE
+        constraints: dict[int, dict[str, Any]] = {}
+        for trial_id, key, stored in (
+            session.query(attr.trial_id, attr.key, attr.value_json)
+            .join(trial, trial.trial_id == attr.trial_id)
+            .filter(trial.state == complete)
+            .filter(
+                sqlalchemy.or_(
+                    attr.key == _CONSTRAINTS_KEY, attr.key.like(f"{_CONSTRAINTS_KEY}:%")
+                )
+            )
+        ):
+            constraints.setdefault(trial_id, {})[key] = json.loads(stored)
+        for study, trial_id, stored, kind in (
+            session.query(trial.study_id, trial.trial_id, value.value, value.value_type)
+            .join(value, value.trial_id == trial.trial_id)
+            .filter(trial.state == complete, value.objective == 0)
+        ):
+            own = _get_constraints_from_system_attrs(constraints.get(trial_id, {}))
+            digest[study]["values"].append(
+                (value.stored_repr_to_value(stored, kind), all(c <= 0.0 for c in own.values()))
+            )
+    return {names[study]: entry for study, entry in digest.items()}
+
+
 def missing() -> list[str]:
     """The internals above that the installed Optuna lacks (empty when all are there)."""
     import importlib
@@ -145,6 +211,7 @@ def missing() -> list[str]:
         ("optuna.storages._rdb.models", "TrialSystemAttributeModel"),
         ("optuna.storages._rdb.storage", "_create_scoped_session"),
         ("optuna.study._constrained_optimization", "_CONSTRAINTS_KEY"),
+        ("optuna.study._constrained_optimization", "_get_constraints_from_system_attrs"),
     ):
         try:
             getattr(importlib.import_module(module), name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import time
@@ -58,6 +59,8 @@ __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_s
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 POLL_SECONDS = 1.0
+PROGRESS_SECONDS = 5.0
+"""How often the parent of worker processes reads the store to redraw its progress bar."""
 SAMPLER_SEED_ATTR = "sampler_seed"
 """Study user attribute: the sampler seed the study was created with (each run's is in its
 record under `runs`); None when the sampler was seeded from the clock."""
@@ -754,8 +757,10 @@ def _run_workers(run: _Run, study: optuna.Study, deadline: float | None) -> optu
     try:
         with interrupt.watching(forward=forward):
             while any(p.is_alive() for p in processes):
-                for p in processes:
-                    p.join(timeout=0.5)
+                # sleep until a worker ends or the bar is due: the parent only shows progress
+                multiprocessing.connection.wait(
+                    [p.sentinel for p in processes if p.is_alive()], timeout=PROGRESS_SECONDS
+                )
                 if bar is not None:
                     bar.n = min(trials, finished_trials(study))
                     bar.set_postfix_str(_best_text(study))

@@ -208,6 +208,28 @@ def test_workers_with_populations_finish_exactly_the_total(tmp_path):
     assert len(trials) == 12
 
 
+@pytest.mark.slow
+def test_the_parent_of_workers_reads_the_store_only_to_redraw(tmp_path, monkeypatch):
+    """The parent sleeps until a worker ends or its bar is due (no polling loop): with the bar
+    due once a minute, it reads the finished trials a handful of times in a run of seconds."""
+    from study import runner
+    from tests.conftest import TINY
+
+    reads = []
+    counted = runner.finished_trials
+    monkeypatch.setattr(runner, "PROGRESS_SECONDS", 60.0)
+    monkeypatch.setattr(runner, "finished_trials", lambda s: reads.append(1) or counted(s))
+    started = time.monotonic()
+    study = run_study("boolean-shallow", trials=4, storage=f"sqlite:///{tmp_path / 'w.db'}",
+                      sampler_seed=0, device="cpu", quiet=False, workers=2,
+                      settings={**TINY, "input_bits": 5, "output_bits": 2, "max_width": 16,
+                                "max_epochs": 2000, "prune": False})  # fmt: skip
+    took = time.monotonic() - started
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 4
+    assert took > 8, took  # long enough for a parent that polls each second to read 8 times
+    assert len(reads) <= 8, (len(reads), took)  # the bar's first and last, a worker's end
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
     POSTGRES is None, reason="set STUDY_TEST_POSTGRES (make test starts one)"))])  # fmt: skip
 def test_two_processes_with_populations_on_one_new_store_finish_exactly(tmp_path, backend):
