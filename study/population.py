@@ -146,6 +146,17 @@ def adam_unit_step(
     )
 
 
+def initial_layers(member: Member, fn: BooleanFunction) -> list[tuple[Tensor, Tensor]]:
+    """A member's initial (weight as (fan_in, fan_out), bias) per layer: those of the sequential
+    trainer's network from the member's seed, so that every engine starts where it starts."""
+    net = models.build_boolean_net(
+        member.hidden_layer_profile, fn.input_bits, fn.output_bits, member.config.seed
+    )
+    return [
+        (m.weight.detach().T, m.bias.detach()) for m in net.modules() if isinstance(m, nn.Linear)
+    ]
+
+
 class _Group:
     """The stacked parameters, Adam state and bookkeeping of one group of members."""
 
@@ -160,21 +171,15 @@ class _Group:
         sizes = [a * b + b for a, b in self.shapes]
         flat = torch.zeros(len(members), sum(sizes))
         for j, member in enumerate(members):
-            net = models.build_boolean_net(
-                member.hidden_layer_profile, fn.input_bits, fn.output_bits, member.config.seed
-            )
-            linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
             offset = 0
-            for (fan_in_max, fan_out_max), linear in zip(self.shapes, linears, strict=True):
-                fan_out, fan_in = linear.weight.shape
-                weight = torch.zeros(fan_in_max, fan_out_max)
-                weight[:fan_in, :fan_out] = linear.weight.detach().T
-                bias = torch.zeros(fan_out_max)
-                bias[:fan_out] = linear.bias.detach()
-                size = fan_in_max * fan_out_max
-                flat[j, offset : offset + size] = weight.flatten()
-                flat[j, offset + size : offset + size + fan_out_max] = bias
-                offset += size + fan_out_max
+            for (most_in, most_out), (weight, bias) in zip(
+                self.shapes, initial_layers(member, fn), strict=True
+            ):
+                fan_in, fan_out = weight.shape
+                size = most_in * most_out
+                flat[j, offset : offset + size].view(most_in, most_out)[:fan_in, :fan_out] = weight
+                flat[j, offset + size : offset + size + fan_out] = bias
+                offset += size + most_out
         # padded units keep zero weights and bias: relu(0) = 0 and relu'(0) = 0, so they output
         # 0, receive exactly zero gradient, and Adam leaves them at zero
         self.flat = flat.to(device)
@@ -493,16 +498,8 @@ class _NativeState:
             )
         self.offsets = torch.tensor([0, *itertools.accumulate(sizes)][:-1], dtype=torch.int64)
         self.params = torch.empty(sum(sizes), dtype=torch.float32)
-        for j, member in enumerate(members):  # the sequential trainer's initial weights
-            net = models.build_boolean_net(
-                member.hidden_layer_profile, fn.input_bits, fn.output_bits, member.config.seed
-            )
-            blocks = [
-                t
-                for linear in net.modules()
-                if isinstance(linear, nn.Linear)
-                for t in (linear.weight.detach().T.flatten(), linear.bias.detach())
-            ]
+        for j, member in enumerate(members):
+            blocks = [t for w, b in initial_layers(member, fn) for t in (w.flatten(), b)]
             self.params[self.offsets[j] : self.offsets[j] + sizes[j]] = torch.cat(blocks)
         self.exp_avg, self.exp_avg_sq = (
             torch.zeros_like(self.params),

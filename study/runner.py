@@ -66,9 +66,10 @@ SAMPLER_SEED_ATTR = "sampler_seed"
 record under `runs`); None when the sampler was seeded from the clock."""
 
 
-def study_settings(name: str, overrides: Mapping[str, Any] | None = None):
-    """A study's base settings with the given (non-None) overrides applied and validated."""
-    space = get_space(name)
+def study_settings(space: str | ModuleType, overrides: Mapping[str, Any] | None = None):
+    """A space's (a name or the module) base settings with the given (non-None) overrides
+    applied and validated."""
+    space = get_space(space) if isinstance(space, str) else space
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     return space.base_settings().replace(**changes) if changes else space.base_settings()
 
@@ -104,13 +105,23 @@ class _Run:
     def planned(self) -> bool:
         return self.chosen.get("fidelity") == "plan"
 
+    found: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """What this process found for the run: the space's module, the store opened to check it
+    (`dataclasses.replace` passes it on; a worker process finds its own)."""
+
     @property
     def space(self) -> ModuleType:
-        return search_spaces.from_source(self.name, self.source)
+        """The space's module, found once per process (a file's is executed once)."""
+        if "space" not in self.found:
+            self.found["space"] = search_spaces.from_source(self.name, self.source)
+        return self.found["space"]
 
     @property
     def kind(self) -> str:
         return self.space.KIND
+
+    def __getstate__(self) -> dict[str, Any]:  # neither a module nor an engine pickles
+        return {**self.__dict__, "found": {}}
 
 
 def run_study(
@@ -173,7 +184,9 @@ def _resolve(
         "pruner": pruner if image else None,
         "fidelity": options.fidelity if image else None,
     }
-    fixed, chosen = _stored_or_requested(name, study_name, options.storage, overrides, requested)
+    fixed, chosen, rdb = _stored_or_requested(
+        space, study_name, options.storage, overrides, requested
+    )
     if space.KIND == "boolean":
         chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
     if image:
@@ -182,7 +195,10 @@ def _resolve(
         from study.data import check_image_files
 
         check_image_files(fixed.dataset, options.data_dir, fixed.validation_size)
-    return _Run(name, options, study_name, fixed, chosen, search_spaces.source_of(space))
+    found = {"space": space, "storage": rdb} if rdb is not None else {"space": space}
+    return _Run(
+        name, options, study_name, fixed, chosen, search_spaces.source_of(space), found=found
+    )
 
 
 def _fidelity(chosen: dict, options: RunOptions, study_name: str) -> None:
@@ -223,24 +239,25 @@ def find_space(name: str, options: RunOptions) -> ModuleType:
 
 
 def _stored_or_requested(
-    space_name: str, study_name: str, storage: str, overrides: dict, run: dict
-) -> tuple[Any, dict[str, str]]:
+    space: ModuleType, study_name: str, storage: str, overrides: dict, run: dict
+) -> tuple[Any, dict[str, str], optuna.storages.BaseStorage | None]:
     """The settings and the run choices (sampler, pruner) to run with: the stored ones for an
     existing study (an explicit one that contradicts them is refused), else the space's
-    defaults with the overrides. Opens nothing for writing."""
-    requested = study_settings(space_name, overrides)  # validates every given value
-    kind = get_space(space_name).KIND
+    defaults with the overrides; and the store, opened when it exists (for the run to use).
+    Writes nothing."""
+    requested = study_settings(space, overrides)  # validates every given value
+    space_name, kind = space.NAME, space.KIND
     chosen = {"sampler": choices.DEFAULT_SAMPLER, "pruner": choices.DEFAULT_PRUNERS[kind]}
     chosen.update({k: v for k, v in run.items() if v is not None})  # a new study's fidelity:
     # `_fidelity` (it depends on the time budget)
     if not holds_store(storage):
-        return requested, chosen  # a new store: a new study
-    rdb = open_storage(storage, heartbeat=False)
+        return requested, chosen, None  # a new store: a new study
+    rdb = open_storage(storage)
     if study_name not in study_names(rdb):
-        return requested, chosen
+        return requested, chosen, rdb
     study = optuna.load_study(study_name=study_name, storage=rdb)
     if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(study.user_attrs):
-        return requested, chosen  # made with Optuna alone (e.g. to enqueue trials): adopted
+        return requested, chosen, rdb  # made with Optuna alone (to enqueue trials): adopted
     info = describe(study)
     if info.space != space_name:
         raise ConfigError(
@@ -262,8 +279,8 @@ def _stored_or_requested(
             f"study {study_name!r} exists with other fixed settings: {', '.join(conflicts)}; "
             "leave them out to use the stored ones, or use another --study-name"
         )
-    _refuse_a_changed_space(study, get_space(space_name), stored)
-    return stored, stored_run
+    _refuse_a_changed_space(study, space, stored)
+    return stored, stored_run, rdb
 
 
 class _Replay(optuna.trial.FixedTrial):
@@ -327,7 +344,7 @@ def _refuse_a_changed_space(study: optuna.Study, space: ModuleType, settings: An
 def _open(run: _Run) -> optuna.Study:
     """Create or load the study and bind it to its space, settings and run choices; a new image
     study starts from its space's known-good baseline (Optuna's enqueue)."""
-    rdb = open_storage(run.options.storage, create=True)
+    rdb = run.found.get("storage") or open_storage(run.options.storage, create=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=rdb,
@@ -339,7 +356,7 @@ def _open(run: _Run) -> optuna.Study:
         else None,
         load_if_exists=True,
     )
-    bind(study, run.name, run.fixed, run.source)
+    bind(study, run.space, run.fixed, run.source)
     if study.user_attrs.get(choices.RUN_ATTR) != run.chosen:
         study.set_user_attr(choices.RUN_ATTR, run.chosen)
     if not study.get_trials(deepcopy=False):  # a new study
@@ -653,8 +670,9 @@ def _rounds(
             continue
         waiting_said = False
         before = finished_trials(study)
-        with claims.heartbeat(study, in_flight):
-            done = train(study, list(in_flight))
+        # on an error the trials are failed there; `_drive` fails what is left in hand (none
+        # twice: a trial no longer RUNNING is skipped)
+        done = claims.train_claimed(study, in_flight, train, study, list(in_flight))
         in_flight.clear()
         if told is not None:
             told(study)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import optuna
@@ -179,12 +180,14 @@ def load(
 
 def bind(
     study: optuna.Study,
-    space: str,
+    space: str | ModuleType,
     settings: BooleanSettings | ImageSettings,
     source: Mapping[str, Any] | None = None,
 ) -> None:
-    """Store space, its source, kind and settings on a new study; refuse to resume one with
-    other settings (a study never mixes settings)."""
+    """Store space (a name or the module), its source, kind and settings on a new study;
+    refuse to resume one with other settings (a study never mixes settings)."""
+    module = get_space(space) if isinstance(space, str) else space
+    space, kind = module.NAME, module.KIND
     identity: dict[str, Any] = settings.identity()
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is not None:
@@ -193,7 +196,7 @@ def bind(
         study.set_user_attr(SPACE_ATTR, space)
         if source:
             study.set_user_attr(SOURCE_ATTR, dict(source))
-        study.set_user_attr(KIND_ATTR, get_space(space).KIND)
+        study.set_user_attr(KIND_ATTR, kind)
         study.set_user_attr(SETTINGS_ATTR, identity)
         return
     stored_space, _ = _space_and_kind(study)
@@ -214,7 +217,7 @@ def bind(
         )
     if study.user_attrs.get(SPACE_ATTR) is None:  # a store written before `space` existed
         study.set_user_attr(SPACE_ATTR, space)
-        study.set_user_attr(KIND_ATTR, get_space(space).KIND)
+        study.set_user_attr(KIND_ATTR, kind)
 
 
 def bind_cell(study: optuna.Study, cell: FrontierCell, plan: FrontierPlan | None) -> None:

@@ -322,3 +322,28 @@ def test_reading_answers_imports_neither_torch_nor_the_frontier_engine():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_run_finds_its_space_and_opens_its_store_once(tmp_path, monkeypatch):
+    """`study run` of a stored study: the space is looked up once, the store opened once and
+    the study loaded once before its trials run, and the results passed down."""
+    import search_spaces
+    from study import runner, studies
+
+    calls: list[str] = []
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+
+    storage = f"sqlite:///{tmp_path / 'w.db'}"
+    settings = {**TINY, "max_epochs": 50}
+    run_study("boolean-shallow", settings, storage=storage, trials=1, device="cpu", quiet=True)
+    for owner, name in ((runner, "get_space"), (studies, "get_space"),
+                        (search_spaces, "from_source"), (search_spaces, "get_space"),
+                        (runner, "open_storage"), (optuna, "load_study")):  # fmt: skip
+        counted(owner, name)
+    study = run_study("boolean-shallow", settings, storage=storage, trials=2, device="cpu",
+                      quiet=True)  # fmt: skip
+    assert len(study.trials) == 2
+    assert sorted(calls) == ["get_space", "load_study", "open_storage"], calls
