@@ -28,7 +28,8 @@ def _answer(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def list_studies(storage_url: str) -> list[dict[str, Any]]:
-    """One row per study: kind, trials by state, best value, last activity.
+    """One row per study: kind, trials by state (every state, zeros too), best value, last
+    activity.
 
     Reads each study's attributes and a digest of its trials (`rdb.trial_digest`: counts,
     times, complete values), never the trials themselves."""
@@ -60,11 +61,7 @@ def list_studies(storage_url: str) -> list[dict[str, Any]]:
                 "study": study.study_name,
                 "kind": kind,
                 "trials": sum(trials["states"].values()),
-                **{
-                    s.name.lower(): trials["states"][s.name]
-                    for s in TrialState
-                    if trials["states"].get(s.name)
-                },
+                **{s.name.lower(): trials["states"].get(s.name, 0) for s in TrialState},
                 "best": value,
                 "last_activity": last.isoformat(timespec="seconds") if last else None,
             }

@@ -56,11 +56,12 @@ def test_list_reads_a_digest_that_agrees_with_every_trial(tmp_path, monkeypatch)
     digested = list_studies(storage)
     rows = {r["study"]: r for r in digested}
     assert rows["low"] | {"last_activity": None} == {
-        "study": "low", "kind": "other", "trials": 6, "complete": 3, "pruned": 1, "fail": 1,
-        "waiting": 1, "best": 2.5, "last_activity": None}  # fmt: skip
+        "study": "low", "kind": "other", "trials": 6, "running": 0, "complete": 3, "pruned": 1,
+        "fail": 1, "waiting": 1, "best": 2.5, "last_activity": None}  # fmt: skip
     assert rows["high"]["kind"] == "image" and rows["high"]["best"] == float("inf")
     assert rows["two"]["best"] is None and rows["infeasible"]["best"] is None
-    assert rows["empty"] == {"study": "empty", "kind": "other", "trials": 0, "best": None,
+    assert rows["empty"] == {"study": "empty", "kind": "other", "trials": 0, "running": 0,
+                             "complete": 0, "pruned": 0, "fail": 0, "waiting": 0, "best": None,
                              "last_activity": None}  # fmt: skip
     study = optuna.load_study(study_name="low", storage=storage)
     last = max(t.datetime_complete or t.datetime_start for t in study.trials
