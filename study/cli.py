@@ -4,6 +4,10 @@ The flags of `study run` and `study frontier run` are generated from the configu
 dataclasses (`study.config`: a field's docstring is its help). User errors (`StudyError`)
 print one line `study: error: ...` (naming the flag where the error is one field's) and exit
 with status 2; a stopped command prints its one line and exits as `interrupt.ending` says.
+
+Why one file over 600 lines: it is the whole command-line surface, parser and thin handler
+of every subcommand side by side, so that one file answers "what can `study` do" and every
+handler imports its work lazily (a command that only reads never imports torch).
 """
 
 from __future__ import annotations
@@ -560,15 +564,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         bench_read(None if args.storage is None else [args.storage], repeats=args.repeats)
         return
-    from study.bench import (
-        bench_boolean,
-        bench_claims,
-        bench_cnn,
-        bench_long,
-        bench_pruners,
-        bench_step,
-        bench_trainer,
-    )
+    from study.bench import bench_claims, bench_cnn, bench_pruners, bench_trainer
+    from study.bench_population import bench_boolean, bench_long, bench_step
 
     if args.what == "trainer":
         bench_trainer(args.data_dir, args.device, repeats=args.repeats)

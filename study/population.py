@@ -16,6 +16,10 @@ Same contract as `study.trainer.train`: a member is a hidden profile and its `Tr
 `EpochMetrics`, early stop at the target (loss and all bits), an `on_epoch` hook that can stop
 a member, and a `TrainResult` per member. A member whose loss turns NaN/inf is stopped alone,
 with `result.divergence` set, as the sequential trainer does.
+
+Why one file over 600 lines: both engines (the batched torch groups and the native kernel's
+buffers) keep one contract, one ledger of results and one per-member start
+(`initial_layers`); apart, a change to one would silently drift from the other.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ run runs (store, time budget, populations, worker processes) is a `RunOptions`, 
 are also the `study run` flags. Every process claims its trials through `study.claims`, so
 that the study ends with exactly the requested number of finished trials, and no trial of a
 dead process stays RUNNING. Stops (Ctrl-C, SIGTERM, the time budget) are `study.interrupt`'s.
+
+Why one file over 600 lines: a run's resolution (space, stored settings, refusals), its
+claim-and-train loop and its worker processes share the one `_Run` and its stop handling;
+the pieces that stand alone already live beside it (claims, plan, interrupt, rdb).
 """
 
 from __future__ import annotations

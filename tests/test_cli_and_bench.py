@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from study.bench import bench_boolean, bench_trainer
+from study.bench import bench_trainer
+from study.bench_population import bench_boolean
 
 from .conftest import write_fake_dataset
 

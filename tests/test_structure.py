@@ -347,3 +347,16 @@ def test_a_run_finds_its_space_and_opens_its_store_once(tmp_path, monkeypatch):
                       quiet=True)  # fmt: skip
     assert len(study.trials) == 2
     assert sorted(calls) == ["get_space", "load_study", "open_storage"], calls
+
+
+def test_the_readme_layout_names_every_module_of_the_package():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    layout = readme[
+        readme.index("study/            the package") : readme.index("search_spaces/    one")
+    ]
+    named = set(re.findall(r"[a-z_]+", layout))
+    modules = {p.stem for p in (root / "study").glob("*.py") if p.stem != "__init__"}
+    assert modules - named == set(), "not in the README's layout"
