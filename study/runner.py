@@ -493,6 +493,7 @@ def _train_here(run: _Run, study: optuna.Study, deadline: float | None, reserve:
             trainer,
             told,
             choose,
+            deadline,
         )
 
 
@@ -610,6 +611,7 @@ def _drive(
     trainer=None,
     told: Callable[[optuna.Study], None] | None = None,
     choose: Callable[[optuna.Study], bool] | None = None,
+    deadline: float | None = None,
 ) -> None:
     """Claim up to `size` trials at a time and train them until `total` trials are finished.
 
@@ -617,7 +619,7 @@ def _drive(
     their process turns out dead and they are failed and re-queued. Stops when a whole round of
     claims finished nothing `total` times in a row (no progress). A stop fails the trials in
     hand with its reason; the time budget ends the run quietly, the others with one line."""
-    bar = _progress_bar(study, total, progress)
+    bar = _progress_bar(study, total, progress, deadline)
     if trainer is not None and bar is not None:
         trainer.progress = _Note(bar, study)  # motion inside a trial
     in_flight: list[optuna.Trial] = []
@@ -682,7 +684,7 @@ def _rounds(
             told(study)
         if bar is not None:
             bar.update(sum(trial.state in FINISHED for trial in done))
-            bar.set_postfix_str(_best_text(study))
+            _show(bar, _best_text(study))
         fruitless = 0 if finished_trials(study) > before else fruitless + 1
         if fruitless >= total:
             return  # every claim failed (e.g. every trial diverges): no progress
@@ -766,7 +768,7 @@ def _run_workers(run: _Run, study: optuna.Study, deadline: float | None) -> optu
         context.Process(target=_worker, args=(i, gpu, run, deadline), name=f"study-worker-{i}")
         for i, gpu in enumerate(assign_gpus(options.workers, gpus))
     ]
-    bar = _progress_bar(study, trials, not options.quiet)
+    bar = _progress_bar(study, trials, not options.quiet, deadline)
     for process in processes:
         process.start()
 
@@ -785,7 +787,7 @@ def _run_workers(run: _Run, study: optuna.Study, deadline: float | None) -> optu
                 )
                 if bar is not None:
                     bar.n = min(trials, finished_trials(study))
-                    bar.set_postfix_str(_best_text(study))
+                    _show(bar, _best_text(study))
                     bar.refresh()
     finally:
         for p in processes:  # only after an error in this process
@@ -824,17 +826,32 @@ class _Note:
         now = time.monotonic()
         if now - self.shown >= 0.5:
             self.shown = now
-            self.bar.set_postfix_str(text)  # the best so far is back once the trial ends
+            _show(self.bar, text)  # the best so far is back once the trial ends
 
 
-def _progress_bar(study: optuna.Study, total: int, enabled: bool):
+BUDGET_BAR = "{desc}: {n_fmt}/{total_fmt} trials [{elapsed}{postfix}]"
+"""The bar of a run with a time budget: its trial count is a ceiling, not a goal, so the bar
+shows the time used and (`_show`) the budget left, never an estimate from the trial rate."""
+
+
+def _progress_bar(study: optuna.Study, total: int, enabled: bool, deadline: float | None = None):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=finished_trials(study), desc=study.study_name, unit="trial")
-    bar.set_postfix_str(_best_text(study))
+    bar = tqdm(total=total, initial=finished_trials(study), desc=study.study_name, unit="trial",
+               bar_format=None if deadline is None else BUDGET_BAR)  # fmt: skip
+    bar.deadline = deadline
+    _show(bar, _best_text(study))
     return bar
+
+
+def _show(bar, text: str) -> None:
+    """`text` after the bar, and with a time budget how much of it is left."""
+    if bar.deadline is not None:
+        left = max(0.0, bar.deadline - time.time())
+        text = f"{bar.format_interval(left)} of the budget left, {text}"
+    bar.set_postfix_str(text)
 
 
 def _best_text(study: optuna.Study) -> str:

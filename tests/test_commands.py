@@ -350,3 +350,24 @@ def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_pat
     ]
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
     assert len(study.trials) == 2
+
+
+def test_a_bar_with_a_time_budget_shows_the_budget_left_not_a_trial_estimate(tmp_path):
+    """`--timeout 3600 --trials 1000`: the trial count is a ceiling; an estimate from the trial
+    rate would say 121 hours. The bar shows the time used and the budget left."""
+    from study import runner
+
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="b", direction="maximize"
+    )
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    budget = runner._progress_bar(study, 1000, True, time.time() + 1800)
+    budget.update(1)
+    runner._show(budget, "epoch 3")
+    shown = str(budget)
+    assert shown.startswith("b: 2/1000 trials [00:00, ") and "of the budget left, epoch 3" in shown
+    assert "29:5" in shown and "<" not in shown and "trial/s" not in shown
+    plain = runner._progress_bar(study, 1000, True)
+    assert "<" in str(plain) and "budget" not in str(plain)  # no budget: tqdm's own estimate
+    budget.close()
+    plain.close()
