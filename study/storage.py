@@ -131,17 +131,33 @@ def _check_sqlite_path(path: Path, create: bool) -> None:
 
 
 def _sqlite_tables(path: Path) -> set[str]:
-    """The tables of an SQLite file, read without writing it (a read-only connection)."""
+    """The tables of an SQLite file, read without writing it (a read-only connection).
+
+    A process killed inside a write transaction (kill -9, power loss, the out-of-memory killer)
+    leaves a hot rollback journal beside the file, which a read-only connection cannot roll
+    back: the file is then opened once for writing, as any SQLite reader with write access
+    does, which restores the last committed state (the killed transaction never happened)."""
     import sqlite3
     from urllib.parse import quote
 
-    try:
+    def tables(mode: str) -> set[str]:
         with contextlib.closing(
-            sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=120)
+            sqlite3.connect(
+                f"file:{quote(str(path.resolve()))}?mode={mode}", uri=True, timeout=120
+            )
         ) as connection:
             rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             return {name for (name,) in rows}
+
+    try:
+        return tables("ro")
     except sqlite3.DatabaseError as error:
+        journal = Path(f"{path}-journal")
+        if "readonly" in str(error) and journal.is_file() and os.access(path, os.W_OK):
+            try:
+                return tables("rw")  # rolls the hot journal back
+            except sqlite3.DatabaseError as again:
+                error = again
         raise StorageError(f"storage: cannot read {path}: {error}") from None
 
 

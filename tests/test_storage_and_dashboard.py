@@ -139,3 +139,32 @@ def test_dashboard_on_a_bad_storage_is_one_clear_line(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "not an SQLite database" in done.stderr
     assert not_a_db.read_text() == "hello"
+
+
+HOT_JOURNAL = """
+import os, signal, sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size = 1")  # spill early: the journal is written
+connection.execute("BEGIN IMMEDIATE")
+for i in range(3000):
+    connection.execute("INSERT INTO study_user_attributes (study_id, key, value_json) "
+                       "VALUES (1, ?, ?)", (f"k{i}", '"' + "x" * 500 + '"'))
+os.kill(os.getpid(), signal.SIGKILL)  # inside the transaction, as kill -9 or power loss
+"""
+
+
+def test_a_store_a_crash_left_with_a_hot_journal_opens_and_is_rolled_back(tmp_path):
+    """A process killed inside a write leaves SQLite's rollback journal; a read-only open
+    cannot roll it back. Every command opens the store anyway, at its last committed state."""
+    db = tmp_path / "s.db"
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="kept")
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    killed = subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(db)])
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "s.db-journal").stat().st_size > 0  # hot: the store needs a rollback
+    listed = cli("list", "--storage", f"sqlite:///{db}")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == ["kept", "other", "1"]
+    assert not (tmp_path / "s.db-journal").exists()
+    kept = optuna.load_study(study_name="kept", storage=f"sqlite:///{db}")
+    assert kept.user_attrs == {} and len(kept.trials) == 1  # the killed write never happened
