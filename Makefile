@@ -42,7 +42,8 @@ test: install
 	-$(MAKE) --no-print-directory data
 	$(BIN)/ruff check study search_spaces tests
 	@url=$$(bash tests/start_postgres.sh) || { echo "PostgreSQL could not be started"; [ -z "$$CI" ] || exit 1; }; \
-	  STUDY_TEST_POSTGRES="$$url" $(BIN)/python -m pytest -q
+	  status=0; STUDY_TEST_POSTGRES="$$url" $(BIN)/python -m pytest -q || status=$$?; \
+	  bash tests/start_postgres.sh --stop; exit $$status
 
 lint: install
 	$(BIN)/ruff check study search_spaces tests
