@@ -409,19 +409,10 @@ def cmd_delete(args: argparse.Namespace) -> None:
 def cmd_best(args: argparse.Namespace) -> None:
     import json
 
-    from study.overview import best_of
+    from study.overview import best_of, format_best
 
     record = best_of(args.name, args.storage)
-    if args.json:
-        print(json.dumps(record, indent=1, default=str))
-        return
-    best = record.get("best") or record.get("answer")
-    print(f"{args.name} ({record['kind']}):")
-    for key, value in (best or {}).items():
-        print(f"  {key}: {value}")
-    for key in ("certified", "export"):
-        if record.get(key):
-            print(f"  {key}: {record[key]}")
+    print(json.dumps(record, indent=1, default=str) if args.json else format_best(record))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:

@@ -90,7 +90,9 @@ BEST_KEYS = ("study", "kind", "space", "settings", "best", "certified", "export"
 hidden_layer_profile as a list for Boolean studies, config for image ones); `certified`: the
 smallest configuration that passed certification (a Boolean study's row of it, the profile a
 list too); `export`: an image study's exported model and its test accuracy; `answer`: a
-frontier cell's confirmed width (the `answers.json` entry)."""
+frontier cell's confirmed width (the `answers.json` entry; for a cell of the earlier method,
+the answer it stored). `best` is Optuna's best trial (`optuna best-trial`) for every study with
+one objective, frontier cells and recipe studies too."""
 
 
 def best_of(name: str, storage_url: str) -> dict[str, Any]:
@@ -100,11 +102,13 @@ def best_of(name: str, storage_url: str) -> dict[str, Any]:
     kind = _kind(study)
     record: dict[str, Any] = dict.fromkeys(BEST_KEYS)
     record.update(study=name, kind=kind)
-    if kind == "frontier":
-        record.update(space="frontier", answer=_answer(study))
-        return record
-    best = best_feasible(study)
+    best = best_feasible(study) if len(study.directions) == 1 else None
     record["best"] = None if best is None else _trial(best)
+    if kind == "frontier":
+        from study.answers import earlier_answer
+
+        record.update(space="frontier", answer=_answer(study) or earlier_answer(study))
+        return record
     if kind == "other":
         return record
     info = describe(study)
@@ -168,3 +172,50 @@ def format_list(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
+
+
+def format_best(record: dict[str, Any]) -> str:
+    """`study best` for a person: the answer in one line, then the essentials."""
+    head = f"{record['study']} ({record['kind']})"
+    best, answer = record["best"], record["answer"]
+    lines = []
+    if answer is not None and "neurons" in answer:
+        rate = ""
+        if "confirmation_seeds" in answer:
+            rate = (f", confirmed on {answer['confirmation_successes']}/"
+                    f"{answer['confirmation_seeds']} fresh seeds")  # fmt: skip
+        profile = answer.get("profile") or answer.get("hidden_layer_profile")
+        lines.append(f"{head}: {answer['neurons']} neurons {profile or ''}".rstrip() + rate)
+    elif best is None:
+        lines.append(f"{head}: no complete trial")
+    elif record["kind"] == "boolean":
+        lines.append(f"{head}: best trial #{best['number']}: {best.get('neurons')} neurons "
+                     f"{best.get('hidden_layer_profile')}")  # fmt: skip
+    elif record["kind"] == "image":
+        lines.append(f"{head}: best trial #{best['number']}: validation accuracy "
+                     f"{best['value']:.4f}")  # fmt: skip
+    else:
+        lines.append(f"{head}: best trial #{best['number']}: value {best['value']:.6g}")
+    if best is not None and len(lines) == 1 and answer is not None:
+        lines.append(f"  Optuna's best trial: #{best['number']}, value {best['value']:.6g}")
+    if best is not None:
+        extra = [f"{k.replace('_', ' ')} {_short(best[k])}"
+                 for k in ("parameters", "seconds_per_epoch") if k in best]  # fmt: skip
+        params = ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items())
+        lines.append(f"  params: {params}" + (f" ({', '.join(extra)})" if extra else ""))
+    certified = record["certified"]
+    if certified:
+        lines.append(f"  certified: {certified['neurons']} neurons "
+                     f"{certified['hidden_layer_profile']} (trial {certified['trial']}, "
+                     f"{certified['seeds']} seeds)")  # fmt: skip
+    export = record["export"]
+    if export:
+        seeds = export.get("test_accuracy_seeds") or [export["test_accuracy"]]
+        mean = sum(seeds) / len(seeds)
+        lines.append(f"  export: trial {export['trial']}, test accuracy {mean:.4f} (mean of "
+                     f"{len(seeds)} seed(s): {', '.join(f'{a:.4f}' for a in seeds)})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -378,10 +378,9 @@ def storage_failure(error: BaseException, url: str | None) -> StorageError | Non
 
 
 def study_names(storage: RDBStorage) -> list[str]:
-    """Names of the studies in a storage."""
-    return [
-        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    ]
+    """Names of the studies in a storage (their attributes only: `get_all_study_summaries`
+    would load every trial of every study)."""
+    return [s.study_name for s in storage.get_all_studies()]
 
 
 def load_study(name: str, storage: RDBStorage) -> optuna.Study:

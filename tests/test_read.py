@@ -121,3 +121,27 @@ def test_bench_read_times_both_commands_on_one_store(tmp_path):
     assert lines[0].startswith(f"{storage}: study list ") and lines[-1].startswith("worst: ")
     with pytest.raises(RuntimeError, match="exit"):
         bench_read([f"sqlite:///{tmp_path / 'absent.db'}"], repeats=1, log=lines.append)
+
+
+@pytest.mark.parametrize("store", ["results/reference.db", "results/frontier.db"])
+def test_best_answers_whenever_optuna_does_on_the_committed_stores(store):
+    """Every study of the committed stores, earlier-method cells and recipe studies too: `study
+    best` carries Optuna's best trial (`optuna best-trial`), and its plain form leads with one
+    line naming the study and its answer."""
+    from study.overview import best_of, format_best
+
+    url = f"sqlite:///{store}"
+    for summary in optuna.get_all_study_summaries(url, include_best_trial=False):
+        name = summary.study_name
+        study = optuna.load_study(study_name=name, storage=url)
+        record = best_of(name, url)
+        try:
+            expected = study.best_trial.number
+        except ValueError:
+            expected = None
+        assert (record["best"] or {}).get("number") == expected, name
+        text = format_best(record)
+        assert text.startswith(f"{name} ({record['kind']}): ") and "{" not in text, text
+        if record["kind"] == "frontier" and not name.endswith("-recipe"):
+            assert record["answer"] is not None, name  # every cell of these stores answered
+            assert text.splitlines()[0].split(": ")[1].split()[1] == "neurons", text
