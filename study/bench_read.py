@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,15 +34,16 @@ def _commands(url: str) -> dict[str, list[str]]:
 
 def _timed(argv: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MiB of one run of `argv` (which must succeed)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    error = process.stderr.read().decode(errors="replace").strip()
-    process.stderr.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[-4:])}: exit {process.returncode}: {error[-300:]}")
+    with tempfile.TemporaryFile() as errors:  # a file: a long message cannot block the child
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            errors.seek(0)
+            said = errors.read().decode(errors="replace").strip()
+            raise RuntimeError(f"{' '.join(argv[-4:])}: exit {code}: {said[-300:]}")
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
 

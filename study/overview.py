@@ -34,6 +34,7 @@ def list_studies(storage_url: str) -> list[dict[str, Any]]:
     Reads each study's attributes and a digest of its trials (`rdb.trial_digest`: counts,
     times, complete values), never the trials themselves."""
     from study import rdb
+    from study.answers import stored_answer
 
     storage = open_storage(storage_url, heartbeat=False)
     backend = rdb.backend(storage)
@@ -47,8 +48,6 @@ def list_studies(storage_url: str) -> list[dict[str, Any]]:
         kind = _kind(study)
         value = None
         if kind == "frontier" and not study.study_name.endswith("-recipe"):
-            from study.answers import stored_answer
-
             answer = stored_answer(study)
             value = None if answer is None else answer.neurons  # the confirmed width
         elif len(study.directions) == 1:
