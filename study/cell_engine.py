@@ -86,7 +86,10 @@ DISTRIBUTIONS = {
 
 def stated_constraint(stage: str, successes: int, required: int) -> float:
     """<= 0 only for a confirmation block its width passed: the evaluation an answer is stated
-    from (confirmations run in increasing width, and the first that passes is the answer)."""
+    from (confirmations run in increasing width, and the first that passes is the answer); in
+    a records study (`study.record_search`), for a block in which any seed learned f."""
+    if stage == "record":
+        return float(1 - successes)
     return float(required - successes) if stage == "confirm" else 1.0
 
 
@@ -251,7 +254,8 @@ class CellRun:
         """The stored evaluations of `units`, by key. Those not stored are claimed by this
         process and trained; raises `Elsewhere` when the rest run in another process."""
         while True:
-            with interrupt.held(), claims.claim_lock(self.url, self.storage, self.cell.name):
+            lock = claims.claim_lock(self.url, self.storage, self.study.study_name)
+            with interrupt.held(), lock:
                 claims.reap(self.study, requeue=False)  # a cell's evaluations are re-derived
                 stored = self._claimed({unit.key for unit in units})
                 mine = [unit for unit in units if unit.key not in stored]
@@ -268,7 +272,7 @@ class CellRun:
             if len(done) == len(units):
                 return done
             if not claimed:
-                raise Elsewhere(self.cell.name)
+                raise Elsewhere(self.study.study_name)
             outcomes = claims.train_claimed(self.study, claimed, self.train, mine, requeue=False)
             for trial, unit, outcome in zip(claimed, mine, outcomes, strict=True):
                 self.store(trial, outcome)
@@ -309,7 +313,7 @@ class CellRun:
             )
         networks = sum(len(unit.seeds) for unit in units)
         self.log(
-            f"{self.cell.name}: training {networks} networks ({len(units)} evaluations, "
+            f"{self.study.study_name}: training {networks} networks ({len(units)} evaluations, "
             f"{self.cell.budget} epochs at most)"
         )
         train_together(runs, self.fn, self.threads, watch=interrupt.check)

@@ -37,7 +37,7 @@ from study.config import (
     Settings,
     field_docs,
 )
-from study.errors import ConfigError, StudyError
+from study.errors import ConfigError, StudyError, first_line
 from study.storage import DEFAULT_STORAGE, default_out, redact, storage_failure
 from study.studies import KINDS, PLURALS
 
@@ -545,6 +545,44 @@ def cmd_frontier_recheck(args: argparse.Namespace) -> None:
     print(f"recheck: {out}/recheck.md and {out}/recheck.json")
 
 
+def cmd_records_run(args: argparse.Namespace) -> None:
+    import json
+
+    from study import interrupt
+    from study.record_search import search
+    from study.storage import open_storage
+
+    try:
+        answers = json.loads(Path(args.answers).read_text())["answers"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"--answers: cannot read frontier answers from {args.answers} "
+                          f"({first_line(error)})") from None  # fmt: skip
+    storage = open_storage(args.storage, create=True)
+    cells = [(f, d) for f in args.function_seeds for d in args.depths]
+    log = (lambda *_: None) if args.quiet else print
+    with interrupt.watching():
+        found = search(
+            args.storage, storage, cells, args.budget, answers, args.seeds_per_width,
+            args.recipes, args.threads or os.cpu_count() or 1, Path(args.out), _command_line(),
+            log,
+        )  # fmt: skip
+    for (f, d), path in found.items():
+        print(f"function seed {f}, depth {d}: " + (f"record {path}" if path else "no record"))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from study import records
+
+    paths = args.files or sorted(str(p) for p in records.RECORDS_DIR.glob("*.json"))
+    if not paths:
+        raise records.RecordError(f"no record given and none in {records.RECORDS_DIR}")
+    checks = [records.verify(path) for path in paths]
+    for check in checks:
+        print(check.line())
+    if not all(c.holds for c in checks):
+        sys.exit(1)
+
+
 BENCH_MINUTES = {"pruners": 15.0, "hour": 60.0}
 """The default --minutes of the benches that take a budget."""
 
@@ -742,6 +780,42 @@ def _add_frontier(sub) -> None:
     check.set_defaults(func=cmd_frontier_recheck)
 
 
+def _add_records(sub) -> None:
+    p = sub.add_parser(
+        "records", help="record networks: the smallest found that learn f, with their weights"
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               parser_class=_Parser)  # fmt: skip
+    run = actions.add_parser(
+        "run", help="search records below the frontier's stated widths (resumes; processes "
+        "share the work)",
+    )  # fmt: skip
+    _add_storage(run)
+    run.add_argument("--function-seeds", type=_int_list, default=(0,), metavar="N,N,...",
+                     help="functions (0)")  # fmt: skip
+    run.add_argument("--depths", type=_int_list, default=(1, 2), metavar="N,N,...",
+                     help="hidden layers (1,2)")  # fmt: skip
+    run.add_argument("--budget", type=_bounded_int(1, 1_000_000), default=64_000,
+                     help="epochs per network (64000)")  # fmt: skip
+    run.add_argument("--seeds-per-width", type=_bounded_int(64, 100_000), default=256,
+                     help="seeds per recipe at a width before the search stops (256)")  # fmt: skip
+    run.add_argument("--recipes", type=_bounded_int(1, 8), default=2,
+                     help="the cell's best recipes tried, each on every seed (2)")  # fmt: skip
+    run.add_argument("--answers", default="results/answers.json",
+                     help="the frontier's answers: stated widths and recipes "
+                     "(results/answers.json)")  # fmt: skip
+    run.add_argument("--out", default="results/records", help="where records go")
+    run.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
+    run.add_argument("--quiet", action="store_true", help="only the records")
+    run.set_defaults(func=cmd_records_run)
+    p = sub.add_parser(
+        "verify", help="check record networks: rebuild f, recompute loss and bits (no store)"
+    )
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="record .json or .safetensors (default: results/records)")  # fmt: skip
+    p.set_defaults(func=cmd_verify)
+
+
 def _add_store_commands(sub) -> None:
     """list, delete and dashboard: the whole store."""
     p = sub.add_parser("list", help="the studies in a store: kind, trials by state, best value")
@@ -845,6 +919,7 @@ def build_parser(name: str | None = None) -> argparse.ArgumentParser:
     _add_readers(sub)
     _add_predict(sub)
     _add_frontier(sub)
+    _add_records(sub)
     _add_store_commands(sub)
     _add_bench(sub)
     _add_data(sub)

@@ -382,7 +382,7 @@ def run_frontier(
                     if not said:  # once per wait: the rest runs in other processes
                         _say_waiting(len(cells) - len(answers))
                     said = True
-                    _sleep(POLL_SECONDS)
+                    sleep(POLL_SECONDS)
                 else:
                     said = False
         except interrupt.Stopped as stopped:
@@ -419,7 +419,7 @@ def _say_waiting(cells: int) -> None:
     )
 
 
-def _sleep(seconds: float) -> None:
+def sleep(seconds: float) -> None:
     """Sleep, honouring a stop within a tenth of a second."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

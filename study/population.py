@@ -316,6 +316,7 @@ def train_population(
     engine: str = "auto",
     threads: int = 1,
     sync_every: int | None = None,
+    weights: dict[int, list[tuple[Tensor, Tensor]]] | None = None,
 ) -> list[TrainResult]:
     """Train every member; return one `TrainResult` per member, in the members' order.
 
@@ -324,17 +325,21 @@ def train_population(
     trains all members at once on `threads` threads; the torch engine trains groups (same depth
     and batch size, see `plan_groups`) one after another, reading their metrics back every
     `sync_every` epochs (default: every epoch on the CPU, `SYNC_EVERY_CUDA` on CUDA).
+    With a `weights` dict (native engine only), each member's final (weight as (fan_in,
+    fan_out), bias) per layer is put in it: the network as it was when the member stopped.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine: must be one of {ENGINES}, got {engine!r}")
     kernel = None
     if engine != "torch" and fn.inputs.device.type == "cpu":
         kernel = native.load()
-    if engine == "native" and kernel is None:
+    if (engine == "native" or weights is not None) and kernel is None:
         raise ConfigError("engine: the native kernel needs the CPU and a C compiler")
     if kernel is not None:
         ledger = _Ledger(members, fn, on_epoch, after_epoch, "native", threads)
-        _train_native(kernel, members, fn, ledger, threads)
+        state = _train_native(kernel, members, fn, ledger, threads)
+        if weights is not None:
+            weights.update({j: state.layers(j) for j in range(len(members))})
     else:
         cpu = fn.inputs.device.type == "cpu"
         ledger = _Ledger(members, fn, on_epoch, after_epoch, "torch",
@@ -535,6 +540,17 @@ class _NativeState:
             train_loss=self.train_loss, eval_loss=self.eval_loss, eval_acc=self.accuracy,
         )  # fmt: skip
 
+    def layers(self, j: int) -> list[tuple[Tensor, Tensor]]:
+        """Member `j`'s (weight as (fan_in, fan_out), bias) per layer, copied out."""
+        dims = self.dims[j, : self.ndims[j]].tolist()
+        offset, layers = int(self.offsets[j]), []
+        for fan_in, fan_out in itertools.pairwise(dims):
+            weight = self.params[offset : offset + fan_in * fan_out].view(fan_in, fan_out)
+            offset += fan_in * fan_out
+            layers.append((weight.clone(), self.params[offset : offset + fan_out].clone()))
+            offset += fan_out
+        return layers
+
     def epoch(self, call: native.BoundEpoch, running: list[int], threads: int) -> list[tuple]:
         """One epoch of the `running` members: (index, train loss, eval loss, accuracy) each."""
         for i in running:  # each member's own seeded order, as the sequential trainer draws it
@@ -554,7 +570,7 @@ def _train_native(
     fn: BooleanFunction,
     ledger: _Ledger,
     threads: int,
-) -> None:
+) -> _NativeState:
     """All members at once, one kernel call per epoch; a member that stops costs nothing."""
     state = _NativeState(members, fn)
     call = state.bind(kernel)
@@ -566,6 +582,7 @@ def _train_native(
         rows = state.epoch(call, running, threads)
         done = ledger.epoch(epoch, time.perf_counter() - started, rows)
         running = [i for i in running if i not in done]
+    return state
 
 
 SYNC_EVERY_CUDA = 16

@@ -1,0 +1,218 @@
+"""Finding record networks (`study records run`): the smallest widths that learn f at all.
+
+For each (function seed, depth), downward from the cell's stated width (its frontier answer
+at the budget, else at the largest budget below it): blocks of `RECORD_BLOCK` seeds, each
+trained with the cell's best recipes (the answer's ranking), until a seed learns f; that seed
+is trained again alone (the native kernel trains each member on its own, so alone it takes the
+same steps), its weights are kept, verified with `study.records.verify` and written; a width
+whose blocks all fail ends the cell. The evaluations are trials of a study
+`records-f{f}-d{d}-b{budget}`, claimed like the frontier's (resumable, shared by processes);
+its Optuna best trial is the smallest width that learned f at least once.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from study import records
+from study.answers import Recipe, code_commit
+from study.boolean_trial import BooleanTrial
+from study.cell_engine import CellRun, Elsewhere, Unit, candidate_of, torch_version
+from study.config import BooleanSettings, FrontierCell, FrontierPlan
+from study.data import boolean_function
+from study.frontier import POLL_SECONDS, sleep
+from study.population import Member, train_population
+
+RECORD_BLOCK = 64
+"""Seeds per evaluation (one trial of the records study)."""
+RECORD_SEED = 2**40
+"""Record seeds are RECORD_SEED + crc32(study name) * 2**26 + the unit's offset: far above
+every frontier stage's (below 10,000,000), and no two studies, widths, recipes or blocks
+share one."""
+STAGE = "record"
+Log = Callable[[str], None]
+
+
+def study_name(cell: FrontierCell) -> str:
+    return f"records-f{cell.function_seed}-d{cell.depth}-b{cell.budget}"
+
+
+def seeds_of(name: str, neurons: int, rank: int, block: int) -> tuple[int, ...]:
+    """The seeds of one evaluation of study `name`."""
+    first = RECORD_SEED + zlib.crc32(name.encode()) * 2**26
+    first += ((neurons * 8 + rank) * 64 + block) * RECORD_BLOCK
+    return tuple(range(first, first + RECORD_BLOCK))
+
+
+class RecordRun(CellRun):
+    """A records study on the frontier's evaluation machinery (units claimed, trained as one
+    population, stored as trials)."""
+
+    def __init__(self, url: str, storage, cell: FrontierCell, threads: int, log: Log) -> None:
+        settings = BooleanSettings()
+        self.url, self.storage, self.cell, self.plan = url, storage, cell, FrontierPlan()
+        self.settings = settings.replace(function_seed=cell.function_seed, max_epochs=cell.budget)
+        self.threads, self.log, self.command, self.trained = threads, log, "", 0
+        self.fn = boolean_function(settings.input_bits, cell.function_seed, settings.output_bits)
+        self.study = optuna.create_study(
+            storage=storage, study_name=study_name(cell), load_if_exists=True
+        )
+
+
+def materialize(run: RecordRun, unit: Unit, learned: int, directory: Path, command: str):
+    """Train seed `learned` of `unit` again, alone, keep its weights, write the record and
+    verify it; the record's path, or None when it does not hold (it is then not kept)."""
+    candidate = candidate_of(run.cell, unit.neurons, unit.recipe)
+    config = BooleanTrial(candidate, (learned,), run.settings, prune=False).config(0)
+    weights: dict = {}
+    (result,) = train_population(
+        [Member(candidate.hidden_layer_profile, config)], run.fn, weights=weights
+    )
+    if not result.reached_target:
+        run.log(f"{run.study.study_name}: seed {learned} did not learn f again alone; not kept")
+        return None
+    fn = run.fn
+    tensors = {}
+    names = records.layer_names(len(candidate.hidden_layer_profile))
+    for prefix, (weight, bias) in zip(names, weights[0], strict=True):
+        tensors[prefix + ".weight"] = weight.T.contiguous().numpy()  # as torch's Linear
+        tensors[prefix + ".bias"] = bias.numpy()
+    meta = {
+        "kind": "boolean-record",
+        "hidden_layer_profile": list(candidate.hidden_layer_profile),
+        "neurons": candidate.neurons,
+        "function_seed": fn.function_seed,
+        "input_bits": fn.input_bits,
+        "output_bits": fn.output_bits,
+        "target_loss": run.settings.target_loss,
+        "final_loss": float(result.history[-1].eval_loss),
+        "epochs_run": result.epochs_run,
+        "budget_epochs": run.cell.budget,
+        "init_seed": learned,
+        "recipe": unit.recipe.params(),
+        "optimizer": "adam",
+        "method": "plain training from scratch",
+        "study": run.study.study_name,
+        "code_commit": code_commit(),
+        "torch_version": torch_version(),
+        "command": command,
+    }
+    path = records.write(directory, tensors, meta)
+    check = records.verify(path)
+    run.log(check.line())
+    if not check.holds:
+        records.remove(path)
+        return None
+    return path
+
+
+def _kept(run: RecordRun, unit: Unit, directory: Path) -> Path | None:
+    """The record of this width already written (a resumed search), if it holds."""
+    profile = run.cell.profile(unit.neurons)
+    path = directory / (records.name_of(run.cell.function_seed, profile) + ".json")
+    try:
+        return path if path.exists() and records.verify(path).holds else None
+    except records.RecordError:
+        return None
+
+
+def _evaluate(run: RecordRun, units: Sequence[Unit]) -> dict:
+    """`run.evaluate(units)`, waiting while other processes train some of them."""
+    said = False
+    while True:
+        try:
+            return run.evaluate(units)
+        except Elsewhere:
+            if not said:
+                run.log(f"{run.study.study_name}: waiting for evaluations other processes run")
+            said = True
+            sleep(POLL_SECONDS)
+
+
+def stated_and_recipes(
+    answers: Sequence[dict[str, Any]], function_seed: int, depth: int, budget: int
+) -> tuple[int, list[Recipe]] | None:
+    """The cell's stated neurons and ranked recipes: its answer at `budget`, else at the
+    largest budget below it (a longer budget starts from the best known width)."""
+    same = [
+        a for a in answers
+        if a.get("function_seed") == function_seed and a.get("depth") == depth
+        and a.get("budget_epochs", budget + 1) <= budget and a.get("recipe_ranking")
+    ]  # fmt: skip
+    if not same:
+        return None
+    answer = max(same, key=lambda a: a["budget_epochs"])
+    return answer["neurons"], [Recipe.from_params(r["recipe"]) for r in answer["recipe_ranking"]]
+
+
+def search_cell(
+    run: RecordRun,
+    stated: int,
+    ranked: Sequence[Recipe],
+    seeds_per_width: int,
+    directory: Path,
+    command: str,
+) -> Path | None:
+    """Records of one cell, downward from `stated - 1` neurons; the smallest one written."""
+    best = None
+    name = run.study.study_name
+    for neurons in range(stated - 1, run.cell.depth - 1, -1):
+        hit = None
+        for block in range(max(1, seeds_per_width // RECORD_BLOCK)):
+            units = [
+                Unit(STAGE, neurons, recipe, seeds_of(name, neurons, r, block), block)
+                for r, recipe in enumerate(ranked)
+            ]
+            done = _evaluate(run, units)
+            rates = [sum(done[u.key].user_attrs["learned"]) for u in units]
+            run.log(f"{name}: {neurons} neurons, block {block}: learned {rates} of "
+                    f"{RECORD_BLOCK} seeds per recipe")  # fmt: skip
+            for unit in units:
+                attrs = done[unit.key].user_attrs
+                learned = [s for s, ok in zip(attrs["seeds"], attrs["learned"], strict=True) if ok]
+                if learned:
+                    hit = _kept(run, unit, directory) or materialize(
+                        run, unit, learned[0], directory, command
+                    )
+                    if hit is not None:
+                        break
+            if hit is not None:
+                break
+        if hit is None:
+            break  # this width's seeds ran out without a record
+        best = hit
+    return best
+
+
+def search(
+    url: str,
+    storage,
+    cells: Sequence[tuple[int, int]],
+    budget: int,
+    answers: Sequence[dict[str, Any]],
+    seeds_per_width: int,
+    recipes: int,
+    threads: int,
+    directory: Path,
+    command: str,
+    log: Log,
+) -> dict[tuple[int, int], Path | None]:
+    """Search records below the stated width of each (function seed, depth) of `cells`."""
+    found: dict[tuple[int, int], Path | None] = {}
+    for function_seed, depth in cells:
+        known = stated_and_recipes(answers, function_seed, depth, budget)
+        if known is None:
+            log(f"function seed {function_seed}, depth {depth}: no frontier answer with "
+                "recipes at or below this budget; skipped")  # fmt: skip
+            continue
+        stated, ranked = known
+        run = RecordRun(url, storage, FrontierCell(function_seed, depth, budget), threads, log)
+        found[(function_seed, depth)] = search_cell(
+            run, stated, ranked[:recipes], seeds_per_width, directory, command
+        )
+    return found
