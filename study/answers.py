@@ -30,8 +30,12 @@ HELDOUT_BLOCK = 10_000
 CONFIRM_BLOCK = 100
 """Confirmation blocks are CONFIRM_BLOCK, CONFIRM_BLOCK + 1, ...: apart from curve blocks."""
 OPTIMIZER = "adam"
-SCHEMA_VERSION = 2
-"""Of answers.json: an object with `schema_version` and an `answers` list."""
+SCHEMA_VERSION = 3
+"""Of answers.json: an object with `schema_version`, an `answers` list (each entry with its
+`fitted_widths` at 50, 90 and 99% since version 3) and, since version 3, `records` (the record
+networks shown beside the answers, `study.records`)."""
+READABLE_SCHEMAS = (2, 3)
+"""The answers.json versions this version reads (what version 3 added is only shown)."""
 
 
 @dataclass(frozen=True)

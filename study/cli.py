@@ -521,7 +521,9 @@ def cmd_frontier_report(args: argparse.Namespace) -> None:
 
     out = _out_dir(args.out, "frontier")
     answers = Path(args.answers) if args.answers else out / "answers.json"
-    write_frontier_report(args.storage, out, answers, _command_line())
+    write_frontier_report(
+        args.storage, out, answers, _command_line(), Path(args.records) if args.records else None
+    )
     for line in headline(frontier_answers(args.storage)):
         print(line)
     for outcome in frontier_outcomes(args.storage):
@@ -557,6 +559,9 @@ def cmd_records_run(args: argparse.Namespace) -> None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"--answers: cannot read frontier answers from {args.answers} "
                           f"({first_line(error)})") from None  # fmt: skip
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(args.storage, create=True)
     cells = [(f, d) for f in args.function_seeds for d in args.depths]
     log = (lambda *_: None) if args.quiet else print
@@ -564,7 +569,7 @@ def cmd_records_run(args: argparse.Namespace) -> None:
         found = search(
             args.storage, storage, cells, args.budget, answers, args.seeds_per_width,
             args.recipes, args.threads or os.cpu_count() or 1, Path(args.out), _command_line(),
-            log,
+            log, args.widths,
         )  # fmt: skip
     for (f, d), path in found.items():
         print(f"function seed {f}, depth {d}: " + (f"record {path}" if path else "no record"))
@@ -751,6 +756,8 @@ def _add_frontier(sub) -> None:
     _add_storage(report)
     report.add_argument("--out", help="directory (default results/runs/frontier)")
     report.add_argument("--answers", help="answers file (default OUT/answers.json)")
+    report.add_argument("--records", metavar="DIR",
+                        help="show the record networks of DIR (e.g. results/records)")  # fmt: skip
     report.set_defaults(func=cmd_frontier_report)
     check = actions.add_parser(
         "recheck",
@@ -799,6 +806,9 @@ def _add_records(sub) -> None:
                      help="epochs per network (64000)")  # fmt: skip
     run.add_argument("--seeds-per-width", type=_bounded_int(64, 100_000), default=256,
                      help="seeds per recipe at a width before the search stops (256)")  # fmt: skip
+    run.add_argument("--widths", type=_bounded_int(1, 1024),
+                     help="at most this many widths below the stated one (default: down "
+                     "to the first width whose seeds all fail)")  # fmt: skip
     run.add_argument("--recipes", type=_bounded_int(1, 8), default=2,
                      help="the cell's best recipes tried, each on every seed (2)")  # fmt: skip
     run.add_argument("--answers", default="results/answers.json",

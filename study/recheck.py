@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from study import interrupt
-from study.answers import SCHEMA_VERSION, FrontierAnswer, code_commit, exact_interval
+from study.answers import (
+    READABLE_SCHEMAS,
+    SCHEMA_VERSION,
+    FrontierAnswer,
+    code_commit,
+    exact_interval,
+)
 from study.cell_engine import candidate_of, torch_version
 from study.config import RECHECK_ENGINES, RECHECK_SEED
 from study.errors import ConfigError
@@ -143,7 +149,7 @@ def read_answers(path: Path, studies: Sequence[str] = ()) -> list[FrontierAnswer
         raise ConfigError(f"--answers: {path} does not exist") from None
     except (OSError, ValueError) as error:
         raise ConfigError(f"--answers: cannot read {path} ({error})") from None
-    if not isinstance(document, dict) or document.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(document, dict) or document.get("schema_version") not in READABLE_SCHEMAS:
         raise ConfigError(
             f"--answers: {path} is not a frontier answers file (schema_version {SCHEMA_VERSION})"
         )

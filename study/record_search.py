@@ -157,11 +157,14 @@ def search_cell(
     seeds_per_width: int,
     directory: Path,
     command: str,
+    widths: int | None = None,
 ) -> Path | None:
-    """Records of one cell, downward from `stated - 1` neurons; the smallest one written."""
+    """Records of one cell, downward from `stated - 1` neurons (at most `widths` widths); the
+    smallest one written."""
     best = None
     name = run.study.study_name
-    for neurons in range(stated - 1, run.cell.depth - 1, -1):
+    lowest = run.cell.depth if widths is None else max(run.cell.depth, stated - widths)
+    for neurons in range(stated - 1, lowest - 1, -1):
         hit = None
         for block in range(max(1, seeds_per_width // RECORD_BLOCK)):
             units = [
@@ -201,6 +204,7 @@ def search(
     directory: Path,
     command: str,
     log: Log,
+    widths: int | None = None,
 ) -> dict[tuple[int, int], Path | None]:
     """Search records below the stated width of each (function seed, depth) of `cells`."""
     found: dict[tuple[int, int], Path | None] = {}
@@ -213,6 +217,6 @@ def search(
         stated, ranked = known
         run = RecordRun(url, storage, FrontierCell(function_seed, depth, budget), threads, log)
         found[(function_seed, depth)] = search_cell(
-            run, stated, ranked[:recipes], seeds_per_width, directory, command
+            run, stated, ranked[:recipes], seeds_per_width, directory, command, widths
         )
     return found

@@ -151,16 +151,16 @@ def remove(path: Path) -> None:
 
 
 def smallest(directory: str | Path = RECORDS_DIR) -> dict[tuple[int, int], dict[str, Any]]:
-    """The smallest record of each (function seed, depth) in `directory` (its JSON, with
-    `file`), fewest neurons first, then fewest epochs."""
+    """The smallest record of each (function seed, depth) in `directory` that verifies (its
+    JSON, with `file`), fewest neurons first, then fewest epochs."""
     best: dict[tuple[int, int], dict[str, Any]] = {}
     for path in sorted(Path(directory).glob("*.json")):
         try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
+            if not verify(path).holds:
+                continue
+        except RecordError:
             continue
-        if not isinstance(meta, dict) or meta.get("kind") != "boolean-record":
-            continue
+        meta = json.loads(path.read_text())
         key = (meta["function_seed"], len(meta["hidden_layer_profile"]))
         rank = (meta["neurons"], meta["epochs_run"])
         if key not in best or rank < (best[key]["neurons"], best[key]["epochs_run"]):

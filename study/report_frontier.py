@@ -35,7 +35,7 @@ from study.answers import (
 from study.config import FrontierPlan
 from study.probe import probe_for
 from study.storage import open_storage
-from study.success_curve import Curve
+from study.success_curve import Curve, fitted_widths
 from study.tables import figure, markdown_table, whole_numbers
 
 
@@ -70,9 +70,36 @@ def _read(storage_url: str) -> tuple[list[FrontierAnswer], list[str], list[NoAns
     return answers, sorted(earlier), unanswered
 
 
-def answers_document(answers: list[FrontierAnswer]) -> dict:
-    """answers.json: the schema version and one entry per answered cell."""
-    return {"schema_version": SCHEMA_VERSION, "answers": [a.to_dict() for a in answers]}
+def answers_document(answers: list[FrontierAnswer], records_dir: Path | None = None) -> dict:
+    """answers.json: the schema version, one entry per answered cell (with its fitted widths
+    at 50, 90 and 99%) and the smallest record network of each function and depth."""
+    from study.records import smallest
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "answers": [{**a.to_dict(), "fitted_widths": fitted_widths(a.curve)} for a in answers],
+        "records": [] if records_dir is None else [
+            {key: r[key] for key in ("file", "function_seed", "hidden_layer_profile", "neurons",
+                                     "budget_epochs", "epochs_run", "final_loss", "init_seed")}
+            for r in smallest(records_dir).values()
+        ],
+    }  # fmt: skip
+
+
+def reliability_table(answers: list[FrontierAnswer], function_seed: int = 0) -> pd.DataFrame:
+    """Per cell: the fitted widths at 50, 90 and 99% with their 95% intervals (the same
+    points fitted at each rate): what reliability costs in neurons."""
+    rows = []
+    for a in _of(answers, function_seed):
+        row: dict = {"epoch budget": a.cell.budget, "depth": a.cell.depth}
+        for rate, fitted in fitted_widths(a.curve).items():
+            row[f"w at {rate}"] = "" if fitted is None else (
+                f"{fitted['crossing']:.1f} ({_end(fitted['interval_95'][0])}.."
+                f"{_end(fitted['interval_95'][1])})"
+            )  # fmt: skip
+        row["stated"] = a.neurons
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _rate(rate: BlockRate) -> str:
@@ -277,6 +304,46 @@ def headline(answers: list[FrontierAnswer], function_seed: int = 0) -> list[str]
             f"), fitted 90% crossing {_fitted(a.curve)}"
         )
     return lines
+
+
+def records_lines(answers: list[FrontierAnswer], directory: Path) -> list[str]:
+    """The smallest record network of each function and depth (`study.records`) beside the
+    width stated at 90% at the record's budget: the exercise's literal answer next to the
+    reliable one."""
+    from study.records import smallest
+
+    found = smallest(directory)
+    if not found:
+        return []
+    stated = {(a.cell.function_seed, a.cell.depth, a.cell.budget): a for a in answers}
+    rows = []
+    for (seed, depth), r in found.items():
+        a = stated.get((seed, depth, r["budget_epochs"]))
+        rows.append({
+            "function seed": seed,
+            "depth": depth,
+            "record": f"**{r['neurons']}** ({'-'.join(map(str, r['hidden_layer_profile']))})",
+            "budget": r["budget_epochs"],
+            "epoch reached": r["epochs_run"],
+            "full-table loss": f"{r['final_loss']:.6f}",
+            "stated at 90% (same budget)": "" if a is None else f"{a.neurons} ({_profile(a)})",
+            "file": f"`{Path(r['file']).name}`",
+        })  # fmt: skip
+    return [
+        "## Records: the least width found that learns f",
+        "",
+        "The exercise asks for the least width that *can* learn f. A record is a network that "
+        "did, trained from scratch by `study records run` (seeds tried at each width below the "
+        "stated one, downward) and kept with its weights: `study verify FILE` rebuilds f from "
+        "its seed, recomputes the loss and the bits without the store and exits 0 only when "
+        "the loss is at most 0.001 and every bit is right. A record is an existence claim; the "
+        "stated width beside it is the one that learns f on 90% of seeds.",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+        "",
+        f"(files in `{directory}`)",
+        "",
+    ]
 
 
 def depth_conclusions(answers: list[FrontierAnswer], function_seed: int = 0) -> list[str]:
@@ -529,19 +596,26 @@ def introduction(answers: list[FrontierAnswer]) -> str:
 
 
 def write_frontier_report(
-    storage_url: str, out: Path, answers_path: Path, command: str | None = None
+    storage_url: str,
+    out: Path,
+    answers_path: Path,
+    command: str | None = None,
+    records_dir: Path | None = None,
 ) -> Path:
     """Write summary.md, frontier.png, success_curves.png and answers.json; return the
     summary's path."""
     answers, earlier, unanswered = _read(storage_url)
     out.mkdir(parents=True, exist_ok=True)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
-    answers_path.write_text(json.dumps(answers_document(answers), indent=1) + "\n")
+    document = answers_document(answers, records_dir)
+    answers_path.write_text(json.dumps(document, indent=1) + "\n")
     seeds = sorted({a.cell.function_seed for a in answers})
     lines = ["# The budget frontier", "", introduction(answers), ""]
     if 0 in seeds:
         lines += ["## The answers (function seed 0)", "", *headline(answers), ""]
         lines += [markdown_table(headline_table(answers)), ""]
+    if records_dir is not None:
+        lines += records_lines(answers, records_dir)
     for seed in seeds:
         table = frontier_table(answers, seed)
         lines += [f"## Function seed {seed}", "", markdown_table(table), ""]
@@ -554,6 +628,11 @@ def write_frontier_report(
             "it early; lower is better; then the selection seeds that reached it):",
             "",
             markdown_table(recipe_table(answers, seed)),
+            "",
+            "The price of reliability: the widths where the fitted success curve crosses 50%, "
+            "90% and 99% (95% intervals; the same held-out seeds fitted at each rate):",
+            "",
+            markdown_table(reliability_table(answers, seed)),
             "",
         ]
     lines += theory(answers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq, minimize, minimize_scalar
@@ -184,3 +185,22 @@ def fit(points: Iterable[Point], rate: float = 0.9) -> Curve:
         (None if low is None else round(low, 3), None if high is None else round(high, 3)),
         data,
     )
+
+
+RELIABILITY = (0.5, 0.9, 0.99)
+"""The rates at which a cell's fitted widths are reported: the price of reliability."""
+
+
+def fitted_widths(curve: Curve, rates: Sequence[float] = RELIABILITY) -> dict[str, Any]:
+    """The widths where `curve`'s points cross each of `rates`, with their 95% intervals
+    (`fit` at each rate, on the same points): {"50%": {"crossing": c, "interval_95": [low,
+    high]}, ...}, None where the points place no crossing."""
+    widths: dict[str, Any] = {}
+    for rate in rates:
+        try:
+            fitted = curve if rate == curve.rate else fit(curve.points, rate)
+        except NoCrossing:
+            widths[f"{rate:.0%}"] = None
+            continue
+        widths[f"{rate:.0%}"] = {"crossing": fitted.crossing, "interval_95": list(fitted.interval)}
+    return widths

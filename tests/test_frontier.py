@@ -19,7 +19,7 @@ from study.answers import (
 )
 from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
 from study.frontier import CONFIRM_BLOCK, run_cell, run_frontier
-from study.success_curve import Point, fit
+from study.success_curve import Point, fit, fitted_widths
 from tests.conftest import cli
 
 TINY = BooleanSettings(input_bits=4, output_bits=3)
@@ -161,14 +161,57 @@ def test_a_cell_resumes_without_training_again(cell_store):
     assert not any("training" in line for line in logged), logged
 
 
+def _learned_record(directory):
+    """A record of the cell's function ({0,1}^4 -> {0,1}^3, seed 0): 12 neurons trained until
+    every bit is right (and an untrained one of 11, which does not verify: the report leaves it
+    out)."""
+    import torch
+
+    from study import records
+    from study.data import boolean_function
+    from study.models import build_boolean_net
+
+    fn = boolean_function(4, 0, 3)
+    net = build_boolean_net((12,), 4, 3, 0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(3000):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(fn.inputs), fn.targets)
+        loss.backward()
+        optimizer.step()
+    tensors = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    meta = {"kind": "boolean-record", "hidden_layer_profile": [12], "neurons": 12,
+            "function_seed": 0, "input_bits": 4, "output_bits": 3, "target_loss": 0.001,
+            "final_loss": float(loss), "epochs_run": 3000, "budget_epochs": 200,
+            "init_seed": 0}  # fmt: skip
+    path = records.write(directory, tensors, meta)
+    assert records.verify(path).holds
+    untrained = build_boolean_net((11,), 4, 3, 1).state_dict()
+    records.write(directory, {k: v.numpy() for k, v in untrained.items()},
+                  {**meta, "hidden_layer_profile": [11], "neurons": 11})  # fmt: skip
+    return path
+
+
 def test_the_report_and_answers_json(cell_store, tmp_path):
     storage, answer, _ = cell_store
-    done = cli("frontier", "report", "--storage", storage, "--out", str(tmp_path / "r"))
+    record = _learned_record(tmp_path / "records")
+    done = cli("frontier", "report", "--storage", storage, "--out", str(tmp_path / "r"),
+               "--records", str(tmp_path / "records"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"w_1 = {answer['neurons']} ")  # the headline, printed
     document = json.loads((tmp_path / "r" / "answers.json").read_text())
-    assert document == {"schema_version": SCHEMA_VERSION, "answers": [answer]}
+    assert document["schema_version"] == SCHEMA_VERSION
+    (entry,) = document["answers"]
+    widths = entry.pop("fitted_widths")
+    assert entry == answer
+    assert widths["90%"]["crossing"] == answer["fitted_width_90"]
+    assert widths["50%"]["crossing"] < widths["90%"]["crossing"] < widths["99%"]["crossing"]
+    (kept,) = document["records"]  # the spoiled copy is not shown
+    assert kept["file"] == str(record) and kept["neurons"] == 12
     summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "## Records: the least width found that learns f" in summary
+    assert "**12** (12)" in summary and "f0-d1-12.json" in summary
+    assert "The price of reliability" in summary and "w at 99%" in summary
     rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
     assert rate in summary and f"| {answer['neurons']} |" in " ".join(summary.split())
     assert "## The answers (function seed 0)" in summary and "w_1 (1 layer)" in summary
@@ -435,7 +478,11 @@ def test_every_committed_answer_reads_back_typed_with_scipys_intervals():
     document = json.loads((root / "results/answers.json").read_text())
     assert document["schema_version"] == SCHEMA_VERSION and document["answers"]
     for entry in document["answers"]:
-        assert FrontierAnswer.from_dict(entry).to_dict() == entry
+        entry = dict(entry)
+        widths = entry.pop("fitted_widths")
+        answer = FrontierAnswer.from_dict(entry)
+        assert answer.to_dict() == entry
+        assert widths == fitted_widths(answer.curve)
         for key in (*REPRODUCE, "depth", "fitted_width_90", "fitted_width_90_interval",
                     "confirmation_seeds", "confirmation_successes"):  # fmt: skip
             assert key in entry, key
