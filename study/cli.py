@@ -575,6 +575,24 @@ def cmd_records_run(args: argparse.Namespace) -> None:
         print(f"function seed {f}, depth {d}: " + (f"record {path}" if path else "no record"))
 
 
+def cmd_records_prune(args: argparse.Namespace) -> None:
+    from study import records
+    from study.record_search import prune
+
+    starts = args.files or [
+        r["file"] for (_, _, method), r in records.smallest(args.out).items()
+        if method == records.PLAIN
+    ]  # fmt: skip
+    if not starts:
+        raise records.RecordError(f"no record given and no plain record in {args.out}")
+    log = (lambda *_: None) if args.quiet else print
+    for start in starts:
+        records.verify(start)  # a damaged start is one line before any work
+        found = prune(Path(start), Path(args.out), args.epochs, args.learning_rate,
+                      _command_line(), log)  # fmt: skip
+        print(f"{start}: " + (f"pruned to {found}" if found else "no neuron could go"))
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     from study import records
 
@@ -818,6 +836,20 @@ def _add_records(sub) -> None:
     run.add_argument("--threads", type=_bounded_int(1, 1024), help="CPU threads (all cores)")
     run.add_argument("--quiet", action="store_true", help="only the records")
     run.set_defaults(func=cmd_records_run)
+    prune = actions.add_parser(
+        "prune", help="the second track: remove a record's weakest neurons one at a time, "
+        "fine-tuning after each",
+    )  # fmt: skip
+    prune.add_argument("files", nargs="*", metavar="FILE",
+                       help="records to start from (default: the smallest plain record of "
+                       "each function and depth in --out)")  # fmt: skip
+    prune.add_argument("--epochs", type=_bounded_int(1, 10**7), default=10_000,
+                       help="most fine-tuning epochs per removed neuron (10000)")  # fmt: skip
+    prune.add_argument("--learning-rate", type=float, default=3e-3,
+                       help="Adam's rate when fine-tuning (0.003)")  # fmt: skip
+    prune.add_argument("--out", default="results/records", help="where records go")
+    prune.add_argument("--quiet", action="store_true", help="only the results")
+    prune.set_defaults(func=cmd_records_prune)
     p = sub.add_parser(
         "verify", help="check record networks: rebuild f, recompute loss and bits (no store)"
     )

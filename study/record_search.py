@@ -12,12 +12,15 @@ its Optuna best trial is the smallest width that learned f at least once.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
+from torch.nn import functional as F
 
 from study import records
 from study.answers import Recipe, code_commit
@@ -96,7 +99,7 @@ def materialize(run: RecordRun, unit: Unit, learned: int, directory: Path, comma
         "init_seed": learned,
         "recipe": unit.recipe.params(),
         "optimizer": "adam",
-        "method": "plain training from scratch",
+        "method": records.PLAIN,
         "study": run.study.study_name,
         "code_commit": code_commit(),
         "torch_version": torch_version(),
@@ -220,3 +223,132 @@ def search(
             run, stated, ranked[:recipes], seeds_per_width, directory, command, widths
         )
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# the second track: prune a record's neurons one at a time, fine-tuning after each removal
+
+PRUNED = "prune and fine-tune"
+
+
+def _layers_of(path: Path) -> tuple[dict[str, Any], list[list[torch.Tensor]]]:
+    """A record's description and its [weight (out, in), bias] per layer, as torch tensors."""
+    meta, weights = records.read(path)
+    names = records.layer_names(len(meta["hidden_layer_profile"]))
+    return meta, [
+        [torch.from_numpy(weights[n + ".weight"].copy()), torch.from_numpy(weights[n + ".bias"])]
+        for n in names
+    ]
+
+
+def _forward(layers: list[list[torch.Tensor]], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's output (hidden ones after their ReLU), the logits last."""
+    outputs = []
+    for i, (weight, bias) in enumerate(layers):
+        x = F.linear(x, weight, bias)
+        x = x.relu() if i < len(layers) - 1 else x
+        outputs.append(x)
+    return outputs
+
+
+def remove_weakest(layers: list[list[torch.Tensor]], x: torch.Tensor) -> tuple[int, int]:
+    """Remove the hidden neuron whose removal changes the next layer least (its mean activation
+    times the norm of its outgoing weights; a layer keeps at least one); its mean output is
+    folded into the next layer's bias. Returns (layer, neuron)."""
+    with torch.no_grad():
+        hidden = _forward(layers, x)[:-1]
+        best = None
+        for i, h in enumerate(hidden):
+            if h.shape[1] <= 1:
+                continue
+            score = h.abs().mean(dim=0) * layers[i + 1][0].norm(dim=0)
+            j = int(score.argmin())
+            if best is None or score[j] < best[0]:
+                best = (float(score[j]), i, j)
+        assert best is not None, "nothing left to remove"
+        _, i, j = best
+        keep = [k for k in range(hidden[i].shape[1]) if k != j]
+        after = layers[i + 1]
+        after[1] = after[1] + after[0][:, j] * hidden[i][:, j].mean()
+        after[0] = after[0][:, keep].clone()
+        layers[i] = [layers[i][0][keep].clone(), layers[i][1][keep].clone()]
+    return i, j
+
+
+def fine_tune(
+    layers: list[list[torch.Tensor]], x: torch.Tensor, y: torch.Tensor, target: float,
+    epochs: int, learning_rate: float,
+) -> int | None:  # fmt: skip
+    """Full-table Adam until the loss is below 0.9 x `target` with every bit right (a margin,
+    so that the float64 check agrees); the epochs it took, or None."""
+    params = [t.requires_grad_() for layer in layers for t in layer]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    try:
+        for epoch in range(epochs + 1):
+            logits = _forward(layers, x)[-1]
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if loss.item() <= 0.9 * target and bool(((logits > 0) == (y > 0.5)).all()):
+                return epoch
+            if epoch == epochs or not math.isfinite(loss.item()):
+                return None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for t in params:
+            t.requires_grad_(False)
+    return None
+
+
+def prune(
+    start: Path, directory: Path, epochs: int, learning_rate: float, command: str, log: Log
+) -> Path | None:
+    """From the record `start`, remove one neuron at a time and fine-tune, writing a record
+    (method "prune and fine-tune") for each network that learns f again and verifies; stops at
+    the first that does not. Returns the smallest record written."""
+    meta, layers = _layers_of(start)
+    fn = boolean_function(meta["input_bits"], meta["function_seed"], meta["output_bits"])
+    target = float(meta["target_loss"])
+    smallest, spent = None, 0
+    while sum(w.shape[0] for w, _ in layers[:-1]) > len(layers) - 1:
+        trial = [[t.clone() for t in layer] for layer in layers]
+        remove_weakest(trial, fn.inputs)
+        took = fine_tune(trial, fn.inputs, fn.targets, target, epochs, learning_rate)
+        profile = [w.shape[0] for w, _ in trial[:-1]]
+        if took is None:
+            log(f"{records.name_of(fn.function_seed, profile)}: not learned again within "
+                f"{epochs} fine-tuning epochs; pruning ends")  # fmt: skip
+            break
+        spent += took
+        layers = trial
+        names = records.layer_names(len(profile))
+        tensors = {}
+        for name, (weight, bias) in zip(names, layers, strict=True):
+            tensors[name + ".weight"] = weight.detach().contiguous().numpy()
+            tensors[name + ".bias"] = bias.detach().contiguous().numpy()
+        with torch.no_grad():
+            loss = F.binary_cross_entropy_with_logits(_forward(layers, fn.inputs)[-1], fn.targets)
+        path = records.write(directory, tensors, {
+            **{k: meta[k] for k in ("kind", "function_seed", "input_bits", "output_bits",
+                                    "target_loss", "init_seed", "recipe", "budget_epochs")
+               if k in meta},
+            "hidden_layer_profile": profile,
+            "neurons": sum(profile),
+            "final_loss": float(loss),
+            "epochs_run": int(meta["epochs_run"]),
+            "method": PRUNED,
+            "pruned_from": str(start),
+            "fine_tuning_epochs": spent,
+            "fine_tuning": {"optimizer": "adam", "learning_rate": learning_rate,
+                            "full_table_batches": True, "most_epochs_per_removal": epochs},
+            "code_commit": code_commit(),
+            "torch_version": torch_version(),
+            "command": command,
+        }, suffix="-pruned")  # fmt: skip
+        check = records.verify(path)
+        log(check.line())
+        if not check.holds:
+            records.remove(path)
+            break
+        smallest = path
+    return smallest

@@ -134,12 +134,14 @@ def name_of(function_seed: int, profile: Sequence[int]) -> str:
     return f"f{function_seed}-d{len(profile)}-" + "-".join(map(str, profile))
 
 
-def write(directory: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+def write(
+    directory: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any], suffix: str = ""
+) -> Path:
     """Write a record (`tensors` by their state-dict names) and return its JSON's path."""
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    base = directory / name_of(meta["function_seed"], meta["hidden_layer_profile"])
+    base = directory / (name_of(meta["function_seed"], meta["hidden_layer_profile"]) + suffix)
     save_file(tensors, str(base.with_suffix(".safetensors")))
     base.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return base.with_suffix(".json")
@@ -150,10 +152,14 @@ def remove(path: Path) -> None:
         path.with_suffix(suffix).unlink(missing_ok=True)
 
 
-def smallest(directory: str | Path = RECORDS_DIR) -> dict[tuple[int, int], dict[str, Any]]:
-    """The smallest record of each (function seed, depth) in `directory` that verifies (its
-    JSON, with `file`), fewest neurons first, then fewest epochs."""
-    best: dict[tuple[int, int], dict[str, Any]] = {}
+PLAIN = "plain training from scratch"
+"""The method of the first track's records (the second's: `record_search.PRUNED`)."""
+
+
+def smallest(directory: str | Path = RECORDS_DIR) -> dict[tuple[int, int, str], dict[str, Any]]:
+    """The smallest record of each (function seed, depth, method) in `directory` that verifies
+    (its JSON, with `file`), fewest neurons first, then fewest epochs."""
+    best: dict[tuple[int, int, str], dict[str, Any]] = {}
     for path in sorted(Path(directory).glob("*.json")):
         try:
             if not verify(path).holds:
@@ -161,7 +167,8 @@ def smallest(directory: str | Path = RECORDS_DIR) -> dict[tuple[int, int], dict[
         except RecordError:
             continue
         meta = json.loads(path.read_text())
-        key = (meta["function_seed"], len(meta["hidden_layer_profile"]))
+        method = meta.get("method", PLAIN)
+        key = (meta["function_seed"], len(meta["hidden_layer_profile"]), method)
         rank = (meta["neurons"], meta["epochs_run"])
         if key not in best or rank < (best[key]["neurons"], best[key]["epochs_run"]):
             best[key] = {**meta, "file": str(path)}

@@ -79,8 +79,9 @@ def answers_document(answers: list[FrontierAnswer], records_dir: Path | None = N
         "schema_version": SCHEMA_VERSION,
         "answers": [{**a.to_dict(), "fitted_widths": fitted_widths(a.curve)} for a in answers],
         "records": [] if records_dir is None else [
-            {key: r[key] for key in ("file", "function_seed", "hidden_layer_profile", "neurons",
-                                     "budget_epochs", "epochs_run", "final_loss", "init_seed")}
+            {key: r.get(key) for key in ("file", "method", "function_seed", "hidden_layer_profile",
+                                         "neurons", "budget_epochs", "epochs_run", "final_loss",
+                                         "init_seed")}
             for r in smallest(records_dir).values()
         ],
     }  # fmt: skip
@@ -317,11 +318,12 @@ def records_lines(answers: list[FrontierAnswer], directory: Path) -> list[str]:
         return []
     stated = {(a.cell.function_seed, a.cell.depth, a.cell.budget): a for a in answers}
     rows = []
-    for (seed, depth), r in found.items():
+    for (seed, depth, method), r in found.items():
         a = stated.get((seed, depth, r["budget_epochs"]))
         rows.append({
             "function seed": seed,
             "depth": depth,
+            "method": method,
             "record": f"**{r['neurons']}** ({'-'.join(map(str, r['hidden_layer_profile']))})",
             "budget": r["budget_epochs"],
             "epoch reached": r["epochs_run"],
@@ -333,11 +335,15 @@ def records_lines(answers: list[FrontierAnswer], directory: Path) -> list[str]:
         "## Records: the least width found that learns f",
         "",
         "The exercise asks for the least width that *can* learn f. A record is a network that "
-        "did, trained from scratch by `study records run` (seeds tried at each width below the "
-        "stated one, downward) and kept with its weights: `study verify FILE` rebuilds f from "
-        "its seed, recomputes the loss and the bits without the store and exits 0 only when "
-        "the loss is at most 0.001 and every bit is right. A record is an existence claim; the "
-        "stated width beside it is the one that learns f on 90% of seeds.",
+        "did, kept with its weights: `study verify FILE` rebuilds f from its seed, recomputes "
+        "the loss and the bits without the store and exits 0 only when the loss is at most "
+        "0.001 and every bit is right. Two methods, each its own row: *plain training from "
+        "scratch* (`study records run`: seeds tried at each width below the stated one, "
+        "downward, with the cell's best recipes and budget; the epoch reached is that run's) "
+        "and *prune and fine-tune* (`study records prune`: from the plain record, the weakest "
+        "neuron removed and the rest fine-tuned with full-table Adam, one neuron at a time). A "
+        "record is an existence claim; the stated width beside it is the one that learns f on "
+        "90% of seeds trained from scratch.",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",
