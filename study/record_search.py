@@ -28,6 +28,7 @@ from study.boolean_trial import BooleanTrial
 from study.cell_engine import CellRun, Elsewhere, Unit, candidate_of, torch_version
 from study.config import BooleanSettings, FrontierCell, FrontierPlan
 from study.data import boolean_function
+from study.device import limit_threads_for_tiny_models
 from study.frontier import POLL_SECONDS, sleep
 from study.population import Member, train_population
 
@@ -308,6 +309,7 @@ def prune(
     the first that does not. Returns the smallest record written."""
     meta, layers = _layers_of(start)
     fn = boolean_function(meta["input_bits"], meta["function_seed"], meta["output_bits"])
+    limit_threads_for_tiny_models(fn.inputs.device)
     target = float(meta["target_loss"])
     smallest, spent = None, 0
     while sum(w.shape[0] for w, _ in layers[:-1]) > len(layers) - 1:

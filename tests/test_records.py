@@ -170,3 +170,79 @@ def test_verify_is_quick_and_imports_no_torch(tmp_path):
         [sys.executable, "-c", script, "verify", str(path)], capture_output=True, text=True
     ).stdout
     assert out.strip().endswith("False")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the pruning takes (threads only cost nets this small); the
+    suite's other tests get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def learned_record(directory, neurons=8, bits=(4, 3)):
+    """A record of f ({0,1}^4 -> {0,1}^3, seed 0 by default) trained here until every bit is
+    right with full-table Adam."""
+    n, m = bits
+    fn = boolean_function(n, 0, m)
+    net = build_boolean_net((neurons,), n, m, 0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    epoch, loss = 0, torch.tensor(1.0)
+    while loss.item() >= 5e-4 and epoch < 5000:  # one thread: see the fixture below
+        epoch += 1
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(fn.inputs), fn.targets)
+        loss.backward()
+        optimizer.step()
+    tensors = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    meta = {"kind": "boolean-record", "hidden_layer_profile": [neurons], "neurons": neurons,
+            "function_seed": 0, "input_bits": n, "output_bits": m, "target_loss": 0.001,
+            "final_loss": loss.item(), "epochs_run": epoch, "budget_epochs": 5000,
+            "init_seed": 0, "method": records.PLAIN}  # fmt: skip
+    path = records.write(directory, tensors, meta)
+    assert records.verify(path).holds
+    return path
+
+
+def test_pruning_writes_smaller_records_that_verify_and_stops_at_the_first_failure(tmp_path):
+    start = learned_record(tmp_path)
+    lines = []
+    smallest = record_search.prune(start, tmp_path, 1000, 0.01, "study records prune (test)",
+                                   lines.append)  # fmt: skip
+    written = sorted(tmp_path.glob("*-pruned.json"))
+    assert smallest is not None and smallest in written
+    sizes = sorted(json.loads(p.read_text())["neurons"] for p in written)
+    assert sizes == list(range(sizes[0], 8))  # one neuron at a time, none skipped
+    for path in written:
+        meta = json.loads(path.read_text())
+        assert meta["method"] == record_search.PRUNED and meta["pruned_from"] == str(start)
+        assert records.verify(path).holds
+    assert lines[-1].endswith("pruning ends") or sizes[0] == 1
+    # both methods are listed, each its smallest
+    best = records.smallest(tmp_path)
+    assert best[(0, 1, records.PLAIN)]["neurons"] == 8
+    assert best[(0, 1, record_search.PRUNED)]["neurons"] == sizes[0]
+
+
+def test_removing_a_neuron_keeps_the_rest_of_the_network(tmp_path):
+    _, layers = record_search._layers_of(learned_record(tmp_path, neurons=8))
+    fn = boolean_function(4, 0, 3)
+    before = [[t.clone() for t in layer] for layer in layers]
+    layer, neuron = record_search.remove_weakest(layers, fn.inputs)
+    assert layer == 0 and layers[0][0].shape == (7, 4) and layers[1][0].shape == (3, 7)
+    keep = [k for k in range(8) if k != neuron]
+    assert torch.equal(layers[0][0], before[0][0][keep])
+    assert torch.equal(layers[1][0], before[1][0][:, keep])
+
+
+def test_records_prune_command(tmp_path, capsys):
+    learned_record(tmp_path)
+    code = main(["records", "prune", "--out", str(tmp_path), "--epochs", "500",
+                 "--learning-rate", "0.01", "--quiet"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "f0-d1-8.json: pruned to" in out
+    assert main(["records", "prune", str(tmp_path / "nope.json")]) == 2
+    assert "not a readable record" in capsys.readouterr().err
