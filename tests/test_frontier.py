@@ -212,6 +212,8 @@ def test_the_report_and_answers_json(cell_store, tmp_path):
     assert "## Records: the least width found that learns f" in summary
     assert "**12** (12)" in summary and "f0-d1-12.json" in summary
     assert "The price of reliability" in summary and "w at 99%" in summary
+    assert "## The stated widths under a stricter rule" in summary
+    assert f"needs {192 - answer['all_heldout']['heldout_seeds']} more seeds" in summary
     rate = f"{answer['heldout_successes']}/{answer['heldout_seeds']}"
     assert rate in summary and f"| {answer['neurons']} |" in " ".join(summary.split())
     assert "## The answers (function seed 0)" in summary and "w_1 (1 layer)" in summary
