@@ -172,9 +172,10 @@ def bench_hour(
 
 def _check_fresh(name: str, storage: str) -> None:
     """An hour's study must not exist before the hour: an hour is never resumed."""
-    from study.storage import holds_store, open_storage, study_names
+    from study.storage import existing_store, study_names
 
-    if holds_store(storage) and name in study_names(open_storage(storage, heartbeat=False)):
+    store = existing_store(storage, heartbeat=False)
+    if store is not None and name in study_names(store):
         raise ConfigError(
             f"study {name!r} in {storage} is from an hour that did not finish: an hour is not "
             f"resumed; `study delete {name} --storage {storage}` to run it again"

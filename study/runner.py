@@ -42,7 +42,7 @@ from study.errors import ConfigError, StudyError, TrialFailed, first_line
 from study.image_objective import ImageObjective
 from study.plan import Plan
 from study.rdb import storage_of
-from study.storage import HEARTBEAT_SECONDS, holds_store, open_storage, study_names
+from study.storage import HEARTBEAT_SECONDS, existing_store, open_storage, study_names
 from study.studies import (
     FINISHED,
     KIND_ATTR,
@@ -233,12 +233,11 @@ def find_space(name: str, options: RunOptions) -> ModuleType:
         return get_space(name)
     except ConfigError:
         study_name = options.study_name or name
-        if holds_store(options.storage):
-            rdb = open_storage(options.storage, heartbeat=False)
-            if study_name in study_names(rdb):
-                study = optuna.load_study(study_name=study_name, storage=rdb)
-                if study.user_attrs.get(SOURCE_ATTR) and study.user_attrs.get(SPACE_ATTR) == name:
-                    return space_of(study)
+        rdb = existing_store(options.storage, heartbeat=False)
+        if rdb is not None and study_name in study_names(rdb):
+            study = optuna.load_study(study_name=study_name, storage=rdb)
+            if study.user_attrs.get(SOURCE_ATTR) and study.user_attrs.get(SPACE_ATTR) == name:
+                return space_of(study)
         raise
 
 
@@ -254,9 +253,9 @@ def _stored_or_requested(
     chosen = {"sampler": choices.DEFAULT_SAMPLER, "pruner": choices.DEFAULT_PRUNERS[kind]}
     chosen.update({k: v for k, v in run.items() if v is not None})  # a new study's fidelity:
     # `_fidelity` (it depends on the time budget)
-    if not holds_store(storage):
+    rdb = existing_store(storage)
+    if rdb is None:
         return requested, chosen, None  # a new store: a new study
-    rdb = open_storage(storage)
     if study_name not in study_names(rdb):
         return requested, chosen, rdb
     study = optuna.load_study(study_name=study_name, storage=rdb)

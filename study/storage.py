@@ -324,17 +324,18 @@ def _advisory_lock(url: str, engine_kwargs: dict, create: bool) -> Iterator[None
         engine.dispose()
 
 
-def holds_store(url: str) -> bool:
-    """Whether `url` already holds an Optuna store (a new run asks before it writes): an SQLite
-    file with Optuna's tables, a database server with them. Opens nothing for writing."""
+def existing_store(url: str, heartbeat: bool = True) -> RDBStorage | None:
+    """The Optuna store `url` already holds, opened once, else None (a new run asks before it
+    writes): an SQLite file with Optuna's tables, a database server with them. Creates
+    nothing."""
     path = sqlite_path(url)
     if path is not None:
-        return path.is_file() and path.stat().st_size > 0
+        exists = path.is_file() and path.stat().st_size > 0
+        return open_storage(url, heartbeat=heartbeat) if exists else None
     try:
-        open_storage(url, heartbeat=False)
+        return open_storage(url, heartbeat=heartbeat)
     except NoStoreYet:
-        return False
-    return True
+        return None
 
 
 def _reason(error: BaseException) -> str:

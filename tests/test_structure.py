@@ -326,9 +326,11 @@ def test_reading_answers_imports_neither_torch_nor_the_frontier_engine():
 
 def test_a_run_finds_its_space_and_opens_its_store_once(tmp_path, monkeypatch):
     """`study run` of a stored study: the space is looked up once, the store opened once and
-    the study loaded once before its trials run, and the results passed down."""
+    the study loaded once before its trials run, and the results passed down (whether a store
+    exists is asked by opening it: `storage.existing_store`, the same on PostgreSQL)."""
     import search_spaces
     from study import runner, studies
+    from study import storage as storage_module
 
     calls: list[str] = []
 
@@ -341,7 +343,8 @@ def test_a_run_finds_its_space_and_opens_its_store_once(tmp_path, monkeypatch):
     run_study("boolean-shallow", settings, storage=storage, trials=1, device="cpu", quiet=True)
     for owner, name in ((runner, "get_space"), (studies, "get_space"),
                         (search_spaces, "from_source"), (search_spaces, "get_space"),
-                        (runner, "open_storage"), (optuna, "load_study")):  # fmt: skip
+                        (runner, "open_storage"), (storage_module, "open_storage"),
+                        (optuna, "load_study")):  # fmt: skip
         counted(owner, name)
     study = run_study("boolean-shallow", settings, storage=storage, trials=2, device="cpu",
                       quiet=True)  # fmt: skip
