@@ -6,9 +6,9 @@ The contract (`check` says in one line what a module lacks):
 - `KIND`: "boolean" (the fewest neurons that learn a Boolean function; Optuna minimises them)
   or "image" (validation accuracy on FashionMNIST or MNIST; Optuna maximises it);
 - `base_settings()`: the study's fixed settings, a `study.config.BooleanSettings` or
-  `ImageSettings` (the CLI overrides single fields; they are stored with the study);
+  `study.config.ImageSettings` (the CLI overrides single fields; they are stored with the study);
 - `suggest(trial, settings)`: calls only `trial.suggest_*` and returns a config (a
-  `BooleanCandidate`, or for images an `ImageConfig`);
+  `study.config.BooleanCandidate`, or for images a `study.config.ImageCandidate`);
 - optional `DIRECTION`: the kind's own ("minimize" for Boolean, "maximize" for images);
 - optional `baseline(settings)`: parameters of a known-good trial, enqueued first in a new study.
 

@@ -34,6 +34,7 @@ from study.tables import (
     figure_links,
     markdown_table,
     outside_legend,
+    searched,
     whole_numbers,
 )
 
@@ -53,8 +54,9 @@ def _histories(frame: pd.DataFrame) -> dict[int, pd.DataFrame]:
 
 
 def image_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials with the columns the image figures use: optimiser, learning rate,
-    parameters, last validation and training accuracy, epochs run."""
+    """Finished trials with the columns the image figures use: optimiser, batch size and
+    learning rate (from each trial's stored configuration), parameters, last validation and
+    training accuracy, epochs run."""
     done = frame[frame["state"].isin(["COMPLETE", "PRUNED"])].copy()
     if done.empty:
         return done
@@ -65,6 +67,11 @@ def image_frame(frame: pd.DataFrame) -> pd.DataFrame:
         last[n]["train_accuracy"] if n in last else np.nan for n in done.number
     ]
     done["epochs_run"] = [len(curves.get(n, [])) for n in done.number]
+    # what the figures group by, from each trial's stored configuration (whatever its space
+    # named its parameters, or fixed them)
+    configs = [json.loads(c) if isinstance(c, str) else {} for c in done.get("config", [])]
+    for key in ("optimizer", "batch_size"):
+        done[key] = [c.get("train", {}).get(key) for c in configs] or None
     done["learning_rate"] = done["learning_rate"].astype(float)
     done["parameters"] = done["parameters"].astype(float)
     return done
@@ -100,7 +107,7 @@ def _accuracy_against(
     optimiser, pruned ones as grey crosses."""
     complete = done["state"] == "COMPLETE"
     with figure(path) as (_, ax):
-        for name, group in done[complete].groupby("param_optimizer"):
+        for name, group in done[complete].groupby("optimizer"):
             ax.scatter(group[x], group["val_accuracy"], s=34, label=name)
         pruned = done[done["state"] == "PRUNED"]
         if len(pruned):
@@ -280,6 +287,20 @@ IMAGE_FIGURES = [
 ]
 
 
+def _question(study: optuna.Study) -> str:
+    """The first paragraph of the space's docstring (a space of one's own says its question
+    there), else what every image space asks."""
+    from study.errors import StudyError
+    from study.studies import space_of
+
+    try:
+        doc = (space_of(study).__doc__ or "").strip()
+    except (StudyError, KeyError):
+        doc = ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    return first or "which architecture and training give the best validation accuracy?"
+
+
 def image_summary(
     study: optuna.Study,
     frame: pd.DataFrame,
@@ -293,16 +314,16 @@ def image_summary(
     s = info.settings
     assert isinstance(s, ImageSettings)
     run = choices.stored_run(study, "image")
-    model = "convolutional networks" if info.space.endswith("cnn") else "multilayer perceptrons"
+    space = searched(study)
     lines = [
         f"# Study `{study.study_name}`",
         "",
-        f"Question: which training (optimiser, learning rate, schedule, batch size, epochs, "
-        f"weight decay) and which architecture give {model} the best accuracy on "
-        f"{IMAGE_DATASETS[s.dataset]}? Objective: accuracy on {s.validation_size} validation "
-        f"images held out of the training set (split seed {s.split_seed}), after the last "
-        f"epoch. Sampler {run['sampler']}, pruner {run['pruner']}. The test set is not used in "
-        "the search.",
+        f"Question: {_question(study)} Objective: accuracy on {s.validation_size} validation "
+        f"images of {IMAGE_DATASETS[s.dataset]} held out of the training set (split seed "
+        f"{s.split_seed}), after the last epoch. Sampler {run['sampler']}, pruner "
+        f"{run['pruner']}. The test set is not used in the search.",
+        "",
+        f"Searched (as stored with the trials): {space}." if space else "Nothing was sampled.",
         "",
         "## Answer",
         "",

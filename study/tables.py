@@ -50,6 +50,27 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def searched(study: optuna.Study) -> str:
+    """What the study searched, from the distributions its trials stored (so a space of one's
+    own is described as it ran): "width 16..128 (log), optimizer sgd|adamw", parameters in the
+    order first seen; empty when no trial sampled any."""
+    from optuna.distributions import CategoricalDistribution
+
+    found: dict[str, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            found.setdefault(name, distribution)
+    parts = []
+    for name, d in found.items():
+        if isinstance(d, CategoricalDistribution):
+            parts.append(f"{name} {'|'.join(map(str, d.choices))}")
+        else:
+            step = f" step {d.step:g}" if getattr(d, "step", None) not in (None, 1) else ""
+            log = " (log)" if d.log else ""
+            parts.append(f"{name} {d.low:g}..{d.high:g}{step}{log}")
+    return ", ".join(parts)
+
+
 def engines(frame: pd.DataFrame) -> str:
     """What trained a study's trials, as stored with each (`engine`, `threads`): e.g. "native
     kernel on 2 threads (64 trials)"; trials stored before engines were recorded are counted

@@ -218,3 +218,62 @@ def test_the_readmes_script_runs_as_written_in_any_directory(tmp_path):
     study = optuna.load_study(study_name="script-shallow", storage=storage)
     assert len([t for t in study.trials if t.state.is_finished()]) == 8
     assert done.stdout.strip()  # the width, or that none learned f yet
+
+
+def test_the_contract_names_classes_that_exist():
+    """Every class the space contract names (`study.config.*`) exists."""
+    import importlib
+
+    named = set(re.findall(r"`(study\.config\.\w+)`", search_spaces.__doc__))
+    assert {"study.config.ImageCandidate", "study.config.BooleanCandidate"} <= named
+    for dotted in named:
+        module, _, name = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), dotted
+
+
+def readme_image_section() -> tuple[str, str, list[str]]:
+    """The README's image study of one's own: (file name, its code, the commands)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### An image study of your own", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    name = code.splitlines()[0].removeprefix("# ").strip()
+    lines = [line.split("  #", 1)[0].strip() for line in commands.splitlines() if line.strip()]
+    return name, code, lines
+
+
+@pytest.mark.slow
+def test_the_readmes_own_image_study_runs_as_written_and_in_notebook_02(tmp_path, monkeypatch):
+    """The README's image file and commands verbatim (on a small dataset of the same format),
+    then notebook 02 on its store: report, export, predictions, all from the stored study."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.conftest import write_fake_dataset
+
+    name, code, commands = readme_image_section()
+    (tmp_path / name).write_text(code)
+    data = write_fake_dataset(tmp_path / "data", train=10_300, test=100)
+    env = {**os.environ, "STUDY_DATA_DIR": str(data)}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "study"
+        done = cli(*argv[1:], cwd=tmp_path, env=env)
+        assert done.returncode == 0, (command, done.stderr)
+    summary = (tmp_path / "tiny-mlp" / "summary.md").read_text()
+    assert "One hidden layer on FashionMNIST: how wide, at which learning rate?" in summary
+    assert "width 16..128 (log), learning_rate 0.001..0.01 (log)" in summary
+    assert (tmp_path / "tiny-mlp" / "lr_vs_accuracy.png").is_file()
+    assert "Predicted: " in done.stdout
+    monkeypatch.setenv("STUDY_STORAGE", f"sqlite:///{tmp_path / 'tiny.db'}")
+    monkeypatch.setenv("STUDY_DATA_DIR", str(data))
+    notebooks = ROOT / "notebooks"
+    book = nbformat.read(notebooks / "02_fashion_mnist.ipynb", as_version=4)
+    NotebookClient(book, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(notebooks)}}).execute()  # fmt: skip
+    text = "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+        for cell in book.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+    )  # fmt: skip
+    assert "image studies in the store: ['tiny-mlp']" in text
+    assert "adamw" in text and 'tiny-mlp Predicted: "' in text
