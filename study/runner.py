@@ -241,6 +241,29 @@ def find_space(name: str, options: RunOptions) -> ModuleType:
         raise
 
 
+def _conflict(key: str, value: Any, stored: Any) -> str:
+    """A refused setting as the flag that gives it: `--max-epochs 60 (stored: 50)`, `--pruner
+    none (stored: target-unreachable)` for a Boolean study's prune, `--no-flip (stored:
+    --flip)`."""
+    if key == "prune":  # what `--pruner` sets for a Boolean study
+        value, stored = (
+            choices.DEFAULT_PRUNERS["boolean"] if v else "none" for v in (value, stored)
+        )
+        key = "pruner"
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+
+        def switch(v: Any) -> str:
+            return flag if v else "--no-" + flag[2:]
+
+        return f"{switch(value)} (stored: {switch(stored)})"
+
+    def shown(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
+
+    return f"{flag} {shown(value)} (stored: {shown(stored)})"
+
+
 def _stored_or_requested(
     space: ModuleType, study_name: str, storage: str, overrides: dict, run: dict
 ) -> tuple[Any, dict[str, str], optuna.storages.BaseStorage | None]:
@@ -269,11 +292,11 @@ def _stored_or_requested(
         )
     stored, stored_run = info.settings, choices.stored_run(study, kind)
     conflicts = [
-        f"{key}={getattr(requested, key)!r} (stored {getattr(stored, key)!r})"
+        _conflict(key, getattr(requested, key), getattr(stored, key))
         for key in sorted(overrides)
         if getattr(requested, key) != getattr(stored, key)
     ] + [
-        f"{key}={value!r} (stored {stored_run.get(key)!r})"
+        _conflict(key, value, stored_run.get(key))
         for key, value in sorted(run.items())
         if value is not None and value != stored_run.get(key)
     ]
@@ -425,7 +448,7 @@ def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna
         )
     if options.workers > 1 and options.trials > before:
         _run_workers(run, study, deadline)
-    else:
+    elif options.trials > before or _in_worker:
         _train_here(run, study, deadline, reserve or options.export)
     if finished_trials(study) > before and not _in_worker:  # the parent records for all
         _record_run(study, started, before, options)

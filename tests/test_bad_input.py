@@ -148,7 +148,7 @@ CASES = [
     (["list", "--storage", "postgresql://u:hunter2@127.0.0.1:abc/db"], "malformed URL"),
     (["run", "boolean-wide", "--trials", "2"], "unknown study 'boolean-wide'"),
     ([*RUN, "--trials", "2", "--function-seed", str(2**64)], "--function-seed: must be"),
-    ([*RUN, "--trials", "2", "--function-seed", "1"], "function_seed=1 (stored 0)"),
+    ([*RUN, "--trials", "2", "--function-seed", "1"], "--function-seed 1 (stored: 0)"),
     ([*RUN, "--trials", "2", "--target-loss", "0"], "--target-loss"),
     ([*RUN, "--trials", "2", "--target-loss", "nan"], "--target-loss"),
     ([*RUN, "--trials", "2", "--required-rate", "1.5"], "--required-rate"),

@@ -131,7 +131,7 @@ def test_resume_continues_to_the_total_and_keeps_finished_trials(tmp_path):
 
 def test_resume_with_other_fixed_settings_is_refused(tmp_path):
     tiny_study(tmp_path, trials=1)
-    with pytest.raises(ConfigError, match=r"function_seed=1 \(stored 0\)"):
+    with pytest.raises(ConfigError, match=r"--function-seed 1 \(stored: 0\)"):
         run_study(
             "boolean-shallow",
             trials=2,

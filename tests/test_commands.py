@@ -65,7 +65,7 @@ def test_a_sampler_is_stored_and_kept_on_resume(tmp_path, sampler):
     assert [r["sampler_seed"] for r in runs] == [0, 7]
     refused = cli("run", "boolean-shallow", "--trials", "5", "--storage", storage,
                   "--sampler", "tpe")  # fmt: skip
-    assert refused.returncode == 2 and f"sampler='tpe' (stored '{sampler}')" in refused.stderr
+    assert refused.returncode == 2 and f"--sampler tpe (stored: {sampler})" in refused.stderr
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images
     assert study.user_attrs["run"] == {"sampler": "tpe", "pruner": "median", "fidelity": "fixed"}
     refused = cli("run", "fashion-mlp", "--trials", "2", "--storage", storage, "--pruner",
                   "hyperband")  # fmt: skip
-    assert refused.returncode == 2 and "(stored 'median')" in refused.stderr
+    assert refused.returncode == 2 and "--pruner hyperband (stored: median)" in refused.stderr
 
 
 def test_any_stored_name_maps_to_one_directory_of_its_own_in_results_runs():
@@ -350,6 +350,10 @@ def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_pat
     ]
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
     assert len(study.trials) == 2
+    # without --quiet: that line, no progress bar of a run that trains nothing
+    shown = cli("run", "boolean-shallow", "--trials", "1", "--storage", storage, *TINY_ARGS)
+    assert shown.returncode == 0 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "nothing to train" in shown.stderr
 
 
 def test_a_bar_with_a_time_budget_shows_the_budget_left_not_a_trial_estimate(tmp_path):

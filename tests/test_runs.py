@@ -147,7 +147,13 @@ def test_resume_needs_no_flags_and_a_contradicting_flag_is_refused(tmp_path):
     same = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, "--seeds", "1")
     assert same.returncode == 0, same.stderr
     refused = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--seeds", "2")
-    assert refused.returncode == 2 and "seeds=2 (stored 1)" in refused.stderr
+    assert refused.returncode == 2 and "--seeds 2 (stored: 1)" in refused.stderr
+    # a refusal names the flag the user typed, never an internal field
+    refused = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--pruner",
+                  "none")  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "--pruner none (stored: target-unreachable)" in refused.stderr
+    assert "prune=" not in refused.stderr
     assert len(optuna.load_study(study_name="boolean-shallow", storage=storage).trials) == 3
     # the Python API the same way
     resumed = run_study("boolean-shallow", trials=4, storage=storage, device="cpu",

@@ -363,3 +363,28 @@ def test_the_readme_layout_names_every_module_of_the_package():
     named = set(re.findall(r"[a-z_]+", layout))
     modules = {p.stem for p in (root / "study").glob("*.py") if p.stem != "__init__"}
     assert modules - named == set(), "not in the README's layout"
+
+
+def test_the_help_of_study_run_states_the_defaults_the_code_applies():
+    """The sampler, pruner and fidelity defaults `study run --help` states (each field's
+    docstring) are those the code applies, and every choice is listed."""
+    import re
+
+    from study import choices, runner
+    from study.config import RunOptions, field_docs
+
+    docs = field_docs(RunOptions)
+    assert re.search(r"(\w+) \(the default\)", docs["sampler"]).group(1) == choices.DEFAULT_SAMPLER
+    image, boolean = docs["pruner"].split("Boolean studies:")
+    for kind, text in (("image", image), ("boolean", boolean)):
+        stated = re.search(r"([\w-]+) \(default\)", text).group(1)
+        assert stated == choices.DEFAULT_PRUNERS[kind], kind
+        assert all(p in text for p in choices.pruners_for(kind)), kind
+    assert all(s in docs["sampler"] for s in choices.SAMPLERS)
+    # fidelity: plan with --timeout, fixed without, as runner._fidelity chooses
+    assert "plan (the default with --timeout" in docs["fidelity"]
+    assert "the default without --timeout" in docs["fidelity"].split("fixed", 1)[1]
+    for timeout, expected in ((60.0, "plan"), (None, "fixed")):
+        chosen: dict = {"pruner": choices.DEFAULT_PRUNERS["image"]}
+        runner._fidelity(chosen, RunOptions(trials=1, timeout=timeout), "s")
+        assert chosen["fidelity"] == expected
