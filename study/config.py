@@ -663,7 +663,9 @@ class RunOptions(Settings):
     data_dir: str | None = None
     """Image studies: the directory with the IDX files."""
     quiet: bool = False
-    """No progress bar."""
+    """No progress: no bar on a terminal, no line per finished trial elsewhere."""
+    verbose: bool = False
+    """Optuna's own log lines too (each trial's start and result, the sampler's notes)."""
     export: bool = False
     """Image studies: then export the best configuration (`study export`); with a timeout the
     budget covers both: no trial starts once the time left is what exporting the best trial so
@@ -699,6 +701,7 @@ class RunOptions(Settings):
         optional("threads", 1, MAX_THREADS)
         need(isinstance(self.device, str), "device", "must be a device name")
         need(isinstance(self.quiet, bool), "quiet", "must be true or false")
+        need(isinstance(self.verbose, bool), "verbose", "must be true or false")
         need(isinstance(self.export, bool), "export", "must be true or false")
         need(self.export_dir is None or isinstance(self.export_dir, str), "export_dir",
              "must be a directory")  # fmt: skip

@@ -371,7 +371,9 @@ def _open(run: _Run) -> optuna.Study:
     """Create or load the study and bind it to its space, settings and run choices; a new image
     study starts from its space's known-good baseline (Optuna's enqueue)."""
     rdb = run.found.get("storage") or open_storage(run.options.storage, create=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(
+        optuna.logging.INFO if run.options.verbose else optuna.logging.WARNING
+    )
     study = optuna.create_study(
         storage=rdb,
         study_name=run.study_name,
@@ -707,6 +709,8 @@ def _rounds(
         if bar is not None:
             bar.update(sum(trial.state in FINISHED for trial in done))
             _show(bar, _best_text(study))
+            if isinstance(bar, _Lines):
+                bar.say(done)
         fruitless = 0 if finished_trials(study) > before else fruitless + 1
         if fruitless >= total:
             return  # every claim failed (e.g. every trial diverges): no progress
@@ -856,9 +860,67 @@ BUDGET_BAR = "{desc}: {n_fmt}/{total_fmt} trials [{elapsed}{postfix}]"
 shows the time used and (`_show`) the budget left, never an estimate from the trial rate."""
 
 
+class _Lines:
+    """The progress of a run whose output is no terminal (a log file, `| tee`, `nohup`): one
+    line per finished trial (number, state, value, its parameters, the best so far, seconds),
+    no carriage returns. The same calls as the bar's."""
+
+    def __init__(self, study: optuna.Study, deadline: float | None) -> None:
+        self.study, self.deadline = study, deadline
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        self.n = len(self.seen)
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def refresh(self) -> None:
+        """Lines for trials other processes finished (the parent of workers)."""
+        if finished_trials(self.study) > len(self.seen):
+            self.say(self.study.get_trials(deepcopy=False, states=FINISHED))
+
+    close = refresh
+
+    def say(self, trials) -> None:
+        for t in trials:
+            if t.state in FINISHED and t.number not in self.seen:
+                self.seen.add(t.number)
+                print(_trial_line(self.study, t), file=sys.stderr, flush=True)
+
+    @staticmethod
+    def format_interval(seconds: float) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_interval(seconds)
+
+
+def _trial_line(study: optuna.Study, trial) -> str:
+    """`fashion-mlp: trial 12 complete: 0.9012 (width=65, learning_rate=0.0019); best
+    validation accuracy: 0.9100; 12.3 s`."""
+
+    def shown(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    params = ", ".join(f"{k}={shown(v)}" for k, v in trial.params.items())
+    value = "" if trial.value is None else f": {shown(trial.value)}"
+    reason = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason")
+    seconds = trial.duration.total_seconds() if trial.duration else None
+    return (
+        f"{study.study_name}: trial {trial.number} {trial.state.name.lower()}{value}"
+        + (f" ({params})" if params else "")
+        + (f" [{reason}]" if trial.state == TrialState.FAIL and reason else "")
+        + f"; {_best_text(study)}"
+        + ("" if seconds is None else f"; {seconds:.1f} s")
+    )
+
+
 def _progress_bar(study: optuna.Study, total: int, enabled: bool, deadline: float | None = None):
     if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return _Lines(study, deadline)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=finished_trials(study), desc=study.study_name, unit="trial",

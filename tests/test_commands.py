@@ -333,6 +333,9 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert done.stderr == "" and done.returncode == 141, done.stderr
 
 
+LOUD_ARGS = [a for a in TINY_ARGS if a != "--quiet"]
+
+
 def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_path):
     """--trials is the study's total: a run that asks for no more than is finished trains
     nothing and says so in one line, with the flag that would add that many."""
@@ -351,7 +354,7 @@ def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_pat
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
     assert len(study.trials) == 2
     # without --quiet: that line, no progress bar of a run that trains nothing
-    shown = cli("run", "boolean-shallow", "--trials", "1", "--storage", storage, *TINY_ARGS)
+    shown = cli("run", "boolean-shallow", "--trials", "1", "--storage", storage, *LOUD_ARGS)
     assert shown.returncode == 0 and shown.stderr.count("\n") == 1, shown.stderr
     assert "nothing to train" in shown.stderr
 
@@ -375,3 +378,25 @@ def test_a_bar_with_a_time_budget_shows_the_budget_left_not_a_trial_estimate(tmp
     assert "<" in str(plain) and "budget" not in str(plain)  # no budget: tqdm's own estimate
     budget.close()
     plain.close()
+
+
+def test_a_log_gets_one_line_per_finished_trial_and_verbose_adds_optunas(tmp_path):
+    """Output that is no terminal (a log file, a pipe) gets one readable line per finished
+    trial (number, state, parameters, the best so far, seconds), no carriage returns;
+    --verbose adds Optuna's own log lines, --quiet drops the trial lines."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    done = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, *LOUD_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if ": trial " in line]
+    assert [line.split(": trial ")[1].split()[0] for line in lines] == ["0", "1", "2"]
+    for line in lines:
+        assert line.startswith("boolean-shallow: trial ") and "width=" in line
+        assert line.endswith(" s") and ("none yet" in line or "best feasible" in line)
+    verbose = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--verbose",
+                  *LOUD_ARGS)  # fmt: skip
+    assert verbose.returncode == 0 and "[I " in verbose.stderr, verbose.stderr
+    assert "boolean-shallow: trial 3 " in verbose.stderr
+    quiet = cli("run", "boolean-shallow", "--trials", "5", "--storage", storage, "--quiet",
+                *TINY_ARGS)  # fmt: skip
+    assert quiet.returncode == 0 and ": trial " not in quiet.stderr, quiet.stderr
