@@ -569,7 +569,7 @@ def cmd_records_run(args: argparse.Namespace) -> None:
         found = search(
             args.storage, storage, cells, args.budget, answers, args.seeds_per_width,
             args.recipes, args.threads or os.cpu_count() or 1, Path(args.out), _command_line(),
-            log, args.widths,
+            log, args.widths, args.below,
         )  # fmt: skip
     for (f, d), path in found.items():
         print(f"function seed {f}, depth {d}: " + (f"record {path}" if path else "no record"))
@@ -827,6 +827,9 @@ def _add_records(sub) -> None:
     run.add_argument("--widths", type=_bounded_int(1, 1024),
                      help="at most this many widths below the stated one (default: down "
                      "to the first width whose seeds all fail)")  # fmt: skip
+    run.add_argument("--below", type=_bounded_int(2, 4096), metavar="N",
+                     help="start below N neurons instead of the stated width (e.g. below a "
+                     "record of a shorter budget)")  # fmt: skip
     run.add_argument("--recipes", type=_bounded_int(1, 8), default=2,
                      help="the cell's best recipes tried, each on every seed (2)")  # fmt: skip
     run.add_argument("--answers", default="results/answers.json",

@@ -209,8 +209,10 @@ def search(
     command: str,
     log: Log,
     widths: int | None = None,
+    below: int | None = None,
 ) -> dict[tuple[int, int], Path | None]:
-    """Search records below the stated width of each (function seed, depth) of `cells`."""
+    """Search records below the stated width of each (function seed, depth) of `cells` (or
+    below `below` neurons, e.g. a record found at a shorter budget)."""
     found: dict[tuple[int, int], Path | None] = {}
     for function_seed, depth in cells:
         known = stated_and_recipes(answers, function_seed, depth, budget)
@@ -219,6 +221,7 @@ def search(
                 "recipes at or below this budget; skipped")  # fmt: skip
             continue
         stated, ranked = known
+        stated = stated if below is None else below
         run = RecordRun(url, storage, FrontierCell(function_seed, depth, budget), threads, log)
         found[(function_seed, depth)] = search_cell(
             run, stated, ranked[:recipes], seeds_per_width, directory, command, widths

@@ -40,7 +40,7 @@ def test_the_truth_table_is_torchs(bits, seed):
     assert np.array_equal(targets, fn.targets.numpy())
 
 
-def _search(tmp_path, stated, widths, answers=None):
+def _search(tmp_path, stated, widths, answers=None, below=None):
     answers = answers or [
         {"function_seed": 0, "depth": 1, "budget_epochs": 2000, "neurons": stated,
          "recipe_ranking": [{"recipe": RECIPE}]},
@@ -49,7 +49,7 @@ def _search(tmp_path, stated, widths, answers=None):
     lines: list[str] = []
     found = record_search.search(
         url, open_storage(url, create=True), [(0, 1)], 2000, answers, 4, 1, 1,
-        tmp_path / "records", "study records run (test)", lines.append, widths,
+        tmp_path / "records", "study records run (test)", lines.append, widths, below,
     )  # fmt: skip
     return url, found, lines
 
@@ -96,7 +96,7 @@ def test_a_search_keeps_a_record_that_verifies_and_resumes(tmp_path, small_block
 
 
 def test_a_width_whose_seeds_all_fail_ends_the_search(tmp_path, small_blocks):
-    _, found, lines = _search(tmp_path, stated=3, widths=2)
+    _, found, lines = _search(tmp_path, stated=81, widths=2, below=3)  # starts below 3
     assert found[(0, 1)] is None
     assert any("2 neurons, block 0: learned [0]" in line for line in lines)
     assert not any("1 neurons" in line for line in lines)  # it stopped at the failing width
