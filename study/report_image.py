@@ -14,7 +14,6 @@ import matplotlib.dates as mdates
 import numpy as np
 import optuna
 import pandas as pd
-from matplotlib.ticker import NullFormatter
 
 from study import choices
 from study.config import IMAGE_DATASETS, ImageCandidate, ImageSettings
@@ -34,6 +33,7 @@ from study.tables import (
     figure_links,
     markdown_table,
     outside_legend,
+    readable_log_axis,
     searched,
     whole_numbers,
 )
@@ -113,8 +113,7 @@ def _accuracy_against(
         if len(pruned):
             ax.scatter(pruned[x], pruned["val_accuracy"], marker="x", s=30, color="tab:gray",
                        label="pruned")  # fmt: skip
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a log axis
+        readable_log_axis(ax.xaxis, done[x])
         ax.set_ylim(bottom=floor)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy (last epoch)")
@@ -140,7 +139,7 @@ def _accuracy_vs_cost(done: pd.DataFrame, floor: float, path: Path) -> Path:
     base = full[full["baseline"] == True] if "baseline" in full else full.iloc[:0]  # noqa: E712
     with figure(path, 1, 2, figsize=(11, 4.2), sharey=True) as (_, axes):
         for ax, column, label in (
-            (axes[0], "seconds_per_epoch", "seconds per epoch (this machine)"),
+            (axes[0], "seconds_per_epoch", "seconds per epoch (this machine, log scale)"),
             (axes[1], "parameters", "trainable parameters (log scale)"),
         ):
             ax.scatter(full[column], full["val_accuracy"], s=30, color="tab:blue",
@@ -151,8 +150,7 @@ def _accuracy_vs_cost(done: pd.DataFrame, floor: float, path: Path) -> Path:
             if len(base):
                 ax.scatter(base[column], base["val_accuracy"], s=90, marker="*",
                            color="crimson", label="baseline")  # fmt: skip
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            readable_log_axis(ax.xaxis, full[column])
             ax.set_xlabel(label)
         axes[0].set_ylim(bottom=floor)
         axes[0].set_ylabel("validation accuracy (last epoch)")
@@ -226,9 +224,16 @@ def _train_vs_validation(done: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+IMPORTANCE_TRIALS = 30
+"""Below this many complete trials the importances are drawn with a caveat: with few trials
+per parameter they rank noise as much as effect."""
+
+
 def _importances(study: optuna.Study, done: pd.DataFrame, path: Path) -> Path | None:
-    """PED-ANOVA importances, from 4 complete trials on (None before)."""
-    if int((done["state"] == "COMPLETE").sum()) < 4:
+    """PED-ANOVA importances, from 4 complete trials on (None before), titled with the trial
+    count and, below `IMPORTANCE_TRIALS`, a caveat."""
+    complete = int((done["state"] == "COMPLETE").sum())
+    if complete < 4:
         return None
     with warnings.catch_warnings():  # "few trials per regime": true, and said in the docs
         warnings.simplefilter("ignore")
@@ -237,8 +242,25 @@ def _importances(study: optuna.Study, done: pd.DataFrame, path: Path) -> Path | 
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="tab:blue")
         ax.set_xlabel("importance (share of explained variance, PED-ANOVA)")
-        ax.set_title("Parameter importances for validation accuracy")
+        ax.set_title(f"Parameter importances for validation accuracy ({complete} complete "
+                     f"trials, {len(importances)} parameters)")  # fmt: skip
+        if complete < IMPORTANCE_TRIALS:
+            ax.text(0.98, 0.02, f"few trials (under {IMPORTANCE_TRIALS}): a rough guide only",
+                    transform=ax.transAxes, ha="right", va="bottom", color="crimson")  # fmt: skip
     return path
+
+
+def _timeline_label(state: str, rows: pd.DataFrame, waiting: int) -> str:
+    """A state's legend entry; failed trials say their most common reason and how many copies
+    wait re-queued (a re-queued trial has not started: it has no bar of its own)."""
+    if state != "FAIL":
+        return f"{state.lower()} ({len(rows)})"
+    reasons = rows["fail_reason"].dropna() if "fail_reason" in rows else pd.Series(dtype=str)
+    text = f"fail ({len(rows)})"
+    if len(reasons):
+        reason = str(reasons.mode().iloc[0])
+        text += ": " + (reason if len(reason) <= 40 else reason[:39] + "...")
+    return text + (f"; {waiting} re-queued, not started" if waiting else "")
 
 
 TIMELINE_COLORS = {
@@ -254,6 +276,7 @@ def _timeline(frame: pd.DataFrame, path: Path) -> Path:
     states that occur."""
     timed = frame.dropna(subset=["datetime_start"]).sort_values("number")
     now = pd.Timestamp.now()
+    waiting = int((frame["state"] == "WAITING").sum()) if len(frame) else 0
     with figure(path, figsize=(8, max(3.0, 0.18 * len(timed) + 1.5))) as (_, ax):
         for state, rows in timed.groupby("state"):
             ends = rows["datetime_complete"].fillna(now)
@@ -263,7 +286,7 @@ def _timeline(frame: pd.DataFrame, path: Path) -> Path:
                 left=mdates.date2num(rows["datetime_start"]),
                 height=0.7,
                 color=TIMELINE_COLORS.get(state, "tab:gray"),
-                label=state.lower(),
+                label=_timeline_label(state, rows, waiting),
             )
         ax.xaxis_date()
         locator = mdates.AutoDateLocator(minticks=3, maxticks=7)  # seconds to days, no repeats

@@ -104,7 +104,13 @@ def whole_numbers(axis) -> None:
     such (never "167.5"), on a linear or a log axis; call after the axis's scale is set."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    if axis.get_scale() == "log":
+    low, high = sorted(axis.get_view_interval())
+    if axis.get_scale() == "log" and low > 0 and high / low < 10:
+        # inside a decade 1-2-5 may leave no tick at all: whole numbers, evenly spaced
+        axis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
+        axis.set_minor_formatter(NullFormatter())
+    elif axis.get_scale() == "log":
         axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(
             FuncFormatter(lambda v, _: f"{v:.0f}" if v >= 1 and abs(v - round(v)) < 1e-6 else "")
@@ -121,6 +127,28 @@ def whole_numbers(axis) -> None:
             middle = round((low + high) / 2)
             set_(middle - 1, middle + 1)
         axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def readable_log_axis(axis, values) -> None:
+    """A log axis with labelled ticks whatever the data's span (inside one decade a log axis
+    has no major tick, hence no label): ticks at 1, 1.5, 2, 3, 5, 7 x 10^k when the data span
+    less than a decade, 1-2-5 up to three decades, powers of ten beyond; plain labels; limits
+    fitted to the data with a small margin (no empty decades)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    data = [float(v) for v in values if v is not None and float(v) > 0]
+    (axis.axes.set_xscale if axis.axis_name == "x" else axis.axes.set_yscale)("log")
+    subs: tuple[float, ...] = (1.0, 2.0, 5.0)
+    if data:
+        low, high = min(data) / 1.25, max(data) * 1.25
+        (axis.axes.set_xlim if axis.axis_name == "x" else axis.axes.set_ylim)(low, high)
+        decades = math.log10(high / low)
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.2 else subs if decades < 3 else (1.0,)
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def empty_note(ax, text: str) -> None:
