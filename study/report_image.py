@@ -152,7 +152,10 @@ def _accuracy_vs_cost(done: pd.DataFrame, floor: float, path: Path) -> Path:
                            color="crimson", label="baseline")  # fmt: skip
             readable_log_axis(ax.xaxis, full[column])
             ax.set_xlabel(label)
-        axes[0].set_ylim(bottom=floor)
+        if len(full):  # fitted to the points drawn (complete trials), not to pruned ones
+            low, high = float(full["val_accuracy"].min()), float(full["val_accuracy"].max())
+            margin = max(0.1 * (high - low), 0.002)
+            axes[0].set_ylim(low - margin, high + margin)
         axes[0].set_ylabel("validation accuracy (last epoch)")
         axes[0].set_title("Accuracy against time")
         axes[1].set_title("Accuracy against size")
@@ -256,11 +259,13 @@ def _timeline_label(state: str, rows: pd.DataFrame, waiting: int) -> str:
     if state != "FAIL":
         return f"{state.lower()} ({len(rows)})"
     reasons = rows["fail_reason"].dropna() if "fail_reason" in rows else pd.Series(dtype=str)
+    import textwrap
+
     text = f"fail ({len(rows)})"
     if len(reasons):
-        reason = str(reasons.mode().iloc[0])
-        text += ": " + (reason if len(reason) <= 40 else reason[:39] + "...")
-    return text + (f"; {waiting} re-queued, not started" if waiting else "")
+        text += ": " + textwrap.shorten(str(reasons.mode().iloc[0]), 60, placeholder="...")
+    text += f"; {waiting} re-queued, not started" if waiting else ""
+    return "\n".join(textwrap.wrap(text, 32))  # a legend beside the plot stays narrow
 
 
 TIMELINE_COLORS = {

@@ -129,6 +129,15 @@ def whole_numbers(axis) -> None:
         axis.set_major_locator(MaxNLocator(integer=True))
 
 
+def short_number(value: float) -> str:
+    """A tick label that stays short: 0.002, 20, 5000, 50k, 1.5M."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:g}M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
+
+
 def readable_log_axis(axis, values) -> None:
     """A log axis with labelled ticks whatever the data's span (inside one decade a log axis
     has no major tick, hence no label): ticks at 1, 1.5, 2, 3, 5, 7 x 10^k when the data span
@@ -145,9 +154,9 @@ def readable_log_axis(axis, values) -> None:
         low, high = min(data) / 1.25, max(data) * 1.25
         (axis.axes.set_xlim if axis.axis_name == "x" else axis.axes.set_ylim)(low, high)
         decades = math.log10(high / low)
-        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1.2 else subs if decades < 3 else (1.0,)
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 0.8 else subs if decades < 3 else (1.0,)
     axis.set_major_locator(LogLocator(subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: short_number(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
