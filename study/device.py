@@ -153,6 +153,37 @@ def limit_threads_for_tiny_models(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes this process can still use on `device`, and what bounds them: the GPU's free
+    memory; on the CPU the least of the system's available memory (/proc/meminfo) and what
+    the address-space limit (`ulimit -v`) leaves."""
+    if device.type == _CUDA:
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {describe(device)}"
+    import resource
+
+    found = [(2**63, "no known limit")]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "the machine's available memory"))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmSize:"):
+                        used = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        found.append((max(0, soft - used), f"the address-space limit (ulimit -v {soft // 1024})"))
+    return min(found)
+
+
 def describe(device: torch.device) -> str:
     """A short human-readable name, stored with every trial ("cpu", "cuda:0 (NVIDIA H200)")."""
     if device.type == _CUDA:

@@ -91,6 +91,20 @@ MAX_GROUP_SEARCH = 256
 """Longest run of members the grouping considers as one group (bounds the planning time)."""
 
 
+def memory_needed(settings, members: int, device: torch.device, threads: int = 1) -> int:
+    """Bytes `members` networks of a Boolean study's largest shape need at once: each one's
+    parameters, gradient and Adam moments, and a history of 16 bytes per epoch; plus the
+    activations of the whole truth table (per thread on the CPU's native kernel, per member
+    with the batched torch engine). An upper bound to check before anything is claimed."""
+    rows = 2**settings.input_bits
+    profile = [settings.max_width] * settings.max_layers
+    params = mlp_parameters(settings.input_bits, profile, settings.output_bits)
+    state = members * (4 * 4 * params + 16 * settings.max_epochs)
+    units = sum(profile) + settings.output_bits
+    at_once = threads if device.type == "cpu" else members
+    return state + 3 * 4 * rows * units * at_once
+
+
 def plan_groups(members: Sequence[Member], fn: BooleanFunction) -> list[list[int]]:
     """Split members into groups that can train together, at least total cost.
 

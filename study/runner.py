@@ -195,6 +195,8 @@ def _resolve(
         chosen["pruner"] = "target-unreachable" if fixed.prune else "none"
     if image:
         _fidelity(chosen, options, study_name)
+    else:
+        _check_memory(fixed, options)
     if space.KIND == "image":
         from study.data import check_image_files
 
@@ -203,6 +205,30 @@ def _resolve(
     return _Run(
         name, options, study_name, fixed, chosen, search_spaces.source_of(space), found=found
     )
+
+
+def _check_memory(fixed: BooleanSettings, options: RunOptions) -> None:
+    """Refuse, in one line and before anything is claimed, a Boolean run whose networks at
+    once (a population: --population trials x --seeds; else one network) cannot fit."""
+    from study.population import memory_needed
+
+    device = dev.resolve_device(options.device)
+    members = (options.population or 1) * (fixed.seeds if options.population else 1)
+    threads = options.threads or os.cpu_count() or 1
+    needed = memory_needed(fixed, members, device, threads)
+    available, bound = dev.available_memory(device)
+    if needed > 0.9 * available:
+        what = (
+            f"--population {options.population} x --seeds {fixed.seeds} = {members:,} networks"
+            if options.population
+            else "one network"
+        )
+        raise ConfigError(
+            f"memory: {what} of up to {fixed.max_layers} x {fixed.max_width} hidden units on "
+            f"{2**fixed.input_bits:,} rows need about {needed / 2**30:,.1f} GiB; "
+            f"{available / 2**30:,.1f} GiB is left ({bound}): use a smaller --population, "
+            "--seeds, --max-width or --input-bits"
+        )
 
 
 def _fidelity(chosen: dict, options: RunOptions, study_name: str) -> None:

@@ -396,3 +396,46 @@ def test_delete_with_stdin_closed_asks_for_yes_in_one_line(world):
     assert done.stderr.strip().splitlines() == [
         "study: error: delete: 'boolean-shallow' has 2 trials; add --yes to delete"
     ]
+
+
+@pytest.mark.parametrize("limit", [None, 8_000_000])
+def test_a_population_that_cannot_fit_is_refused_before_anything_is_claimed(tmp_path, limit):
+    """Networks that cannot fit in memory (available memory, or `ulimit -v`) are refused in one
+    line naming the flags, before a store is made or a trial claimed."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited():
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit * 1024, limit * 1024))
+
+    store = tmp_path / "h.db"
+    argv = [
+        "run",
+        "boolean-shallow",
+        "--trials",
+        "64",
+        "--storage",
+        f"sqlite:///{store}",
+        "--population",
+        "64",
+        "--seeds",
+        "100",
+        "--max-width",
+        "4096",
+        "--input-bits",
+        "14",
+    ]
+    if limit is None:  # beyond any machine's memory
+        argv[argv.index("--seeds") + 1] = "10000"
+        argv[argv.index("--max-width") + 1] = "65536"
+        argv[argv.index("--input-bits") + 1] = "16"
+    done = subprocess.run([sys.executable, "-m", "study.cli", *argv], capture_output=True,
+                          text=True, preexec_fn=limited, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("study: error: memory: ")
+    assert "--population" in done.stderr and "GiB" in done.stderr
+    if limit is not None:
+        assert "ulimit -v" in done.stderr
+    assert not store.exists()
