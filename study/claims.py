@@ -305,16 +305,26 @@ def fail_many(
     return failed
 
 
+ENQUEUED_ATTRS = ("baseline", "rung", "promoted_from")
+"""User attributes set when a trial is enqueued, which say what it runs (the space's baseline;
+a planned study's rung and the trial it was promoted from): a re-queued copy keeps these and
+nothing else of the failed attempt."""
+
+
 def _retries(callback, trial: FrozenTrial) -> list[FrozenTrial]:
     """The WAITING copies `callback` makes of the failed `trial`: none without a callback, or
     for a trial that never had parameters (claimed, never sampled: the next run samples anew).
-    A copy does not inherit the failed trial's reason."""
+    A copy starts clean: its parameters and `ENQUEUED_ATTRS` only; the failed attempt keeps its
+    history and its reason where they are (Optuna links the two: `failed_trial`)."""
     if callback is None or not (trial.params or "fixed_params" in trial.system_attrs):
         return []
     failed = copy.deepcopy(trial)
     failed.state = TrialState.FAIL
     collected: list[FrozenTrial] = []
     callback(_Collect(collected), failed)
+    for retry in collected:
+        retry.user_attrs = {k: v for k, v in retry.user_attrs.items() if k in ENQUEUED_ATTRS}
+        retry.intermediate_values = {}
     return collected
 
 
@@ -340,7 +350,6 @@ def _fail_one(study: optuna.Study, trial_id: int, reason: str, callback) -> int:
         return 0
     trial = storage.get_trial(trial_id)
     for retry in _retries(callback, trial):
-        retry.user_attrs.pop("fail_reason", None)
         storage.create_new_trial(rdb.study_id(study), template_trial=retry)
     return 1
 

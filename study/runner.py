@@ -476,7 +476,7 @@ def _execute(run: _Run, deadline: float | None, reserve: bool = False) -> optuna
         )
     if options.workers > 1 and options.trials > before:
         _run_workers(run, study, deadline)
-    elif options.trials > before or _in_worker:
+    else:  # also with nothing to train: it fails what dead processes left RUNNING
         _train_here(run, study, deadline, reserve or options.export)
     if finished_trials(study) > before and not _in_worker:  # the parent records for all
         _record_run(study, started, before, options)
@@ -886,6 +886,11 @@ BUDGET_BAR = "{desc}: {n_fmt}/{total_fmt} trials [{elapsed}{postfix}]"
 shows the time used and (`_show`) the budget left, never an estimate from the trial rate."""
 
 
+PROGRESS_VARIABLE = "STUDY_PROGRESS"
+"""bar or lines: the progress of a run, whatever its output is (default: a bar on a terminal,
+a line per finished trial elsewhere)."""
+
+
 class _Lines:
     """The progress of a run whose output is no terminal (a log file, `| tee`, `nohup`): one
     line per finished trial (number, state, value, its parameters, the best so far, seconds),
@@ -943,9 +948,10 @@ def _trial_line(study: optuna.Study, trial) -> str:
 
 
 def _progress_bar(study: optuna.Study, total: int, enabled: bool, deadline: float | None = None):
-    if not enabled:
+    if not enabled or finished_trials(study) >= total:  # nothing to train: no bar
         return None
-    if not sys.stderr.isatty():
+    mode = os.environ.get(PROGRESS_VARIABLE) or ("bar" if sys.stderr.isatty() else "lines")
+    if mode == "lines":
         return _Lines(study, deadline)
     from tqdm.auto import tqdm
 

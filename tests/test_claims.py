@@ -119,7 +119,8 @@ def test_reaping_many_dead_trials_is_a_few_transactions(new_study, backend, monk
     sampled = asked[:5]
     for i, trial in enumerate(sampled):
         trial.suggest_int("x", 0, 9)
-        trial.set_user_attr("note", i)
+        trial.set_user_attr("history", [i])  # the attempt's own: stays with the failed trial
+        trial.set_user_attr("rung", i)  # what the trial was enqueued to run: goes with it
     transactions = count_transactions(monkeypatch)
     assert claims.reap(study) == 600
     assert len(transactions) == 3
@@ -130,10 +131,12 @@ def test_reaping_many_dead_trials_is_a_few_transactions(new_study, backend, monk
     assert {t.user_attrs["fail_reason"] for t in failed} == {
         claims.DEAD_PROCESS.format(owner=claims.describe_owner(gone))
     }
-    # only trials that had parameters are re-queued, with them, without the old reason
+    # only trials that had parameters are re-queued, clean: their parameters and what they
+    # were enqueued to run, not the old attempt's history or reason (which stay with it)
     assert [(t.params, t.user_attrs) for t in waiting] == [
-        (t.params, {"note": i}) for i, t in enumerate(sampled)
+        (t.params, {"rung": i}) for i, t in enumerate(sampled)
     ]
+    assert [t.user_attrs["history"] for t in failed[:5]] == [[i] for i in range(5)]
     assert [t.system_attrs["failed_trial"] for t in waiting] == [t.number for t in sampled]
     assert claims.reap(study) == 0
     # the re-queued ones are claimed first by the next run, now owned by it
@@ -304,3 +307,9 @@ def test_a_lock_path_that_is_no_regular_file_is_refused_and_a_held_lock_says_so(
         holder.wait()
     with file_lock(held):  # its holder gone, the lock is had (else: an error after 1 s)
         pass
+
+
+def test_a_requeued_copy_keeps_what_every_enqueuer_sets():
+    from study import plan
+
+    assert {plan.RUNG_ATTR, plan.PROMOTED_FROM_ATTR, "baseline"} <= set(claims.ENQUEUED_ATTRS)

@@ -199,7 +199,7 @@ def test_delete_removes_the_files_stored_with_the_study_only(tmp_path):
 
 def _progress_of(*args: str) -> str:
     """stderr of a `study` command with its progress bar on (as in a wide terminal)."""
-    wide = {**os.environ, "COLUMNS": "200"}
+    wide = {**os.environ, "COLUMNS": "200", "STUDY_PROGRESS": "bar"}
     command = [sys.executable, "-m", "study.cli", *args]
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True, env=wide, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -359,10 +359,14 @@ def test_trials_at_or_below_the_stored_total_say_that_nothing_is_trained(tmp_pat
     assert "nothing to train" in shown.stderr
 
 
-def test_a_bar_with_a_time_budget_shows_the_budget_left_not_a_trial_estimate(tmp_path):
+def test_a_bar_with_a_time_budget_shows_the_budget_left_not_a_trial_estimate(
+    tmp_path, monkeypatch
+):
     """`--timeout 3600 --trials 1000`: the trial count is a ceiling; an estimate from the trial
     rate would say 121 hours. The bar shows the time used and the budget left."""
     from study import runner
+
+    monkeypatch.setenv(runner.PROGRESS_VARIABLE, "bar")  # as on a terminal
 
     study = optuna.create_study(
         storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="b", direction="maximize"
