@@ -89,6 +89,7 @@ def test_list_does_not_load_the_trials(tmp_path, monkeypatch):
         ["best", "fashion-cnn", "--storage", "sqlite:///results/reference.db"],
         ["--help"],
         ["frontier", "report", "--storage", "sqlite:///results/frontier.db", "--out", "{tmp}"],
+        ["verify"],  # every committed record (results/records)
     ],
 )
 def test_commands_that_only_read_import_no_torch(tmp_path, argv):

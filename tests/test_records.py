@@ -246,3 +246,24 @@ def test_records_prune_command(tmp_path, capsys):
     assert "f0-d1-8.json: pruned to" in out
     assert main(["records", "prune", str(tmp_path / "nope.json")]) == 2
     assert "not a readable record" in capsys.readouterr().err
+
+
+def test_the_committed_records_verify_and_the_readme_states_the_smallest():
+    """Every record in results/records holds (`study verify`), and the README's record
+    sentence names the smallest plain record of each depth of function seed 0."""
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    directory = root / "results" / "records"
+    paths = sorted(directory.glob("*.json"))
+    assert paths, "no committed record"
+    for path in paths:
+        assert records.verify(path).holds, path
+    readme = " ".join((root / "README.md").read_text().split())
+    best = records.smallest(directory)
+    for depth, name in ((1, "w_1"), (2, "w_2")):
+        record = best[(0, depth, records.PLAIN)]
+        profile = "-".join(map(str, record["hidden_layer_profile"]))
+        stated = f"{name} record = {record['neurons']} ({profile}) at {record['budget_epochs']:,}"
+        assert stated in readme, stated
+        assert Path(record["file"]).name in readme
