@@ -305,10 +305,11 @@ def fail_many(
     return failed
 
 
-ENQUEUED_ATTRS = ("baseline", "rung", "promoted_from")
-"""User attributes set when a trial is enqueued, which say what it runs (the space's baseline;
-a planned study's rung and the trial it was promoted from): a re-queued copy keeps these and
-nothing else of the failed attempt."""
+ENQUEUED_ATTRS = ("baseline", "rung", "promoted_from", "checkpoint")
+"""User attributes that say what a trial runs (the space's baseline; a planned study's rung and
+the trial it was promoted from; the checkpoint a trial stopped by the time budget goes on
+from, `study.checkpoints`): a re-queued copy keeps these and nothing else of the failed
+attempt."""
 
 
 def _retries(callback, trial: FrozenTrial) -> list[FrozenTrial]:

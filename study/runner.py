@@ -908,8 +908,9 @@ class _Lines:
         pass
 
     def refresh(self) -> None:
-        """Lines for trials other processes finished (the parent of workers)."""
-        if finished_trials(self.study) > len(self.seen):
+        """Lines for trials other processes finished (the parent of workers, which has just
+        set `n` from the store: no read more)."""
+        if self.n > len(self.seen):
             self.say(self.study.get_trials(deepcopy=False, states=FINISHED))
 
     close = refresh
@@ -948,14 +949,15 @@ def _trial_line(study: optuna.Study, trial) -> str:
 
 
 def _progress_bar(study: optuna.Study, total: int, enabled: bool, deadline: float | None = None):
-    if not enabled or finished_trials(study) >= total:  # nothing to train: no bar
+    done = finished_trials(study) if enabled else 0
+    if not enabled or done >= total:  # nothing to train: no bar
         return None
     mode = os.environ.get(PROGRESS_VARIABLE) or ("bar" if sys.stderr.isatty() else "lines")
     if mode == "lines":
         return _Lines(study, deadline)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=finished_trials(study), desc=study.study_name, unit="trial",
+    bar = tqdm(total=total, initial=done, desc=study.study_name, unit="trial",
                bar_format=None if deadline is None else BUDGET_BAR)  # fmt: skip
     bar.deadline = deadline
     _show(bar, _best_text(study))

@@ -311,5 +311,8 @@ def test_a_lock_path_that_is_no_regular_file_is_refused_and_a_held_lock_says_so(
 
 def test_a_requeued_copy_keeps_what_every_enqueuer_sets():
     from study import plan
+    from study.checkpoints import CHECKPOINT_ATTR
 
-    assert {plan.RUNG_ATTR, plan.PROMOTED_FROM_ATTR, "baseline"} <= set(claims.ENQUEUED_ATTRS)
+    assert {plan.RUNG_ATTR, plan.PROMOTED_FROM_ATTR, "baseline", CHECKPOINT_ATTR} <= set(
+        claims.ENQUEUED_ATTRS
+    )
