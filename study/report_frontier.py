@@ -3,6 +3,10 @@
 Reads the answers (`study.answers.FrontierAnswer`) that `study frontier run` stored with its
 cells and writes `summary.md`, `frontier.png` and the machine-readable `answers.json`. Only
 reads the store.
+
+Why one file over 600 lines: every section of the one frontier summary (answers, records, the
+stricter rule, reliability, theory, probes, figures) is a function beside the others, all
+reading the same typed answers; apart they would each re-read the store and re-derive them.
 """
 
 from __future__ import annotations

@@ -40,10 +40,10 @@ def suggest(trial, settings):
 """
 
 
-def readme_section() -> tuple[str, str, list[str]]:
-    """The README's own study: (file name, its code, the commands)."""
+def readme_section(heading: str = "## Your own study") -> tuple[str, str, list[str]]:
+    """The README's own study under `heading`: (file name, its code, the commands)."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Your own study", 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     name = code.splitlines()[0].removeprefix("# ").strip()
@@ -231,17 +231,6 @@ def test_the_contract_names_classes_that_exist():
         assert hasattr(importlib.import_module(module), name), dotted
 
 
-def readme_image_section() -> tuple[str, str, list[str]]:
-    """The README's image study of one's own: (file name, its code, the commands)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### An image study of your own", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    name = code.splitlines()[0].removeprefix("# ").strip()
-    lines = [line.split("  #", 1)[0].strip() for line in commands.splitlines() if line.strip()]
-    return name, code, lines
-
-
 @pytest.mark.slow
 def test_the_readmes_own_image_study_runs_as_written_and_in_notebook_02(tmp_path, monkeypatch):
     """The README's image file and commands verbatim (on a small dataset of the same format),
@@ -251,7 +240,7 @@ def test_the_readmes_own_image_study_runs_as_written_and_in_notebook_02(tmp_path
 
     from tests.conftest import write_fake_dataset
 
-    name, code, commands = readme_image_section()
+    name, code, commands = readme_section("### An image study of your own")
     (tmp_path / name).write_text(code)
     data = write_fake_dataset(tmp_path / "data", train=10_300, test=100)
     env = {**os.environ, "STUDY_DATA_DIR": str(data)}
