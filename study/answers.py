@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from study.config import BooleanSettings, FrontierCell, FrontierPlan, mlp_parameters
-from study.studies import ANSWER_ATTR, FRONTIER_NAME
+from study.studies import ANSWER_ATTR, FRONTIER_NAME, stored_attrs
 from study.success_curve import Curve
 
 SELECTION_SEED = 2_000_000
@@ -390,7 +390,7 @@ def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
     """The confirmed answer stored with a cell (None until a width is confirmed: a run that
     stopped between choosing and confirming states nothing; None too for a cell of the earlier
     method, `earlier_answer`)."""
-    stored = study.user_attrs.get(ANSWER_ATTR)
+    stored = stored_attrs(study).get(ANSWER_ATTR)
     if stored is None or stored.get("method") != 2:
         return None
     return FrontierAnswer.from_dict(stored)
@@ -399,7 +399,7 @@ def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
 def earlier_answer(study: optuna.Study) -> dict[str, Any] | None:
     """The answer a cell of the earlier method (blocks of 24 seeds, no fitted curve) stored, as
     it stored it; None for any other study."""
-    stored = study.user_attrs.get(ANSWER_ATTR)
+    stored = stored_attrs(study).get(ANSWER_ATTR)
     if stored is None or "method" in stored or "chosen_on" not in stored:
         return None
     return stored
@@ -428,8 +428,8 @@ class NoAnswer:
 
 def stored_no_answer(study: optuna.Study) -> NoAnswer | None:
     """The research outcome stored with a cell whose plan stated no width, else None."""
-    reason = study.user_attrs.get(NO_ANSWER_ATTR)
-    if reason is None or study.user_attrs.get(ANSWER_ATTR) is not None:
+    reason = stored_attrs(study).get(NO_ANSWER_ATTR)
+    if reason is None or stored_attrs(study).get(ANSWER_ATTR) is not None:
         return None
     cell = cell_of(study.study_name)
     return NoAnswer(cell, reason) if cell is not None else None

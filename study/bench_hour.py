@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import ConfigError, StudyError
+from study.studies import stored_attrs
 
 RUNS_FILE, BASELINES_FILE, TABLE_FILE = "hour-cpu.json", "hour-baseline-cpu.json", "hour-cpu.md"
 SEEDS = 3
@@ -207,7 +208,7 @@ def _search_hour(run, space, storage, out, precision, workers, data_dir, log, se
     study = optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat=False))
     best, base = best_feasible(study), baseline_trial(study)
     states = [t.state.name for t in study.trials]
-    plans = study.user_attrs.get("plans") or [{}]
+    plans = stored_attrs(study).get("plans") or [{}]
     run.update({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "study_seconds": metrics["study_seconds"],

@@ -24,7 +24,7 @@ from study.config import (
     FrontierPlan,
     mlp_parameters,
 )
-from study.studies import bind_cell
+from study.studies import bind_cell, stored_attrs
 from study.success_curve import Point
 
 RECIPE_STARTUP = 10
@@ -203,7 +203,7 @@ class CellRun:
         """The recipe search's width: the plan's, or the one stored when the search began."""
         if self.plan.probe_neurons:
             return self.plan.probe_neurons
-        return int(self.recipes.user_attrs[PROBE_ATTR])
+        return int(stored_attrs(self.recipes)[PROBE_ATTR])
 
     def points(
         self, recipe: Recipe, curve_through: int, confirm_below: int = CONFIRM_BLOCK

@@ -17,7 +17,7 @@ import pandas as pd
 
 from study.config import BooleanCandidate, BooleanSettings
 from study.errors import StudyError
-from study.studies import CERTIFICATION_ATTR, best_feasible, load
+from study.studies import CERTIFICATION_ATTR, best_feasible, load, store_attr, stored_attrs
 from study.tables import markdown_table
 
 FRESH_SEED_OFFSET = 1_000_000
@@ -201,7 +201,7 @@ def certify(
     )
     table["trial"] = table["trial"].astype("Int64")  # neighbours have no trial of their own
     cert = Certification(study_name, settings, table, command)
-    study.set_user_attr(CERTIFICATION_ATTR, cert.record())  # stored with what it certifies
+    store_attr(study, CERTIFICATION_ATTR, cert.record())  # stored with what it certifies
     return cert
 
 
@@ -261,7 +261,7 @@ def _row(role: str, trial: int | None, run, fn) -> dict:
 
 def stored_certification(study, settings: BooleanSettings) -> Certification | None:
     """The certification stored with `study` (None when it was never certified)."""
-    record = study.user_attrs.get(CERTIFICATION_ATTR)
+    record = stored_attrs(study).get(CERTIFICATION_ATTR)
     if record is None:
         return None
     return Certification.from_record(study.study_name, settings, record)

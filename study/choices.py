@@ -10,6 +10,7 @@ import optuna
 
 from study.config import ImageSettings
 from study.errors import ConfigError
+from study.studies import stored_attrs
 
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp")
 """tpe: multivariate, grouped TPE with constant liar (the default); random; qmc (scrambled
@@ -47,7 +48,7 @@ def stored_run(study: optuna.Study, kind: str) -> dict:
     before = {"sampler": "tpe", "pruner": BEFORE_CHOICES[kind]}
     if kind == "image":
         before["fidelity"] = "fixed"  # studies stored before plans existed
-    return {**before, **study.user_attrs.get(RUN_ATTR, {})}
+    return {**before, **stored_attrs(study).get(RUN_ATTR, {})}
 
 
 def pruners_for(kind: str) -> tuple[str, ...]:

@@ -33,6 +33,8 @@ from study.studies import (
     best_feasible,
     load,
     run_seconds,
+    store_attr,
+    stored_attrs,
 )
 from study.trainer import evaluate, train
 
@@ -89,7 +91,7 @@ def export_model(
     )
     out = Path(out_dir) if out_dir is not None else default_out(name)
     attr = BASELINE_EXPORT_ATTR if baseline else EXPORT_ATTR
-    earlier = study.user_attrs.get(attr) or {}
+    earlier = stored_attrs(study).get(attr) or {}
     if earlier.get("trial") != trial.number or not earlier.get("artifacts"):
         earlier = {}  # another trial (or none) was exported: start afresh
     done = dict(zip(earlier.get("seeds", []), earlier.get("test_accuracy_seeds", []), strict=True))
@@ -233,8 +235,8 @@ def _save(study, storage: str, out: Path, model, config: dict, metrics: dict, at
         for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
     }
     record = {k: v for k, v in metrics.items() if k != "history"}
-    superseded = (study.user_attrs.get(attr) or {}).get("artifacts") or {}
-    study.set_user_attr(attr, {**record, "artifacts": artifacts})
+    superseded = (stored_attrs(study).get(attr) or {}).get("artifacts") or {}
+    store_attr(study, attr, {**record, "artifacts": artifacts})
     for artifact_id in superseded.values():  # the files of the export this one replaces
         with contextlib.suppress(Exception):  # already gone
             store.remove(artifact_id)
@@ -251,7 +253,7 @@ def fetch_export_record(study, storage: str, attr: str, into: Path) -> Path:
     from optuna.artifacts import download_artifact
 
     name = study.study_name
-    record = study.user_attrs.get(attr) or {}
+    record = stored_attrs(study).get(attr) or {}
     artifacts = record.get("artifacts")
     if not artifacts:
         raise ConfigError(

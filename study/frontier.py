@@ -83,7 +83,7 @@ from study.cell_engine import (
 )
 from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
 from study.storage import open_storage, study_names
-from study.studies import PLAN_ATTR, cell_plan
+from study.studies import PLAN_ATTR, cell_plan, store_attr, stored_attrs
 from study.success_curve import Curve, NoCrossing, Point, fit
 
 CURVE_ROUNDS = 6
@@ -124,11 +124,11 @@ def answer(run: CellRun) -> FrontierAnswer | NoAnswer:
         blocks = fit_curve(run, recipe, neurons)
         stated = confirm(run, recipe, blocks)
     except Unanswered as outcome:
-        if run.study.user_attrs.get(NO_ANSWER_ATTR) != str(outcome):
-            run.study.set_user_attr(NO_ANSWER_ATTR, str(outcome))
+        if stored_attrs(run.study).get(NO_ANSWER_ATTR) != str(outcome):
+            store_attr(run.study, NO_ANSWER_ATTR, str(outcome))
         return NoAnswer(run.cell, str(outcome))
-    if run.study.user_attrs.get(ANSWER_ATTR) != stated.to_dict():
-        run.study.set_user_attr(ANSWER_ATTR, stated.to_dict())
+    if stored_attrs(run.study).get(ANSWER_ATTR) != stated.to_dict():
+        store_attr(run.study, ANSWER_ATTR, stated.to_dict())
     return stated
 
 
@@ -252,7 +252,7 @@ def _state(
     block = trial.user_attrs["block"]
     points = run.points(recipe, curve_blocks[-1], block + 1)
     neurons = trial.params["neurons"]
-    stored = run.study.user_attrs.get(ANSWER_ATTR)
+    stored = stored_attrs(run.study).get(ANSWER_ATTR)
     if stored and stored.get("method") == 2 and stored.get("neurons") == neurons:
         provenance = Provenance.from_dict(stored)  # stated before: as it was stated
     else:
@@ -293,7 +293,7 @@ def align_with_optuna(storage) -> int:
     changed = 0
     for name in cell_studies(storage):  # (a recipe search is consistent already)
         study = optuna.load_study(study_name=name, storage=storage)
-        plan = FrontierPlan.from_dict(study.user_attrs.get(PLAN_ATTR) or {})
+        plan = FrontierPlan.from_dict(stored_attrs(study).get(PLAN_ATTR) or {})
         old = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

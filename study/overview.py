@@ -12,7 +12,14 @@ import optuna
 from optuna.trial import TrialState
 
 from study.storage import load_study, open_storage
-from study.studies import CERTIFICATION_ATTR, EXPORT_ATTR, best_feasible, describe, kind_of
+from study.studies import (
+    CERTIFICATION_ATTR,
+    EXPORT_ATTR,
+    best_feasible,
+    describe,
+    kind_of,
+    stored_attrs,
+)
 
 
 def _kind(study: optuna.Study) -> str:
@@ -113,14 +120,14 @@ def best_of(name: str, storage_url: str) -> dict[str, Any]:
     info = describe(study)
     record.update(space=info.space, settings=info.settings.identity())
     if kind == "boolean":
-        certification = study.user_attrs.get(CERTIFICATION_ATTR)
+        certification = stored_attrs(study).get(CERTIFICATION_ATTR)
         passed = [r for r in (certification or {}).get("rows", []) if r["learns_f"]]
         if passed:
             row = dict(min(passed, key=lambda r: r["neurons"]))
             row["hidden_layer_profile"] = [int(w) for w in row["hidden_layer_profile"].split("-")]
             record["certified"] = row
     else:
-        record["export"] = study.user_attrs.get(EXPORT_ATTR)
+        record["export"] = stored_attrs(study).get(EXPORT_ATTR)
     return record
 
 

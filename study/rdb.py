@@ -26,6 +26,9 @@ Optuna upgrade that moves one breaks here and nowhere else.
 - `optuna.study._constrained_optimization._CONSTRAINTS_KEY`: the prefix of the key
   `Trial.set_constraint` writes, for the frontier's migration of old cells (none: the key is
   Optuna's own), and `_get_constraints_from_system_attrs`, which reads both of its formats;
+- the models again for `drop_study_user_attrs`: the tool's large study attributes of older
+  stores move to system attributes, and the user attributes they leave must go (none: Optuna
+  cannot delete an attribute; they would stay in `optuna studies` rows);
 - the models again for `trial_digest`: `study list` counts every study's trials by state in a
   few queries, where Optuna's `get_all_study_summaries` loads every trial of every study
   (fallback: `Study.get_trials` per study, as `overview` does for a storage without them).
@@ -125,6 +128,38 @@ def forget_cached_trials(study: optuna.Study) -> None:
     storage = storage_of(study)
     if getattr(storage, "_backend", None) is not None:
         storage.get_all_trials(study_id(study), deepcopy=False, states=())
+
+
+def drop_study_user_attrs(study: optuna.Study, keys: list[str]) -> bool:
+    """Delete these user attributes of `study` (Optuna has no call that deletes one; the tool
+    moves its large attributes to system attributes, `studies.tidy_attrs`). False on a storage
+    without Optuna's models: the attributes stay."""
+    rdb = backend(storage_of(study))
+    if rdb is None:
+        return False
+    table = models().StudyUserAttributeModel
+    with transaction(rdb) as session:
+        session.query(table).filter(table.study_id == study_id(study), table.key.in_(keys)).delete(
+            synchronize_session=False
+        )
+    return True
+
+
+def count_trials(study: optuna.Study, states: tuple) -> int | None:
+    """How many trials of `study` are in `states`, by one COUNT query; None on a storage
+    without Optuna's models (count the trials instead)."""
+    from sqlalchemy import func
+
+    rdb = backend(storage_of(study))
+    if rdb is None:
+        return None
+    table = models().TrialModel
+    with transaction(rdb) as session:
+        return (
+            session.query(func.count(table.trial_id))
+            .filter(table.study_id == study_id(study), table.state.in_(list(states)))
+            .scalar()
+        )
 
 
 def constraint_key(name: str) -> str:

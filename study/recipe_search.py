@@ -41,6 +41,7 @@ from study.cell_engine import (
 )
 from study.config import FrontierCell
 from study.probe import probe_for
+from study.studies import store_attr, stored_attrs
 
 NEIGHBOURS = 4
 """Recipes of neighbouring cells enqueued as a recipe search's first trials."""
@@ -83,19 +84,19 @@ def neighbour_answers(storage, cell: FrontierCell) -> list[FrontierAnswer]:
 def begin(run: CellRun, study: optuna.Study) -> None:
     """Once per cell, under the claim lock: the probe width, the sampler's seed and the
     neighbouring cells' recipes (enqueued as the first trials), stored with the study."""
-    if STARTS_ATTR in study.user_attrs:
+    if STARTS_ATTR in stored_attrs(study):
         return
     known = neighbour_answers(run.storage, run.cell)
-    if PROBE_ATTR not in study.user_attrs:
-        study.set_user_attr(PROBE_ATTR, run.plan.probe_neurons or probe_for(run.cell, known))
-    study.set_user_attr(SAMPLER_SEED_ATTR, cell_seed(run.cell))
+    if PROBE_ATTR not in stored_attrs(study):
+        store_attr(study, PROBE_ATTR, run.plan.probe_neurons or probe_for(run.cell, known))
+    store_attr(study, SAMPLER_SEED_ATTR, cell_seed(run.cell))
     starts = []
     for answer in known:
         if answer.recipe not in [r for _, r in starts] and len(starts) < NEIGHBOURS:
             starts.append((answer.cell.name, answer.recipe))
     for _, recipe in starts:
         study.enqueue_trial(recipe.search_params(), skip_if_exists=True)
-    study.set_user_attr(STARTS_ATTR, [{"cell": name, "recipe": r.params()} for name, r in starts])
+    store_attr(study, STARTS_ATTR, [{"cell": name, "recipe": r.params()} for name, r in starts])
     if starts:
         run.log(
             f"{run.cell.name}: recipe search starts from "

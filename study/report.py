@@ -15,7 +15,7 @@ from study.errors import ConfigError, StudyError
 from study.report_boolean import BOOLEAN_FIGURES, boolean_figures, boolean_summary, pareto_front
 from study.report_image import IMAGE_FIGURES, image_figures, image_frame, image_summary
 from study.storage import default_out
-from study.studies import EXPORT_ATTR, load
+from study.studies import EXPORT_ATTR, load, stored_attrs
 from study.tables import markdown_table, trials_frame
 
 REPORT_FIGURES = [name for name, _ in BOOLEAN_FIGURES + IMAGE_FIGURES]
@@ -55,7 +55,7 @@ def write_report(
     # certification, never files lying in the output directory
     if info.kind == "image":
         figures = image_figures(study, frame, out)
-        export = study.user_attrs.get(EXPORT_ATTR)
+        export = stored_attrs(study).get(EXPORT_ATTR)
         summary = image_summary(study, frame, info, command, export, figures)
     else:
         figures = boolean_figures(frame, info.settings, out)

@@ -24,6 +24,7 @@ from study.studies import (
     baseline_trial,
     best_feasible,
     run_seconds,
+    stored_attrs,
 )
 from study.tables import (
     STATES,
@@ -426,7 +427,7 @@ def _against_baseline(study: optuna.Study, export: dict[str, Any] | None) -> lis
         + (" (the best is the baseline)" if best.number == base.number else "")
     ]
     ours = (export or {}).get("test_accuracy_seeds") or []
-    theirs = (study.user_attrs.get(BASELINE_EXPORT_ATTR) or {}).get("test_accuracy_seeds") or []
+    theirs = (stored_attrs(study).get(BASELINE_EXPORT_ATTR) or {}).get("test_accuracy_seeds") or []
     if ours and theirs:
         test_gain = 100 * (statistics.mean(ours) - statistics.mean(theirs))
         lines.append(
@@ -450,7 +451,7 @@ def _fidelity(study: optuna.Study, frame: pd.DataFrame, s: ImageSettings) -> lis
             f"{seconds / 60:.0f} min of wall time"
         )
     reached = done.groupby("epochs_run").size().sort_index()
-    plans = study.user_attrs.get(PLANS_ATTR) or []
+    plans = stored_attrs(study).get(PLANS_ATTR) or []
     if not plans:
         lines.append(
             f"- fidelity: every trial is scheduled for {s.max_epochs} epochs; reached "

@@ -55,6 +55,8 @@ from study.studies import (
     describe,
     finished_trials,
     space_of,
+    store_attr,
+    stored_attrs,
 )
 
 __all__ = ["FINISHED", "best_feasible", "finished_trials", "run_study", "study_settings"]
@@ -262,7 +264,8 @@ def find_space(name: str, options: RunOptions) -> ModuleType:
         rdb = existing_store(options.storage, heartbeat=False)
         if rdb is not None and study_name in study_names(rdb):
             study = optuna.load_study(study_name=study_name, storage=rdb)
-            if study.user_attrs.get(SOURCE_ATTR) and study.user_attrs.get(SPACE_ATTR) == name:
+            attrs = stored_attrs(study)
+            if attrs.get(SOURCE_ATTR) and attrs.get(SPACE_ATTR) == name:
                 return space_of(study)
         raise
 
@@ -308,7 +311,7 @@ def _stored_or_requested(
     if study_name not in study_names(rdb):
         return requested, chosen, rdb
     study = optuna.load_study(study_name=study_name, storage=rdb)
-    if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(study.user_attrs):
+    if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(stored_attrs(study)):
         return requested, chosen, rdb  # made with Optuna alone (to enqueue trials): adopted
     info = describe(study)
     if info.space != space_name:
@@ -411,10 +414,10 @@ def _open(run: _Run) -> optuna.Study:
         load_if_exists=True,
     )
     bind(study, run.space, run.fixed, run.source)
-    if study.user_attrs.get(choices.RUN_ATTR) != run.chosen:
-        study.set_user_attr(choices.RUN_ATTR, run.chosen)
+    if stored_attrs(study).get(choices.RUN_ATTR) != run.chosen:
+        store_attr(study, choices.RUN_ATTR, run.chosen)
     if not study.get_trials(deepcopy=False):  # a new study
-        study.set_user_attr(SAMPLER_SEED_ATTR, run.options.sampler_seed)
+        store_attr(study, SAMPLER_SEED_ATTR, run.options.sampler_seed)
         if hasattr(run.space, "baseline"):
             study.enqueue_trial(run.space.baseline(run.fixed), user_attrs={"baseline": True})
     return study
@@ -446,11 +449,11 @@ def _planned(run: _Run, started: float) -> _Run:
 def _record_plan(study: optuna.Study, plan: Plan) -> Plan:
     """A study keeps the rungs of its first plan (its trials were trained at them); every
     run's plan is stored with the study for the report."""
-    plans = list(study.user_attrs.get(plan_mod.PLANS_ATTR, []))
+    plans = list(stored_attrs(study).get(plan_mod.PLANS_ATTR, []))
     if plans:
         plan = plan.replace(rungs=tuple(plans[0]["rungs"]), fitted=False)
     plans.append({**plan.identity(), "why": plan.why()})
-    study.set_user_attr(plan_mod.PLANS_ATTR, plans)
+    store_attr(study, plan_mod.PLANS_ATTR, plans)
     return plan
 
 
@@ -581,7 +584,7 @@ def _reserve_export_time(
 def _record_run(study: optuna.Study, started: float, before: int, options: RunOptions) -> None:
     """One record per run that finished trials: the wall time reports and exports read, and
     the sampler seed it ran with."""
-    runs = list(study.user_attrs.get(RUNS_ATTR, []))
+    runs = list(stored_attrs(study).get(RUNS_ATTR, []))
     runs.append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
@@ -590,7 +593,7 @@ def _record_run(study: optuna.Study, started: float, before: int, options: RunOp
         "timeout": options.timeout,
         "sampler_seed": options.sampler_seed,
     })  # fmt: skip
-    study.set_user_attr(RUNS_ATTR, runs)
+    store_attr(study, RUNS_ATTR, runs)
 
 
 def _export(run: _Run, study: optuna.Study, study_seconds: float) -> None:
@@ -685,8 +688,8 @@ def _drive(
         if stop is not None:
             raise interrupt.ended(
                 stop,
-                f"{finished_trials(study)} of {total} trials of {study.study_name!r} are "
-                "finished and stored; the running trial was failed with its reason",
+                f"{claims.count(study)} of {total} trials of {study.study_name!r} are "
+                "finished and stored; the trials it was running were failed with its reason",
             ) from None
         raise
     finally:

@@ -61,6 +61,64 @@ ANSWER_ATTR = "answer"
 FRONTIER_NAME = re.compile(r"^frontier-f(\d+)-d(\d+)-b(\d+)(-recipe)?$")
 """The names of a cell's studies (stores written before `frontier` was stored on both)."""
 
+SUMMARY_ATTRS = (SPACE_ATTR, KIND_ATTR)
+"""What stays a study *user* attribute: short, so that `optuna studies` (which prints every
+user attribute in its row) and optuna-dashboard show a readable row. Everything else the tool
+stores with a study (settings, plans, answers, runs, exports) is a study *system* attribute
+under the same key; stores written before kept them as user attributes, and `stored_attrs`
+reads both."""
+
+
+def stored_attrs(study: Any) -> dict[str, Any]:
+    """Every attribute the tool stored with a study (an `optuna.Study` or the frozen studies
+    of `storage.get_all_studies()`): its system attributes over its user attributes (where
+    stores written before 2026-12-08 kept them all)."""
+    system = getattr(study, "system_attrs", None)  # a frozen study carries them
+    if system is None:
+        from study import rdb
+
+        system = rdb.storage_of(study).get_study_system_attrs(rdb.study_id(study))
+    return {**study.user_attrs, **system}
+
+
+def store_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Store `value` under `key` with the study: a user attribute for the short ones
+    (`SUMMARY_ATTRS`), else a system attribute."""
+    if key in SUMMARY_ATTRS:
+        study.set_user_attr(key, value)
+    else:
+        from study import rdb
+
+        rdb.storage_of(study).set_study_system_attr(rdb.study_id(study), key, value)
+
+
+MOVED_ATTRS = (
+    "settings", "space_source", "certification", "runs", "export_baseline", "export",
+    "frontier", "plan", "answer", "no_answer", "run", "sampler_seed", "plans",
+    "probe_neurons", "starting_points",
+)  # fmt: skip
+"""The tool's study attributes that stores written before 2026-12-08 kept as user attributes;
+`tidy_attrs` moves them (a user's own attributes stay where they are)."""
+
+
+def tidy_attrs(study: optuna.Study) -> None:
+    """Move the tool's large attributes of a study written before 2026-12-08 from its user
+    attributes to its system attributes, so that `optuna studies` shows a short row. Only
+    commands that write call it; on a storage without Optuna's models the copies are made
+    and the old user attributes stay (reads prefer the system ones)."""
+    from study import rdb
+
+    old = {k: v for k, v in study.user_attrs.items() if k in MOVED_ATTRS}
+    if not old:
+        return
+    storage, sid = rdb.storage_of(study), rdb.study_id(study)
+    system = storage.get_study_system_attrs(sid)
+    for key, value in old.items():
+        if key not in system:
+            storage.set_study_system_attr(sid, key, value)
+    rdb.drop_study_user_attrs(study, sorted(old))
+
+
 KINDS = {
     "boolean": "a Boolean width study",
     "image": "an image study",
@@ -98,7 +156,7 @@ class StudyInfo:
 
 def frontier_cell(study: optuna.Study) -> FrontierCell | None:
     """The cell of a frontier study (the cell's own or its recipe search), else None."""
-    stored = study.user_attrs.get(FRONTIER_ATTR)
+    stored = stored_attrs(study).get(FRONTIER_ATTR)
     if stored is not None:
         return FrontierCell.from_dict(stored)
     match = FRONTIER_NAME.match(study.study_name)
@@ -109,7 +167,7 @@ def frontier_cell(study: optuna.Study) -> FrontierCell | None:
 
 
 def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
-    attrs = study.user_attrs
+    attrs = stored_attrs(study)
     if frontier_cell(study) is not None:
         return "frontier", "frontier"
     space = attrs.get(SPACE_ATTR)
@@ -130,7 +188,7 @@ def _space_and_kind(study: optuna.Study) -> tuple[str, str]:
 def space_of(study: optuna.Study):
     """The space module of a study of this tool, also one whose space came from a file."""
     return search_spaces.from_source(
-        study.user_attrs[SPACE_ATTR], study.user_attrs.get(SOURCE_ATTR)
+        (attrs := stored_attrs(study))[SPACE_ATTR], attrs.get(SOURCE_ATTR)
     )
 
 
@@ -148,7 +206,7 @@ def describe(study: optuna.Study) -> StudyInfo:
     cell = frontier_cell(study)
     if cell is not None:
         return StudyInfo(study.study_name, space, kind, cell)
-    stored = study.user_attrs.get(SETTINGS_ATTR)
+    stored = stored_attrs(study).get(SETTINGS_ATTR)
     if stored is None:
         raise StorageError(f"study {study.study_name!r} has no stored settings")
     return StudyInfo(study.study_name, space, kind, SETTINGS_OF_KIND[kind].from_dict(stored))
@@ -189,15 +247,15 @@ def bind(
     module = get_space(space) if isinstance(space, str) else space
     space, kind = module.NAME, module.KIND
     identity: dict[str, Any] = settings.identity()
-    stored = study.user_attrs.get(SETTINGS_ATTR)
+    stored = stored_attrs(study).get(SETTINGS_ATTR)
     if stored is not None:
         stored = type(settings).upgrade(stored)  # a field renamed since it was stored
     if stored is None:
-        study.set_user_attr(SPACE_ATTR, space)
+        store_attr(study, SPACE_ATTR, space)
         if source:
-            study.set_user_attr(SOURCE_ATTR, dict(source))
-        study.set_user_attr(KIND_ATTR, kind)
-        study.set_user_attr(SETTINGS_ATTR, identity)
+            store_attr(study, SOURCE_ATTR, dict(source))
+        store_attr(study, KIND_ATTR, kind)
+        store_attr(study, SETTINGS_ATTR, identity)
         return
     stored_space, _ = _space_and_kind(study)
     if stored_space != space:
@@ -215,25 +273,27 @@ def bind(
             f"study {study.study_name!r} exists with other fixed settings: "
             f"{', '.join(conflicts)}; use the stored settings or another --study-name"
         )
-    if study.user_attrs.get(SPACE_ATTR) is None:  # a store written before `space` existed
-        study.set_user_attr(SPACE_ATTR, space)
-        study.set_user_attr(KIND_ATTR, kind)
+    if stored_attrs(study).get(SPACE_ATTR) is None:  # a store written before `space` existed
+        store_attr(study, SPACE_ATTR, space)
+        store_attr(study, KIND_ATTR, kind)
+    tidy_attrs(study)
 
 
 def bind_cell(study: optuna.Study, cell: FrontierCell, plan: FrontierPlan | None) -> None:
     """Store the cell (and, on the cell's own study, its plan) on a new frontier study. A study
     that has them already is not written (`cell_plan` refused any conflict before)."""
-    if FRONTIER_ATTR not in study.user_attrs:
-        study.set_user_attr(FRONTIER_ATTR, cell.identity())
-    if plan is not None and PLAN_ATTR not in study.user_attrs:
-        study.set_user_attr(PLAN_ATTR, plan.identity())
+    tidy_attrs(study)
+    if FRONTIER_ATTR not in stored_attrs(study):
+        store_attr(study, FRONTIER_ATTR, cell.identity())
+    if plan is not None and PLAN_ATTR not in stored_attrs(study):
+        store_attr(study, PLAN_ATTR, plan.identity())
 
 
 def cell_plan(study: optuna.Study | None, overrides: Mapping[str, Any]) -> FrontierPlan:
     """The plan a cell runs with: the stored one or, for a new cell, the defaults, with the
     given `overrides`; one that contradicts a stored plan, or a cell of the earlier method, is
     refused in one line."""
-    stored = None if study is None else study.user_attrs.get(PLAN_ATTR)
+    stored = None if study is None else stored_attrs(study).get(PLAN_ATTR)
     if stored is None and (study is None or not study.get_trials(deepcopy=False)):
         return FrontierPlan.from_dict(overrides)  # a new cell
     if stored is None or "method" not in stored:
@@ -261,7 +321,7 @@ def cell_plan(study: optuna.Study | None, overrides: Mapping[str, Any]) -> Front
 
 def run_seconds(study: optuna.Study) -> float | None:
     """Wall time the study's runs spent (as `study run` records them), None when unknown."""
-    runs = study.user_attrs.get(RUNS_ATTR)
+    runs = stored_attrs(study).get(RUNS_ATTR)
     return round(sum(r["seconds"] for r in runs), 1) if runs else None
 
 

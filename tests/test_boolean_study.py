@@ -16,6 +16,7 @@ from study.config import BooleanCandidate, BooleanSettings
 from study.data import boolean_function
 from study.errors import ConfigError
 from study.runner import best_feasible, run_study
+from study.studies import store_attr, stored_attrs
 from study.trainer import EpochMetrics, TrainResult
 from tests.conftest import TINY, TINY_ARGS, cli, tiny_study
 
@@ -110,7 +111,7 @@ def test_a_short_study_finds_a_feasible_width(tmp_path):
     assert best.constraints["learns_f"] <= 0
     for key in ("best_running_loss", "seconds", "device", "seeds", "epochs_run"):
         assert key in attrs
-    assert study.user_attrs["settings"]["input_bits"] == 3
+    assert stored_attrs(study)["settings"]["input_bits"] == 3
     # every finished trial is either feasible-complete, infeasible-complete or pruned
     for trial in study.trials:
         assert trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -355,9 +356,9 @@ def test_a_store_that_named_the_required_rate_required_share_still_resumes(tmp_p
     settings = {"input_bits": 3, "output_bits": 2, "max_epochs": 40, "seeds": 2}
     run_study("boolean-shallow", settings, trials=1, storage=storage, device="cpu", quiet=True)
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
-    stored = dict(study.user_attrs["settings"])
+    stored = dict(stored_attrs(study)["settings"])
     stored["required_share"] = stored.pop("required_rate")  # as an older version stored it
-    study.set_user_attr("settings", stored)
+    store_attr(study, "settings", stored)
     assert describe(study).settings.required_rate == stored["required_share"]
     again = run_study("boolean-shallow", settings, trials=2, storage=storage, device="cpu",
                       quiet=True)  # fmt: skip

@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from study.runner import run_study
+from study.studies import stored_attrs
 from tests.conftest import TINY, TINY_ARGS, cli, write_fake_dataset
 
 SLOW = ["--no-prune", "--quiet", "--input-bits", "5", "--output-bits", "2", "--max-width", "16",
@@ -56,12 +57,12 @@ def test_a_sampler_is_stored_and_kept_on_resume(tmp_path, sampler):
                sampler, *TINY_ARGS)  # fmt: skip
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
-    assert study.user_attrs["run"]["sampler"] == sampler
-    assert study.user_attrs["sampler_seed"] == 0  # TINY_ARGS: --sampler-seed 0
+    assert stored_attrs(study)["run"]["sampler"] == sampler
+    assert stored_attrs(study)["sampler_seed"] == 0  # TINY_ARGS: --sampler-seed 0
     again = cli("run", "boolean-shallow", "--trials", "4", "--storage", storage, "--quiet",
                 "--sampler-seed", "7")  # fmt: skip
     assert again.returncode == 0, again.stderr
-    runs = optuna.load_study(study_name="boolean-shallow", storage=storage).user_attrs["runs"]
+    runs = stored_attrs(optuna.load_study(study_name="boolean-shallow", storage=storage))["runs"]
     assert [r["sampler_seed"] for r in runs] == [0, 7]
     refused = cli("run", "boolean-shallow", "--trials", "5", "--storage", storage,
                   "--sampler", "tpe")  # fmt: skip
@@ -85,7 +86,7 @@ def test_an_image_pruner_is_stored_shown_and_used(tmp_path, images, pruner):
                "--report-dir", str(tmp_path / "r"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
-    assert study.user_attrs["run"]["pruner"] == pruner
+    assert stored_attrs(study)["run"]["pruner"] == pruner
     assert f"pruner {pruner}" in (tmp_path / "r" / "summary.md").read_text()
 
 
@@ -261,7 +262,11 @@ def test_a_study_stored_before_the_choices_keeps_tpe_and_median(tmp_path, images
                str(images), "--device", "cpu", "--quiet")  # fmt: skip
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
-    assert study.user_attrs["run"] == {"sampler": "tpe", "pruner": "median", "fidelity": "fixed"}
+    assert stored_attrs(study)["run"] == {
+        "sampler": "tpe",
+        "pruner": "median",
+        "fidelity": "fixed",
+    }
     refused = cli("run", "fashion-mlp", "--trials", "2", "--storage", storage, "--pruner",
                   "hyperband")  # fmt: skip
     assert refused.returncode == 2 and "--pruner hyperband (stored: median)" in refused.stderr

@@ -19,6 +19,7 @@ from study.answers import (
 )
 from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
 from study.frontier import CONFIRM_BLOCK, run_cell, run_frontier
+from study.studies import stored_attrs
 from study.success_curve import Point, fit, fitted_widths
 from tests.conftest import cli
 
@@ -113,7 +114,7 @@ def test_a_cell_states_the_smallest_width_the_curve_places_at_90_percent(cell_st
         assert answer[key] not in (None, "", [], {}), key
     assert answer["plan"] == PLAN.identity()
     assert len(answer["code_commit"]) >= 40 or answer["code_commit"].startswith("version")
-    assert study.user_attrs["answer"] == answer  # stored with its cell
+    assert stored_attrs(study)["answer"] == answer  # stored with its cell
 
 
 def test_the_recipe_ranking_is_the_searchs_best_three(cell_store):
@@ -130,7 +131,7 @@ def test_the_recipe_ranking_is_the_searchs_best_three(cell_store):
         assert ("lr_floor" in t.params) == (t.params["lr_schedule"] != "constant")
     from study.cell_engine import cell_seed
 
-    assert recipes.user_attrs["sampler_seed"] == cell_seed(Cell(0, 1, 200))
+    assert stored_attrs(recipes)["sampler_seed"] == cell_seed(Cell(0, 1, 200))
 
 
 def test_held_out_seeds_played_no_part_in_selection(cell_store):
@@ -350,7 +351,7 @@ def test_a_second_cell_starts_from_its_neighbours_recipe_with_its_own_seed(cell_
     assert run.probe == round(answer["fitted_width_90"] * probe.DEPTH_FACTOR[2])
     seeds = {cell_seed(Cell(f, d, b)) for f in (0, 1) for d in (1, 2) for b in (200, 400)}
     assert len(seeds) == 8
-    assert run.recipes.user_attrs["sampler_seed"] == cell_seed(cell)
+    assert stored_attrs(run.recipes)["sampler_seed"] == cell_seed(cell)
     recipe_search.begin(run, run.recipes)  # once per cell: nothing enqueued twice
     assert len(run.recipes.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
@@ -412,7 +413,7 @@ def test_the_report_replays_the_probe_rule_on_the_committed_store():
     assert sorted(table["cell"]) == sorted(a.cell.name for a in answers)
     for cell, used in zip(table["cell"], table["probe used"], strict=True):
         search = optuna.load_study(study_name=f"{cell}-recipe", storage=storage)
-        assert used == search.user_attrs[PROBE_ATTR]
+        assert used == stored_attrs(search)[PROBE_ATTR]
     known = list(table["answers known"])
     assert known[0] == 0 and known == sorted(known) and known[-1] < len(answers)
     first = table.iloc[0]
@@ -752,7 +753,7 @@ def test_a_cell_its_plan_cannot_answer_is_a_research_outcome_not_an_error(tmp_pa
     assert isinstance(outcome, NoAnswer), outcome
     assert outcome.reason.startswith("no width up to ") and outcome.cell == Cell(0, 1, 1)
     cell = optuna.load_study(study_name=Cell(0, 1, 1).name, storage=storage)
-    assert cell.user_attrs["no_answer"] == outcome.reason and "answer" not in cell.user_attrs
+    assert stored_attrs(cell)["no_answer"] == outcome.reason and "answer" not in stored_attrs(cell)
     trained = len(cell.trials)
     assert run_cell(storage, Cell(0, 1, 1), PLAN, threads=1, log=lambda _: None,
                     settings=TINY) == outcome  # fmt: skip

@@ -18,6 +18,7 @@ from study.errors import ConfigError
 from study.export import export_model, load_exported, predict, read_image_file
 from study.image_objective import ImageObjective
 from study.runner import best_feasible, run_study, study_settings
+from study.studies import stored_attrs
 from study.trainer import evaluate, train
 from tests.conftest import cli, make_images, write_fake_dataset
 
@@ -249,7 +250,7 @@ def test_dataset_mnist_runs_the_space_on_mnist_under_its_own_name(tmp_path, imag
     assert done.returncode == 0, done.stderr
     assert "mnist-cnn: best validation accuracy" in done.stdout
     study = optuna.load_study(study_name="mnist-cnn", storage=storage)
-    assert study.user_attrs["settings"]["dataset"] == "mnist"
+    assert stored_attrs(study)["settings"]["dataset"] == "mnist"
     assert study.user_attrs["space"] == "fashion-cnn"
 
 
@@ -364,7 +365,7 @@ def test_run_export_fits_the_time_budget_and_records_both_times(tmp_path, images
         timeout=3600,
         command=typed,
     )
-    runs = study.user_attrs["runs"]
+    runs = stored_attrs(study)["runs"]
     assert len(runs) == 1 and runs[0]["finished_after"] == 2 and runs[0]["timeout"] == 3600
     metrics = json.loads((tmp_path / "exported" / "metrics.json").read_text())
     assert metrics["command"] == typed  # what produced the export: the run's command line
@@ -418,7 +419,7 @@ def test_predict_reads_a_thin_strip_without_padding_it_to_a_huge_square(exported
 def test_predict_reads_the_export_from_the_stores_artifacts(exported, images_dir, tmp_path):
     storage, out, _ = exported
     study = optuna.load_study(study_name="fashion-mlp", storage=storage)
-    record = study.user_attrs["export"]
+    record = stored_attrs(study)["export"]
     assert set(record["artifacts"]) == {"model.pt", "config.json", "metrics.json"}
     from optuna.artifacts import get_all_artifact_meta
 

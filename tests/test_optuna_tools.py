@@ -18,7 +18,8 @@ from study.config import BooleanSettings, FrontierCell, FrontierPlan
 from study.frontier import STATED, align_with_optuna, run_cell
 from study.runner import best_feasible, run_study
 from study.storage import open_storage
-from tests.conftest import TINY, write_fake_dataset
+from study.studies import SUMMARY_ATTRS, stored_attrs
+from tests.conftest import TINY, cli, write_fake_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "results" / "reference.db"
@@ -65,6 +66,46 @@ def test_the_optuna_cli_names_each_kinds_answer_best(tmp_path):
     assert shown["value"] == answer.neurons
     best = optuna.load_study(study_name=cell.name, storage=storage).best_trial
     assert best.user_attrs["stage"] == "confirm" and best.params["neurons"] == answer.neurons
+    # `optuna studies` prints every user attribute in a study's row: only the short ones are
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        assert set(summary.user_attrs) <= set(SUMMARY_ATTRS), summary.study_name
+    assert widest_row(storage) <= 200
+
+
+def widest_row(storage: str) -> int:
+    """The widest line `optuna studies` prints for a store."""
+    done = subprocess.run([*OPTUNA, "studies", "--storage", storage], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return max(len(line) for line in done.stdout.splitlines())
+
+
+def test_a_store_written_before_moves_its_large_attributes_on_the_next_run(tmp_path):
+    """A study whose settings and runs were stored as user attributes (as before 2026-12-08):
+    every command reads it; the next `study run` moves them to system attributes (the user's
+    own attribute stays) and `optuna studies` shows a short row."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_study("boolean-shallow", trials=2, storage=storage, device="cpu", settings=TINY,
+              quiet=True, sampler_seed=0)  # fmt: skip
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    moved = stored_attrs(study)
+    backend = rdb.backend(rdb.storage_of(study))
+    with rdb.transaction(backend) as session:  # back to the earlier layout
+        table = rdb.models().StudySystemAttributeModel
+        session.query(table).delete()
+    for key, value in moved.items():
+        study.set_user_attr(key, value)
+    study.set_user_attr("note", "mine")
+    assert widest_row(storage) > 300
+    listed = cli("best", "boolean-shallow", "--storage", storage, "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)["settings"], listed.stderr
+    done = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, "--quiet")
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="boolean-shallow", storage=storage)
+    assert set(study.user_attrs) == {*SUMMARY_ATTRS, "note"}
+    after = stored_attrs(study)
+    assert after["settings"] == moved["settings"] and len(after["runs"]) == len(moved["runs"]) + 1
+    assert widest_row(storage) <= 200
 
 
 @pytest.mark.parametrize(
@@ -95,6 +136,7 @@ def test_the_committed_stores_read_right_in_optuna(path, cells_at_least):
     assert cells >= cells_at_least
     shown = optuna_best_trial(f"sqlite:///{path}", named[0])
     assert shown["params"]["neurons"] == named[1]
+    assert widest_row(f"sqlite:///{path}") <= 200  # `optuna studies` stays readable
 
 
 def test_cells_stored_by_earlier_versions_are_aligned_once(tmp_path):

@@ -16,6 +16,7 @@ import optuna
 import pytest
 
 from study.runner import run_study
+from study.studies import stored_attrs
 from tests.conftest import TINY_ARGS, cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def test_a_report_shows_its_own_stores_certification_only(tmp_path):
     assert cli("report", "boolean-shallow", "--storage", first, "--out", str(out)).returncode == 0
     summary = (out / "summary.md").read_text()
     assert "## Certification" in summary and "certify boolean-shallow" in summary
-    stored = optuna.load_study(study_name="boolean-shallow", storage=first).user_attrs
+    stored = stored_attrs(optuna.load_study(study_name="boolean-shallow", storage=first))
     assert len(stored["certification"]["rows"]) >= 1
     # another store reported into the same directory: its own (absent) certification only,
     # although certification.md of the first store lies there
@@ -140,8 +141,8 @@ def test_resume_needs_no_flags_and_a_contradicting_flag_is_refused(tmp_path):
                 "--device", "cpu")  # fmt: skip
     assert again.returncode == 0, again.stderr
     study = optuna.load_study(study_name="boolean-shallow", storage=storage)
-    assert study.user_attrs["settings"]["max_epochs"] == 40
-    assert study.user_attrs["settings"]["seeds"] == 1
+    assert stored_attrs(study)["settings"]["max_epochs"] == 40
+    assert stored_attrs(study)["settings"]["seeds"] == 1
     assert len(study.trials) == 3 and all(len(t.user_attrs["seeds"]) == 1 for t in study.trials)
     # repeating a stored value is fine; contradicting one is refused and changes nothing
     same = cli("run", "boolean-shallow", "--trials", "3", "--storage", storage, "--seeds", "1")
@@ -426,7 +427,7 @@ def test_a_storage_password_never_reaches_any_output(tmp_path):
         seen += [done.stdout, done.stderr]
     seen += [p.read_text() for p in out.iterdir() if p.suffix in (".md", ".csv", ".json")]
     study = optuna.load_study(study_name=name, storage=POSTGRES)
-    seen.append(str(study.user_attrs))
+    seen.append(str(stored_attrs(study)))
     assert all(secret not in text for text in seen)
     assert any("***" in text for text in seen)  # the URL is shown, its password hidden
     optuna.delete_study(study_name=name, storage=POSTGRES)
