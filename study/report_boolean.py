@@ -11,7 +11,7 @@ import pandas as pd
 
 from study.certify import candidate_from_trial
 from study.config import BOOLEAN_OPTIMIZER, BooleanSettings
-from study.studies import StudyInfo, best_feasible
+from study.studies import StudyInfo, best_feasible, stored_attrs
 from study.tables import (
     STATES,
     empty_note,
@@ -20,6 +20,7 @@ from study.tables import (
     figure_links,
     markdown_table,
     outside_legend,
+    searched,
     whole_numbers,
 )
 
@@ -209,15 +210,20 @@ def _answer(study: optuna.Study, s: BooleanSettings) -> list[str]:
 
 
 def _budget(study: optuna.Study, frame: pd.DataFrame, s: BooleanSettings) -> list[str]:
+    """What this study searched and trained, from its stored distributions and the recipes its
+    trials stored (never from the built-in spaces' defaults: a space of one's own that fixes
+    the batch or the depth is described as it ran)."""
     counts = {state: int((frame["state"] == state).sum()) if len(frame) else 0 for state in STATES}
     lines = [
-        f"- {BOOLEAN_OPTIMIZER.capitalize()}, fp32, full truth table ({2**s.input_bits} rows); "
-        f"learning rate {s.min_learning_rate:g}..{s.max_learning_rate:g} (log), batch sizes "
-        f"{list(s.batch_sizes)}, epochs {s.min_epochs}..{s.max_epochs} (log), stop at the target",
-        f"- widths {s.min_width}..{s.max_width} per layer, "
-        f"{s.min_layers}..{s.max_layers} hidden layers",
+        f"- {BOOLEAN_OPTIMIZER.capitalize()}, fp32, full truth table ({2**s.input_bits} rows), "
+        f"stop at the target; searched: {searched(study) or 'nothing sampled yet'}",
+    ]
+    trained = _as_trained(study)
+    if trained:
+        lines.append(f"- as trained: {trained}")
+    lines += [
         f"- {s.seeds} seeds per trial; early-stop rule: {'on' if s.prune else 'off'}; sampler "
-        f"{study.user_attrs.get('run', {}).get('sampler', 'tpe')}",
+        f"{stored_attrs(study).get('run', {}).get('sampler', 'tpe')}",
         f"- trials: {len(frame)} in total; {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed, {counts['RUNNING']} running",
     ]
@@ -235,6 +241,33 @@ def _budget(study: optuna.Study, frame: pd.DataFrame, s: BooleanSettings) -> lis
         )
         lines.append(f"- trained by: {engines(frame)}")
     return lines
+
+
+def _as_trained(study: optuna.Study) -> str:
+    """Depths, batch sizes, epoch budgets and schedules of the trials that trained, each a
+    fixed value or the values seen: "1 hidden layer; batch 16; 400 epochs; schedule constant"."""
+    seen: dict[str, set] = {"depth": set(), "batch": set(), "epochs": set(), "schedule": set()}
+    for trial in study.get_trials(deepcopy=False):
+        if "hidden_layer_profile" not in trial.user_attrs:
+            continue
+        recipe = candidate_from_trial(trial)
+        seen["depth"].add(len(recipe.hidden_layer_profile))
+        seen["batch"].add(recipe.batch_size)
+        seen["epochs"].add(recipe.epochs)
+        seen["schedule"].add(recipe.lr_schedule)
+    if not seen["depth"]:
+        return ""
+
+    def values(key: str) -> str:
+        found = sorted(seen[key])
+        if key != "schedule" and len(found) > 4:
+            return f"{found[0]}..{found[-1]}"
+        return "|".join(map(str, found))
+
+    depth = values("depth")
+    layers = "hidden layer" if seen["depth"] == {1} else "hidden layers"
+    return (f"{depth} {layers}; batch {values('batch')}; {values('epochs')} epochs; "
+            f"schedule {values('schedule')}")  # fmt: skip
 
 
 def _smallest_feasible(frame: pd.DataFrame) -> list[str]:

@@ -17,6 +17,7 @@ import pytest
 import search_spaces
 from study.cli import main
 from study.errors import ConfigError
+from study.studies import stored_attrs
 from tests.conftest import TINY_ARGS, cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +63,13 @@ def test_the_readmes_own_study_runs_as_written(tmp_path):
         assert argv[0] == "study"
         done = cli(*argv[1:], cwd=tmp_path)
         assert done.returncode == 0, (command, done.stderr)
-    assert (tmp_path / "my-width" / "summary.md").is_file()
+    summary = (tmp_path / "my-width" / "summary.md").read_text()
+    assert "searched: width 1..24, learning_rate 0.01..0.1 (log)" in summary  # the space's own
+    assert "as trained: 1 hidden layer; batch 16; 400 epochs" in summary  # the batch it fixes
     storage = "sqlite:///my.db"
     study = optuna.load_study(study_name="my-width", storage=f"sqlite:///{tmp_path / 'my.db'}")
     assert len([t for t in study.trials if t.state.is_finished()]) == 12
-    assert study.user_attrs["space_source"] == {"file": str((tmp_path / name).resolve())}
+    assert stored_attrs(study)["space_source"] == {"file": str((tmp_path / name).resolve())}
     best = cli("best", "my-width", "--storage", storage, "--json", cwd=tmp_path)
     assert best.returncode == 0, best.stderr
     listed = cli("list", "--storage", storage, cwd=tmp_path)
@@ -93,8 +96,28 @@ def test_a_new_file_in_search_spaces_is_a_new_study(tmp_path, monkeypatch):
     assert main(["run", "probe-width", "--trials", "2", "--storage", storage, "--quiet",
                  "--device", "cpu"]) in (0, None)  # fmt: skip
     study = optuna.load_study(study_name="probe-width", storage=storage)
-    assert study.user_attrs["space_source"] == {"module": "search_spaces.probe_width"}
+    assert stored_attrs(study)["space_source"] == {"module": "search_spaces.probe_width"}
     assert {"units", "rate"} <= set(study.trials[0].params)
+
+
+def test_a_boolean_report_describes_the_space_that_ran_not_the_defaults(tmp_path, monkeypatch):
+    """A space of one's own that fixes two hidden layers and the batch: the report's Budget
+    section says what was searched and trained (from the stored distributions and recipes),
+    never the built-in space's ranges of layers or batch sizes."""
+    code = SPACE.format(name="two-layer").replace(
+        "BooleanCandidate((width,), rate,", "BooleanCandidate((width, 3), rate,"
+    )
+    (tmp_path / "two_layer.py").write_text(code)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["run", "--space", str(tmp_path / "two_layer.py"), "--trials", "3",
+                 "--storage", storage, "--quiet", "--device", "cpu"]) in (0, None)  # fmt: skip
+    assert main(["report", "two-layer", "--storage", storage, "--out", str(tmp_path / "r")]) in (
+        0, None)  # fmt: skip
+    budget = (tmp_path / "r" / "summary.md").read_text().split("## Budget", 1)[1]
+    budget = budget.split("\n## ", 1)[0]
+    assert "searched: units 1..8, rate 0.05..0.2" in budget, budget
+    assert "as trained: 2 hidden layers; batch 8; 300 epochs; schedule constant" in budget
+    assert "batch sizes" not in budget and "1..1 hidden" not in budget
 
 
 def test_this_packages_spaces_are_found_by_their_file_names():
@@ -119,7 +142,7 @@ def test_an_installed_packages_space_comes_through_its_entry_point(tmp_path):
                "--device", "cpu", env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="ep-width", storage=storage)
-    assert study.user_attrs["space_source"] == {"module": "ep_spaces.width"}
+    assert stored_attrs(study)["space_source"] == {"module": "ep_spaces.width"}
     report = cli("report", "ep-width", "--storage", storage, "--out", str(tmp_path / "r"),
                  env=env)  # fmt: skip
     assert report.returncode == 0, report.stderr
@@ -210,7 +233,7 @@ def test_the_cli_honours_study_storage_and_makes_the_default_store_where_it_runs
 @pytest.mark.slow
 def test_the_readmes_script_runs_as_written_in_any_directory(tmp_path):
     text = (ROOT / "README.md").read_text()
-    script = re.search(r"- From a script:\n\n```python\n(.*?)```", text, re.S).group(1)
+    script = re.search(r"From a script:\n\n```python\n(.*?)```", text, re.S).group(1)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
