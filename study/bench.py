@@ -13,6 +13,7 @@ Boolean benches are in `study.bench_population`, the search hour in `study.bench
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -226,12 +227,15 @@ def bench_cnn(
     device_name: str = "auto",
     repeats: int = 2,
     log=print,
+    compiled: bool = True,
 ) -> dict[str, float]:
     """The fashion-cnn baseline network for one epoch on the 60k training images, then the 10k
     test images: (a) a plain script (DataLoader, fp32, default memory format) against the
     project's trainer (b) in fp32 and channels_last, (c) with bf16 autocast where the device
-    has native bf16; interleaved, `repeats` times each, medians; warm-ups not timed. Then, on
-    the CPU, whether two cores serve one process with 2 threads or two with 1 thread better."""
+    has native bf16, (d) (c) through `torch.compile` (unless `compiled` is False: compiling
+    takes most of a small run); interleaved, `repeats` times each, medians; warm-ups not timed.
+    Then, on the CPU, whether two cores serve one process with 2 threads or two with 1 thread
+    better."""
     device = dev.resolve_device(device_name)
     root = prepare_raw_files("fashion-mnist", data_dir)
     dataset = load_image_dataset("fashion-mnist", root, device=device)
@@ -248,6 +252,8 @@ def bench_cnn(
         ),
     }
     try:
+        if not compiled:
+            raise RuntimeError("left out (compiled=False)")
         variants["(d) (c) with torch.compile"](0)
     except Exception as error:  # no compiler here, or a backend that cannot compile this
         log(f"torch.compile unavailable here: {type(error).__name__}: {error}"[:200])
@@ -393,10 +399,14 @@ def _nan_low(value: float) -> float:
     return -1.0 if value != value else value  # NaN (nothing besides the baseline): last
 
 
-def bench_claims(trials: int = 2000, storage: str | None = None, log=print) -> dict[str, float]:
+def bench_claims(
+    trials: int = 2000, storage: str | None = None, log=print, stop: bool = True
+) -> dict[str, float]:
     """Claiming `trials` trials and reaping them once their process is dead, one Optuna call
     per trial against `CHUNK` trials per transaction, on the same kind of store in one run
-    (a fresh SQLite file each, or studies on the given `storage`); prints both and the ratio."""
+    (a fresh SQLite file each, or studies on the given `storage`); prints both and the ratio.
+    With `stop`, then: how long `study run` takes to end after a SIGTERM in the middle of
+    claiming a population of 20,000 (`stop_seconds`; the target is two seconds)."""
     import socket
     import tempfile
     import uuid
@@ -436,4 +446,43 @@ def bench_claims(trials: int = 2000, storage: str | None = None, log=print) -> d
     for step in ("claim", "reap"):
         ratios[step] = seconds["one call per trial", step] / seconds["chunked", step]
         log(f"{step}: chunked is {ratios[step]:.1f}x faster than one call per trial")
+    if stop:
+        ratios["stop_seconds"] = _stop_mid_claim(log)
     return ratios
+
+
+def _stop_mid_claim(log, population: int = 20_000, after: int = 4096) -> float:
+    """Seconds from a SIGTERM, sent once `after` trials of a `population` are claimed, to the
+    end of the `study run` process; and what it left (every claimed trial failed)."""
+    import signal
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "stop.db"
+        size = str(population)
+        command = [sys.executable, "-m", "study.cli", "run", "boolean-shallow", "--storage",
+                   f"sqlite:///{db}", "--trials", size, "--population", size, "--input-bits",
+                   "3", "--output-bits", "3", "--quiet"]  # fmt: skip
+        process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+
+        def states() -> dict[str, int]:
+            try:
+                with contextlib.closing(sqlite3.connect(db)) as connection:
+                    rows = connection.execute("SELECT state, count(*) FROM trials GROUP BY state")
+                    return dict(rows.fetchall())
+            except sqlite3.OperationalError:  # not made yet
+                return {}
+
+        while sum(states().values()) < after:
+            if process.poll() is not None:
+                raise RuntimeError(f"study run ended (status {process.returncode}) unsignalled")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        sent = time.perf_counter()
+        process.wait()
+        taken = time.perf_counter() - sent
+        left = states()
+    log(f"SIGTERM while claiming a population of {population:,}: the command ended "
+        f"{taken:.2f} s after it (status {process.returncode}); trials left: {left}")  # fmt: skip
+    return taken

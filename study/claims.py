@@ -109,18 +109,26 @@ def claim(
     trials = [] if into is None else into
     owner = owner or this_process()
     backend = rdb.backend(rdb.storage_of(study)) if batched else None
-    while count > 0:
-        size = min(count, CHUNK)
-        with interrupt.held():
-            if backend is not None:
-                ids = _claim_chunk(study, backend, size, owner)
-            else:
-                ids = [_claim_one(study, owner) for _ in range(size)]
-            rdb.forget_cached_trials(study)
-            trials += [optuna.Trial(study, trial_id) for trial_id in ids]
-        count -= size
-        if count > 0:
-            interrupt.check()
+    ids: list[int] = []
+    try:
+        while count > 0:
+            size = min(count, CHUNK)
+            with interrupt.held():
+                if backend is not None:
+                    ids += _claim_chunk(study, backend, size, owner)
+                else:
+                    ids += [_claim_one(study, owner) for _ in range(size)]
+            count -= size
+            if count > 0:
+                interrupt.check()
+        # what `Study.ask` does before making a `Trial`, once for the whole claim: each chunk
+        # doing it re-read every RUNNING trial, and a stop waited for that too
+        rdb.forget_cached_trials(study)
+        for trial_id in ids:
+            trials.append(optuna.Trial(study, trial_id))
+    except BaseException as error:  # a stop between chunks: what this call claimed is failed
+        abandon_ids(study, ids, error)
+        raise
     return trials
 
 
@@ -360,6 +368,8 @@ def _fail_chunk(study: optuna.Study, backend, chunk: list[tuple[int, str]], call
     failed = 0
     with rdb.transaction(backend) as session:
         models.StudyModel.find_or_raise_by_id(rdb.study_id(study), session, for_update=True)
+        if callback is None:  # nothing to re-queue: three statements for the whole chunk
+            return _fail_rows(session, models, dict(chunk))
         for trial_id, reason in chunk:
             row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
             if row.state != TrialState.RUNNING:
@@ -374,6 +384,38 @@ def _fail_chunk(study: optuna.Study, backend, chunk: list[tuple[int, str]], call
             for retry in _retries(callback, trial):
                 rdb.new_trial(backend, study, retry, session)
     return failed
+
+
+def _fail_rows(session, models, reasons: dict[int, str]) -> int:
+    """Fail the trials of `reasons` that are still RUNNING, each with its `fail_reason`, in
+    the caller's transaction: one select, one batched update and one insert for them all (a
+    signal's stop fails thousands of claimed trials in well under a second)."""
+    import json
+
+    trials = models.TrialModel
+    rows = (
+        session.query(trials)
+        .filter(trials.trial_id.in_(list(reasons)), trials.state == TrialState.RUNNING)
+        .with_for_update()
+        .all()
+    )
+    if not rows:
+        return 0
+    now = datetime.datetime.now()
+    for row in rows:  # flushed as one executemany
+        row.state = TrialState.FAIL
+        row.datetime_complete = now
+    running = [row.trial_id for row in rows]
+    attrs = models.TrialUserAttributeModel
+    session.query(attrs).filter(attrs.trial_id.in_(running), attrs.key == "fail_reason").delete(
+        synchronize_session=False
+    )
+    session.bulk_insert_mappings(
+        attrs,
+        [{"trial_id": i, "key": "fail_reason", "value_json": json.dumps(reasons[i])}
+         for i in running],
+    )  # fmt: skip
+    return len(running)
 
 
 def reap(study: optuna.Study, requeue: bool = True, batched: bool = True) -> int:
@@ -408,14 +450,21 @@ def abandon(
     """Fail the trials this process still runs, with the reason it stops (`interrupt.reason_of`).
     They are re-queued with their parameters when `requeue` says so (default: when the stop
     says so, as the time budget does); otherwise the next run samples anew."""
-    if not trials:
+    abandon_ids(study, [rdb.trial_id(trial) for trial in trials], error, requeue)
+
+
+def abandon_ids(
+    study: optuna.Study, ids: list[int], error: BaseException, requeue: bool | None = None
+) -> None:
+    """`abandon` by storage ids (trials claimed but not yet handed out)."""
+    if not ids:
         return
     with interrupt.shielded():
         reason = interrupt.reason_of(error)
         stop = interrupt.stop_of(error)
         retry = (stop is not None and stop.requeue) if requeue is None else requeue
         with contextlib.suppress(Exception):  # the store is gone: the next run reaps them
-            fail_many(study, {rdb.trial_id(trial): reason for trial in trials}, retry=retry)
+            fail_many(study, dict.fromkeys(ids, reason), retry=retry)
 
 
 def running_elsewhere(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -429,7 +478,12 @@ def running_elsewhere(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
+    """How many trials of `study` are in `states`: one COUNT on a database (a stop says it
+    without reading thousands of trials), else from the trials."""
+    counted = rdb.count_trials(study, states)
+    if counted is None:
+        return len(study.get_trials(deepcopy=False, states=states))
+    return counted
 
 
 def claimed(study: optuna.Study) -> int:

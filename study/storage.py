@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,7 +286,7 @@ def open_storage(
         with lock:
             if creating:
                 _check_sqlite_path(path, create)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return _rdb_storage(url, engine_kwargs, kwargs)
     except StorageError:
         raise
     except ModuleNotFoundError as error:
@@ -295,6 +296,26 @@ def open_storage(
         ) from None
     except Exception as error:  # SQLAlchemy raises many types for one cause
         raise StorageError(f"storage: cannot open {redact(url)}: {_reason(error)}") from None
+
+
+CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key")
+"""What SQLite and PostgreSQL say when another process created Optuna's tables (or its schema
+version row) between this process's check and its CREATE: an Optuna loader that is not this
+tool (`optuna.load_study`, `optuna studies`, optuna-dashboard, a notebook) opening a new store
+while a run creates it. The tool's own processes take the lock; those cannot be made to."""
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, kwargs: dict) -> RDBStorage:
+    """`RDBStorage(url)`, again after a short wait when another process's table creation
+    raced this one (`CREATION_RACE`): the tables are then there, and the next try finds them."""
+    for attempt in range(6):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as error:  # SQLAlchemy's OperationalError, IntegrityError, ...
+            if attempt == 5 or not any(text in str(error) for text in CREATION_RACE):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class NoStoreYet(StorageError):

@@ -209,7 +209,8 @@ def test_a_signal_during_a_huge_population_claim_ends_it_in_seconds(tmp_path, si
     process.send_signal(signum)
     sent = time.monotonic()
     _, err = process.communicate(timeout=60)
-    assert time.monotonic() - sent < 10
+    # the target is two seconds (`study bench claims` measures it); a loaded CI host is slower
+    assert time.monotonic() - sent < 6
     assert process.returncode == status, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) <= 2 and lines[-1].startswith("study: "), err
@@ -233,7 +234,7 @@ def test_the_claims_benchmark_reaps_what_it_claimed_both_ways():
     from study.bench import bench_claims
 
     lines: list[str] = []
-    ratios = bench_claims(trials=30, log=lines.append)
+    ratios = bench_claims(trials=30, log=lines.append, stop=False)
     assert set(ratios) == {"claim", "reap"} and all(r > 0 for r in ratios.values())
     assert any(line.startswith("chunked: claim 30 trials") for line in lines)
 
