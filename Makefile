@@ -34,7 +34,8 @@ study: install
 	$(BIN)/study frontier run --budgets $(BUDGET) --depths 1,2 --storage $(STORAGE)
 	$(BIN)/study frontier report --storage $(STORAGE) --out results/runs/frontier
 
-# The whole test suite (lint first). CI runs exactly this through .ci/run. The tests write
+# The whole test suite (lint first), on two workers (pytest-xdist; a test file stays on one
+# worker, so its fixtures are made once). CI runs exactly this through .ci/run. The tests write
 # their own small IDX files, so a machine without FashionMNIST still runs all of them.
 # A private PostgreSQL server on 127.0.0.1 (Debian's package, installed when missing) backs
 # the multi-worker PostgreSQL test; without root it is skipped, except under CI where it fails.
@@ -42,7 +43,7 @@ test: install
 	-$(MAKE) --no-print-directory data
 	$(BIN)/ruff check study search_spaces tests
 	@url=$$(bash tests/start_postgres.sh) || { echo "PostgreSQL could not be started"; [ -z "$$CI" ] || exit 1; }; \
-	  status=0; STUDY_TEST_POSTGRES="$$url" $(BIN)/python -m pytest -q || status=$$?; \
+	  status=0; STUDY_TEST_POSTGRES="$$url" $(BIN)/python -m pytest -q -n 2 --dist loadfile || status=$$?; \
 	  bash tests/start_postgres.sh --stop; exit $$status
 
 lint: install

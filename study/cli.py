@@ -1045,12 +1045,21 @@ def main(argv: list[str] | None = None) -> int:
 _ending_the_process = False
 
 
+def _shares_resources() -> bool:
+    """Whether this process made semaphores or queues for worker processes (the recheck's,
+    `--workers`): those are released in the interpreter's teardown, which then must run."""
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    started = getattr(getattr(tracker, "_resource_tracker", None), "_fd", None) is not None
+    children = sys.modules.get("multiprocessing")
+    return started or bool(children and children.active_children())
+
+
 def entry() -> None:
     """The `study` command: `main`, then exit with its status."""
     global _ending_the_process
     _ending_the_process = True
     status = main()
-    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM) and not _shares_resources():
         # a stop: every write is committed and its line said; the interpreter's teardown of a
         # large run (thousands of trials in memory, torch) would take up to a second more
         for stream in (sys.stdout, sys.stderr):

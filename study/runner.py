@@ -311,8 +311,11 @@ def _stored_or_requested(
     if study_name not in study_names(rdb):
         return requested, chosen, rdb
     study = optuna.load_study(study_name=study_name, storage=rdb)
-    if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(stored_attrs(study)):
+    attrs = stored_attrs(study)
+    if not {SPACE_ATTR, KIND_ATTR, SETTINGS_ATTR} & set(attrs):
         return requested, chosen, rdb  # made with Optuna alone (to enqueue trials): adopted
+    if SETTINGS_ATTR not in attrs and not study.get_trials(deepcopy=False):
+        return requested, chosen, rdb  # a run killed while it stored them (settings last)
     info = describe(study)
     if info.space != space_name:
         raise ConfigError(

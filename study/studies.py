@@ -250,7 +250,7 @@ def bind(
     stored = stored_attrs(study).get(SETTINGS_ATTR)
     if stored is not None:
         stored = type(settings).upgrade(stored)  # a field renamed since it was stored
-    if stored is None:
+    if stored is None:  # the settings last: a study without them is not bound yet
         store_attr(study, SPACE_ATTR, space)
         if source:
             store_attr(study, SOURCE_ATTR, dict(source))

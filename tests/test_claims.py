@@ -92,21 +92,29 @@ def test_a_large_claim_goes_in_chunks_each_owned_and_beating(new_study, backend,
     assert [t.number for t in trials] == list(range(600))
 
 
-def test_a_stop_between_chunks_leaves_every_claimed_trial_in_hand(new_study, monkeypatch):
+def test_a_stop_between_chunks_fails_every_trial_the_claim_took(new_study, monkeypatch):
+    """A stop between chunks: the claim fails what it took (in one batched write) before the
+    stop goes on; nothing is handed out, nothing is left RUNNING."""
     study = new_study("sqlite")
     monkeypatch.setattr(interrupt, "check", lambda: (_ for _ in ()).throw(
         interrupt.Stopped(interrupt.TIME_BUDGET)))  # fmt: skip
     in_hand: list[optuna.Trial] = []
     with pytest.raises(interrupt.Stopped) as stopped:
         claims.claim(study, 700, into=in_hand)
-    assert len(in_hand) == claims.CHUNK
-    assert len(study.get_trials()) == claims.CHUNK
-    # one of them had started (sampled): the time budget re-queues it; the others had not
-    in_hand[0].suggest_int("x", 0, 9)
-    claims.abandon(study, in_hand, stopped.value)
+    assert in_hand == []
+    trials = study.get_trials()
+    assert len(trials) == claims.CHUNK and {t.state.name for t in trials} == {"FAIL"}
+    reason = interrupt.reason_of(stopped.value)
+    assert {t.user_attrs["fail_reason"] for t in trials} == {reason}
+
+
+def test_abandoned_trials_fail_and_the_time_budget_requeues_the_started_ones(new_study):
+    study = new_study("sqlite")
+    in_hand = claims.claim(study, 3)
+    in_hand[0].suggest_int("x", 0, 9)  # started (sampled): the time budget re-queues it
+    claims.abandon(study, in_hand, interrupt.Stopped(interrupt.TIME_BUDGET))
     by_state = [t.state.name for t in study.get_trials()]
-    assert by_state.count("FAIL") == claims.CHUNK and by_state.count("WAITING") == 1
-    assert "RUNNING" not in by_state
+    assert by_state.count("FAIL") == 3 and by_state.count("WAITING") == 1
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0]
     assert waiting.params == in_hand[0].params and "fail_reason" not in waiting.user_attrs
 

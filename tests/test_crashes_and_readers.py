@@ -169,3 +169,16 @@ def test_readers_in_a_loop_never_break_a_two_worker_run_and_a_population(tmp_pat
         states = [t.state.name for t in optuna.load_study(study_name=name, storage=url).trials]
         assert states.count("COMPLETE") + states.count("PRUNED") == total, (name, states)
         assert "RUNNING" not in states, (name, states)
+
+
+def test_a_study_whose_run_died_while_storing_its_settings_is_taken_up(tmp_path):
+    """Killed after the study and its space were stored, before its settings (stored last):
+    no trial can have run, and the next run binds it as new."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    half = optuna.create_study(study_name="half", storage=url)
+    half.set_user_attr("space", "boolean-shallow")
+    half.set_user_attr("kind", "boolean")
+    study = run_study("boolean-shallow", TINY, trials=2, storage=url, study_name="half",
+                      device="cpu", quiet=True)  # fmt: skip
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials()) == 2
+    assert main(["best", "half", "--storage", url]) in (0, None)

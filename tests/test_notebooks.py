@@ -181,6 +181,27 @@ def test_the_headline_answers_agree_in_readme_notebook_and_answers_json():
         assert str(answer["neurons"]) in notebook and rate in notebook
 
 
+def test_the_exported_test_accuracy_is_one_labelled_number_everywhere():
+    """fashion-cnn's test accuracy, as the reference store holds its export: the mean of its
+    training seeds, with the seeds, in the README, its report and notebook 02 alike."""
+    import optuna
+
+    from study.studies import EXPORT_ATTR, stored_attrs
+
+    root = NOTEBOOKS.parent
+    store = f"sqlite:///{root / 'results' / 'reference.db'}"
+    export = stored_attrs(optuna.load_study(study_name="fashion-cnn", storage=store))[EXPORT_ATTR]
+    seeds = export["test_accuracy_seeds"]
+    mean = f"{sum(seeds) / len(seeds):.4f}"
+    listed = ", ".join(f"{a:.4f}" for a in seeds)
+    assert len(seeds) == 3
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"test accuracy {mean}, the mean of three training seeds** ({listed})" in readme
+    report = (root / "results" / "fashion-cnn" / "summary.md").read_text()
+    assert f"mean test accuracy **{mean}**" in report and listed in report
+    assert f"{mean}, mean of 3 seeds ({listed})" in _committed_text("02_fashion_mnist.ipynb")
+
+
 def test_figures_keep_points_inside_and_legends_name_only_what_is_there(
     store, tmp_path, monkeypatch
 ):
