@@ -74,6 +74,30 @@ def _read(storage_url: str) -> tuple[list[FrontierAnswer], list[str], list[NoAns
     return answers, sorted(earlier), unanswered
 
 
+def earlier_frontier_table(storage_url: str) -> pd.DataFrame:
+    """The cells a store's earlier method answered (blocks of 24 seeds, no fitted curve), one
+    row each as it stored its answer: the width, its held-out rate and recipe (empty when the
+    store has none). `frontier_answers` reads only the current method's."""
+    storage = open_storage(storage_url, heartbeat=False)
+    rows = []
+    for name in _read(storage_url)[1]:
+        stored = earlier_answer(optuna.load_study(study_name=name, storage=storage))
+        chosen = stored["chosen_on"]
+        rows.append({
+            "cell": name,
+            "function seed": stored["function_seed"],
+            "hidden layers": stored["depth"],
+            "epoch budget": stored["budget_epochs"],
+            "neurons": stored["neurons"],
+            "profile": "-".join(map(str, stored["profile"])),
+            "held-out seeds learned": f"{chosen['heldout_successes']}/{chosen['heldout_seeds']}",
+            "recipe": ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in stored["recipe"].items()),
+        })  # fmt: skip
+    order = ["function seed", "hidden layers", "epoch budget"]
+    return pd.DataFrame(rows).sort_values(order, ignore_index=True) if rows else pd.DataFrame()
+
+
 def answers_document(answers: list[FrontierAnswer], records_dir: Path | None = None) -> dict:
     """answers.json: the schema version, one entry per answered cell (with its fitted widths
     at 50, 90 and 99%) and the smallest record network of each function and depth."""

@@ -133,6 +133,23 @@ def test_a_notebook_shows_no_password_of_its_store(notebook, monkeypatch):
     assert "postgresql://me:***@db.example/studies" in shown and "hunter2" not in shown
 
 
+def test_notebook_01_on_a_store_of_the_earlier_method_shows_its_answers(monkeypatch):
+    """Pointed at the reference store (frontier cells of the earlier method only), notebook 01
+    shows their stored widths, as `study best` does, not "no frontier in this store"."""
+    store = NOTEBOOKS.parent / "results" / "reference.db"
+    monkeypatch.setenv("STUDY_STORAGE", f"sqlite:///{store}")
+    book = nbformat.read(NOTEBOOKS / "01_boolean_width.ipynb", as_version=4)
+    frontier = next(i for i, c in enumerate(book.cells) if "earlier_frontier_table" in c.source)
+    book.cells = book.cells[: frontier + 1]
+    NotebookClient(book, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()  # fmt: skip
+    shown = "\n".join(str(o.get("text", "")) + "".join(map(str, o.get("data", {}).values()))
+                      for o in book.cells[frontier].outputs)  # fmt: skip
+    assert "no frontier in this store" not in shown and "earlier method" in shown
+    row = re.search(r"<td>frontier-f0-d1-b2000</td>(.*?)</tr>", shown, re.S).group(1)
+    assert "<td>84</td>" in row  # the width `study best` and `optuna best-trial` name
+
+
 def test_pareto_front_keeps_only_non_dominated_trials():
     from study.report import pareto_front
 
