@@ -6,7 +6,8 @@
 - Optuna's own loader (which creates its tables on a store it opens) racing the creation of
   new stores, 50 times;
 - readers in a loop (Optuna's loaders and CLI, `study list`, `study best`) beside a 2-worker
-  run and a population on a store they create together, 50 repetitions.
+  run and a population on a store they create together, 50 repetitions;
+- kills during the frontier's one-time migration of old cells.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -26,6 +28,7 @@ from study.runner import run_study
 from tests.conftest import TINY, TINY_ARGS
 
 OPTUNA = str(os.path.join(os.path.dirname(sys.executable), "optuna"))
+REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference.db"
 
 FORKS = """
 import os, sys
@@ -182,3 +185,67 @@ def test_a_study_whose_run_died_while_storing_its_settings_is_taken_up(tmp_path)
                       device="cpu", quiet=True)  # fmt: skip
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials()) == 2
     assert main(["best", "half", "--storage", url]) in (0, None)
+
+
+MIGRATE = """
+import sys
+from study.frontier import align_with_optuna
+from study.storage import open_storage
+storage = open_storage(sys.argv[1])
+print("ready", flush=True)
+print(align_with_optuna(storage), flush=True)
+"""
+
+
+def _dealigned_copy(path) -> None:
+    """The committed reference store with every cell's evaluations as earlier versions stored
+    them (no constraint): what `align_with_optuna` migrates."""
+    import shutil
+    import sqlite3
+
+    from study import rdb
+    from study.frontier import STATED
+
+    shutil.copy(REFERENCE, path)
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("DELETE FROM trial_system_attributes WHERE key = ?",
+                           (rdb.constraint_key(STATED),))  # fmt: skip
+
+
+def _values_and_constraints(path) -> list[tuple]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute(
+            "SELECT t.trial_id, v.value, a.value_json FROM trials t "
+            "LEFT JOIN trial_values v USING (trial_id) "
+            "LEFT JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
+            "AND a.key LIKE 'constraints%' ORDER BY t.trial_id"
+        ).fetchall()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE.exists(), reason="no committed reference store")
+def test_kills_during_the_frontier_migration_leave_a_store_the_next_run_migrates(tmp_path):
+    """The frontier's one-time migration of old cells, killed at random moments 5 times: each
+    cell is one transaction, so every next command opens the store and the migration that
+    finally completes leaves exactly what an unkilled one does."""
+    clean = tmp_path / "clean.db"
+    _dealigned_copy(clean)
+    from study.frontier import align_with_optuna
+    from study.storage import open_storage
+
+    assert align_with_optuna(open_storage(f"sqlite:///{clean}")) > 0
+    killed = tmp_path / "killed.db"
+    _dealigned_copy(killed)
+    url, rng = f"sqlite:///{killed}", random.Random(1)
+    for _ in range(5):
+        child = subprocess.Popen([sys.executable, "-c", MIGRATE, url], stdout=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 1.5))  # the migration takes about a second
+        child.kill()
+        child.wait()
+        assert main(["list", "--storage", url]) in (0, None)
+    align_with_optuna(open_storage(url))
+    assert _values_and_constraints(killed) == _values_and_constraints(clean)
