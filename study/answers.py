@@ -292,6 +292,18 @@ class FrontierAnswer:
     def target_loss(self) -> float:
         return self.settings.target_loss
 
+    def pooled_words(self) -> str:
+        """The stated width's rate over every held-out seed it was trained on (curve and
+        confirmation blocks), with its exact 95% interval and, beside it, the confirmation
+        block that stated it: what `make study` and the report's headline say."""
+        pooled = self.all_heldout
+        low, high = exact_interval(pooled.successes, pooled.seeds)
+        return (
+            f"learns f on {pooled.successes}/{pooled.seeds} of the seeds it was trained on "
+            f"(95% {low:.2f}..{high:.2f}; confirmation block {self.rate.successes}/"
+            f"{self.rate.seeds})"
+        )
+
     @property
     def table_bits(self) -> int:
         return 2**self.settings.input_bits * self.settings.output_bits

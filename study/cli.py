@@ -492,12 +492,10 @@ def cmd_frontier_run(args: argparse.Namespace) -> None:
         if isinstance(answer, NoAnswer):
             print(answer.line(), flush=True)
             return
-        low, high = answer.rate.interval
         fitted_low, fitted_high = answer.curve.interval
         print(
             f"{answer.cell.name}: {answer.neurons} neurons {list(answer.width.profile)} "
-            f"({answer.parameters} parameters), confirmed on "
-            f"{answer.rate.successes}/{answer.rate.seeds} fresh seeds (95% {low:.2f}..{high:.2f});"
+            f"({answer.parameters} parameters), {answer.pooled_words()};"
             f" fitted {answer.plan.required_rate:.0%} crossing {answer.curve.crossing:.1f} "
             f"({_end(fitted_low)}..{_end(fitted_high)})",
             flush=True,

@@ -326,11 +326,9 @@ def headline(answers: list[FrontierAnswer], function_seed: int = 0) -> list[str]
         if not found:
             continue
         budget, a = found[-1]
-        low, high = a.rate.interval
         lines.append(
             f"{name} = {a.neurons} ({_profile(a)}, {a.parameters} parameters) at {budget} epochs: "
-            f"learns f on {a.rate.successes}/{a.rate.seeds} fresh seeds (95% {low:.2f}..{high:.2f}"
-            f"), fitted 90% crossing {_fitted(a.curve)}"
+            f"{a.pooled_words()}, fitted 90% crossing {_fitted(a.curve)}"
         )
     return lines
 

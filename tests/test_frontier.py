@@ -556,13 +556,19 @@ def test_the_main_job_states_w_1_and_w_2(tmp_path):
     assert done.returncode == 0, done.stderr
     for depth in (1, 2):
         assert (
-            f"frontier-f0-d{depth}-b2000: " in done.stdout and "fresh seeds (95% " in done.stdout
+            f"frontier-f0-d{depth}-b2000: " in done.stdout
+            and "of the seeds it was trained on (95% " in done.stdout
         )
     report = cli("frontier", "report", "--storage", storage, "--out", str(tmp_path / "r"))
     assert report.returncode == 0, report.stderr
     lines = report.stdout.splitlines()
     assert lines[0].startswith("w_1 = ") and lines[1].startswith("w_2 = ")
     assert " at 2000 epochs: learns f on " in lines[0] and "fitted 90% crossing" in lines[1]
+    # the pooled rate over every seed the stated width was trained on, not its best block
+    for line, answer in zip(lines[:2], json.loads((tmp_path / "r" / "answers.json").read_text())[
+            "answers"], strict=True):  # fmt: skip
+        pooled = answer["all_heldout"]
+        assert f"{pooled['heldout_successes']}/{pooled['heldout_seeds']} of the seeds" in line
     document = json.loads((tmp_path / "r" / "answers.json").read_text())
     assert [a["depth"] for a in document["answers"]] == [1, 2]
     assert document["answers"][0]["command"] == "study " + " ".join(run)
