@@ -1,5 +1,6 @@
 """Crash safety of the sequential path, PostgreSQL workers, the dashboard, bad storages."""
 
+import contextlib
 import json
 import os
 import signal
@@ -127,9 +128,15 @@ def test_dashboard_serves_the_store_over_http(tmp_path):
         assert body is not None, "the dashboard did not answer"
         assert [s["study_name"] for s in body["study_summaries"]] == ["visible-study"]
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
-    assert server.returncode is not None
+        # Ctrl-C ends it (a user presses again if the first lands while it answers: one CI run
+        # on a loaded host saw a dashboard still serving 30 s after a single SIGINT)
+        for _ in range(2):
+            server.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=30)
+            if server.returncode is not None:
+                break
+    assert server.returncode is not None, "Ctrl-C twice did not end the dashboard"
 
 
 def test_dashboard_on_a_bad_storage_is_one_clear_line(tmp_path):
