@@ -12,6 +12,7 @@ version, device, command).
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -29,13 +30,23 @@ HELDOUT_SEED = 3_000_000
 HELDOUT_BLOCK = 10_000
 CONFIRM_BLOCK = 100
 """Confirmation blocks are CONFIRM_BLOCK, CONFIRM_BLOCK + 1, ...: apart from curve blocks."""
+CELL_SEED = 2**59
+"""Method 3: a cell's seeds are CELL_SEED + crc32(cell name) * 2**22 + stage * 2**19 + b * 2**14
++ i (`stage_seeds`): block b of stage `STAGES[stage]`, seed i < 2**14. Cells with different
+names get different crc32s (checked over the grids run, `tests/test_seeds.py`), so no two
+cells, stages or blocks share a seed; all lie above the record seeds (below 2**59) and the
+method-2 seeds (below 10,000,000)."""
+STAGES = ("recipe", "width", "curve", "confirm", "recheck")
+"""The stages that draw their own seeds (method 3), in the order of their ranges."""
 OPTIMIZER = "adam"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Of answers.json: an object with `schema_version`, an `answers` list (each entry with its
-`fitted_widths` at 50, 90 and 99% since version 3) and, since version 3, `records` (the record
-networks shown beside the answers, `study.records`)."""
-READABLE_SCHEMAS = (2, 3)
-"""The answers.json versions this version reads (what version 3 added is only shown)."""
+`fitted_widths` at 50, 90 and 99% since version 3; since version 4 `blocks`, every held-out
+block of the stated width with its first seed, and a `seeds` entry that names each stage's
+range) and, since version 3, `records` (the record networks shown beside the answers,
+`study.records`)."""
+READABLE_SCHEMAS = (2, 3, 4)
+"""The answers.json versions this version reads (what versions 3 and 4 added is only shown)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +101,37 @@ def exact_interval(successes: int, seeds: int, confidence: float = 0.95) -> tupl
 
 
 def first_seed(block: int) -> int:
-    """The first seed of held-out block `block`."""
+    """The first seed of held-out block `block` (method 2: every cell's)."""
     return HELDOUT_SEED + block * HELDOUT_BLOCK
+
+
+def cell_first_seed(name: str, stage: str, block: int = 0) -> int:
+    """Method 3: the first seed of block `block` of `stage` of the cell named `name` (a
+    confirmation block counts from `CONFIRM_BLOCK`)."""
+    if stage == "confirm":
+        block -= CONFIRM_BLOCK
+    if not 0 <= block < 32:
+        raise ValueError(f"block {block} of stage {stage!r} outside 0..31")
+    return (
+        CELL_SEED + zlib.crc32(name.encode()) * 2**22 + STAGES.index(stage) * 2**19 + block * 2**14
+    )
+
+
+def stage_seeds(
+    cell: FrontierCell, method: int, stage: str, count: int, block: int = 0
+) -> tuple[int, ...]:
+    """The `count` seeds of `block` of `stage` of `cell` under `method`: method 3 the cell's own
+    (`cell_first_seed`), method 2 those every cell shared (selection seeds from
+    `SELECTION_SEED`, held-out blocks from `first_seed`)."""
+    if count > 2**14:
+        raise ValueError(f"{count} seeds: a block holds at most {2**14}")
+    if method >= 3:
+        first = cell_first_seed(cell.name, stage, block)
+    elif stage in ("recipe", "width"):
+        first = SELECTION_SEED
+    else:
+        first = first_seed(block)
+    return tuple(range(first, first + count))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,10 +145,12 @@ class BlockRate:
     block: int
     successes: int
     seeds: int
+    first: int | None = None
+    """The block's first seed (None: method 2's `first_seed(block)`)."""
 
     @property
     def first_seed(self) -> int:
-        return first_seed(self.block)
+        return first_seed(self.block) if self.first is None else self.first
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -127,7 +169,12 @@ class BlockRate:
 
     @classmethod
     def from_fields(cls, values: Mapping[str, Any], block_key: str = "heldout_block"):
-        return cls(values[block_key], values["heldout_successes"], values["heldout_seeds"])
+        return cls(
+            values[block_key],
+            values["heldout_successes"],
+            values["heldout_seeds"],
+            values.get("heldout_first_seed"),
+        )
 
 
 @dataclass(frozen=True)
@@ -275,6 +322,9 @@ class FrontierAnswer:
     curve_blocks: tuple[int, ...]
     """The held-out blocks of the curve stage."""
     provenance: Provenance
+    blocks: tuple[BlockRate, ...] = ()
+    """Every held-out block the stated width was trained on (curve and confirmation), in
+    order: what `all_heldout` pools (empty for answers stored before they were kept)."""
 
     @property
     def neurons(self) -> int:
@@ -298,6 +348,11 @@ class FrontierAnswer:
         block that stated it: what `make study` and the report's headline say."""
         pooled = self.all_heldout
         low, high = exact_interval(pooled.successes, pooled.seeds)
+        if self.plan.method >= 3:
+            return (
+                f"learns f on {pooled.successes}/{pooled.seeds} of the seeds it was trained on "
+                f"(95% {low:.2f}..{high:.2f}; {len(pooled.blocks)} blocks, stated by the rule)"
+            )
         return (
             f"learns f on {pooled.successes}/{pooled.seeds} of the seeds it was trained on "
             f"(95% {low:.2f}..{high:.2f}; confirmation block {self.rate.successes}/"
@@ -310,6 +365,25 @@ class FrontierAnswer:
 
     def seeds(self) -> dict[str, Any]:
         """Where every seed of the cell came from."""
+        if self.plan.method >= 3:
+            name = self.cell.name
+            return {
+                "rule": f"{CELL_SEED} + crc32({name!r}) * 2**22 + stage * 2**19 + block * 2**14"
+                " + i (confirmation blocks counted from 0)",
+                "first_seeds": {
+                    stage: cell_first_seed(name, stage, CONFIRM_BLOCK if stage == "confirm" else 0)
+                    for stage in STAGES
+                },
+                "recipe_seeds": self.plan.recipe_seeds,
+                "selection_seeds": self.plan.selection_seeds,
+                "curve_blocks": list(self.curve_blocks),
+                "curve_seeds_per_width": self.plan.heldout_seeds,
+                "confirmation_blocks": sorted(
+                    {w.rate.block for w in self.failed}
+                    | {b.block for b in self.blocks if b.block >= CONFIRM_BLOCK}
+                ),
+                "confirmation_seeds": self.plan.confirmation_seeds,
+            }
         return {
             "selection_first_seed": SELECTION_SEED,
             "recipe_seeds": self.plan.recipe_seeds,
@@ -365,6 +439,7 @@ class FrontierAnswer:
                 "success_curve": self.chosen_by.to_dict(),
             },
             "all_heldout": self.all_heldout.to_dict(),
+            "blocks": [b.fields() for b in self.blocks],
             "seeds": self.seeds(),
             "plan": self.plan.identity(),
             **self.provenance.to_dict(),
@@ -395,6 +470,7 @@ class FrontierAnswer:
             tuple(RankedRecipe.from_dict(r) for r in values["recipe_ranking"]),
             tuple(values["seeds"]["curve_blocks"]),
             Provenance.from_dict(values),
+            tuple(BlockRate.from_fields(b) for b in values.get("blocks", [])),
         )
 
 
@@ -403,7 +479,7 @@ def stored_answer(study: optuna.Study) -> FrontierAnswer | None:
     stopped between choosing and confirming states nothing; None too for a cell of the earlier
     method, `earlier_answer`)."""
     stored = stored_attrs(study).get(ANSWER_ATTR)
-    if stored is None or stored.get("method") != 2:
+    if stored is None or stored.get("method") not in (2, 3):
         return None
     return FrontierAnswer.from_dict(stored)
 

@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from study import claims, interrupt
-from study.answers import CONFIRM_BLOCK, BlockRate, Recipe, Width, first_seed
+from study.answers import CONFIRM_BLOCK, BlockRate, Recipe, Width, stage_seeds
 from study.boolean_trial import BooleanTrial, CandidateOutcome, train_together
 from study.config import (
     MAX_FRONTIER_NEURONS,
@@ -106,6 +106,9 @@ class Unit:
     """Stop a seed once the target is out of reach within the budget (`TargetUnreachable`)."""
     decisive: bool = False
     """Stop the other seeds once the required share is reached or out of reach."""
+    pooled_before: tuple[int, int, int] | None = None
+    """Method 3's confirmation: successes, seeds and blocks of the width before this block; the
+    evaluation is feasible (`STATED`) only if the stating rule holds with it."""
 
     @property
     def key(self) -> tuple:
@@ -232,21 +235,59 @@ class CellRun:
             )
         )
 
+    def seeds(self, stage: str, count: int, block: int = 0) -> tuple[int, ...]:
+        """The seeds of `block` of `stage` (the cell's own under method 3)."""
+        return stage_seeds(self.cell, self.plan.method, stage, count, block)
+
+    def rate(self, trial: FrozenTrial) -> BlockRate:
+        """A held-out evaluation's rate on its block (with the block's first seed)."""
+        block, stage = trial.user_attrs["block"], trial.user_attrs[STAGE_ATTR]
+        successes, count = rate_of(trial)
+        return BlockRate(block, successes, count, self.seeds(stage, 1, block)[0])
+
+    def block_rates(
+        self, recipe: Recipe, neurons: int, curve_through: int, confirm_below: int
+    ) -> tuple[BlockRate, ...]:
+        """Every held-out block `neurons` was trained on with `recipe` (curve blocks up to
+        `curve_through`, confirmation blocks before `confirm_below`), in block order."""
+        return tuple(
+            sorted(
+                (
+                    self.rate(t)
+                    for stage, last in (("curve", curve_through), ("confirm", confirm_below - 1))
+                    for t in self.stored(stage)
+                    if t.params["neurons"] == neurons
+                    and Recipe.from_params(t.params) == recipe
+                    and t.user_attrs["block"] <= last
+                ),
+                key=lambda r: r.block,
+            )
+        )
+
     def width(self, trial: FrozenTrial) -> Width:
         neurons = trial.params["neurons"]
         profile = self.cell.profile(neurons)
         s = self.settings
-        successes, count = rate_of(trial)
-        rate = BlockRate(trial.user_attrs["block"], successes, count)
-        return Width(profile, mlp_parameters(s.input_bits, profile, s.output_bits), rate)
+        return Width(
+            profile, mlp_parameters(s.input_bits, profile, s.output_bits), self.rate(trial)
+        )
 
     def heldout(
-        self, recipe: Recipe, widths: Iterable[int], block: int, stage: str
+        self,
+        recipe: Recipe,
+        widths: Iterable[int],
+        block: int,
+        stage: str,
+        pooled_before: tuple[int, int, int] | None = None,
     ) -> dict[int, FrozenTrial]:
         """The held-out evaluations of `widths` on `block`, by width (trained if not stored)."""
         count = self.plan.confirmation_seeds if stage == "confirm" else self.plan.heldout_seeds
-        seeds = tuple(first_seed(block) + i for i in range(count))
-        units = [Unit(stage, n, recipe, seeds, block, prune=False) for n in widths if n >= 1]
+        seeds = self.seeds(stage, count, block)
+        units = [
+            Unit(stage, n, recipe, seeds, block, prune=False, pooled_before=pooled_before)
+            for n in widths
+            if n >= 1
+        ]
         done = self.evaluate(units)
         return {unit.neurons: done[unit.key] for unit in units}
 
@@ -276,11 +317,21 @@ class CellRun:
             outcomes = claims.train_claimed(self.study, claimed, self.train, mine, requeue=False)
             for trial, unit, outcome in zip(claimed, mine, outcomes, strict=True):
                 self.store(trial, outcome)
-                required = self.plan.required(outcome.seeds_planned)
-                trial.set_constraint(
-                    STATED, stated_constraint(unit.stage, outcome.successes, required)
-                )
+                trial.set_constraint(STATED, self.constraint(unit, outcome))
                 self.study.tell(trial, float(unit.neurons))
+
+    def constraint(self, unit: Unit, outcome: CandidateOutcome) -> float:
+        """`STATED` of an evaluation: <= 0 only for the one an answer is stated from."""
+        if unit.pooled_before is None:
+            required = self.plan.required(outcome.seeds_planned)
+            return stated_constraint(unit.stage, outcome.successes, required)
+        from study.stating_rule import StatingRule
+
+        successes, seeds, blocks = unit.pooled_before
+        holds = StatingRule.of(self.plan).holds(
+            successes + outcome.successes, seeds + outcome.seeds_planned, blocks + 1
+        )
+        return 0.0 if holds else 1.0
 
     def _claimed(self, keys: set[tuple]) -> dict[tuple, FrozenTrial]:
         """The complete evaluations with these keys and those a live process of this tool is

@@ -787,8 +787,9 @@ def _add_frontier(sub) -> None:
     check.add_argument("--cells", nargs="+", metavar="STUDY", help="these answers only (names)")
     check.add_argument("--seeds", type=_bounded_int(1, 100_000), default=48, help="per answer")
     check.add_argument(
-        "--first-seed", type=_bounded_int(0, 2**31 - 100_001), default=RECHECK_SEED,
-        help=f"the seeds are FIRST-SEED onwards (default {RECHECK_SEED}: no run used them)",
+        "--first-seed", type=_bounded_int(0, 2**63 - 100_001),
+        help="the seeds are FIRST-SEED onwards (default: the cell's own recheck seeds, which "
+        f"no run trains on; {RECHECK_SEED} onwards for a cell stored before method 3)",
     )  # fmt: skip
     check.add_argument(
         "--processes", type=_bounded_int(1, 1024), default=os.cpu_count() or 1,

@@ -767,7 +767,8 @@ PLAN_BOUNDS = {
     "selection_seeds": (1, 1000),
     "heldout_seeds": (20, 10_000),
     "confirmation_seeds": (20, 10_000),
-    "method": (2, 2),
+    "stated_seeds": (20, 100_000),
+    "method": (2, 3),
 }
 """The range of each count of a `FrontierPlan`."""
 
@@ -792,10 +793,19 @@ class FrontierPlan(Settings):
     """A width learns f when at least this share of its seeds does."""
     probe_neurons: int | None = None
     """Width of the recipe search (default: a width near the cell's expected boundary)."""
-    method: int = 2
-    """How a cell is answered: 2, a fitted success curve and one large confirmation block
-    (`study.frontier`). Cells stored by method 1 (blocks of 24 seeds, no curve) keep their
-    stored answers but are not resumed."""
+    stated_seeds: int = 192
+    """Method 3: held-out seeds (from at least two blocks, failed blocks included) a width must
+    have been trained on before it is stated or refused (`study.stating_rule`)."""
+    stated_margin: float = 0.05
+    """Method 3: the exact one-sided 95% lower bound of a stated width's pooled rate is at least
+    `required_rate` less this."""
+    method: int = 3
+    """How a cell is answered: 3, a fitted success curve, then confirmation blocks at the chosen
+    width until every held-out seed it was trained on, pooled, states it or refuses it under
+    `study.stating_rule`, every stage on the cell's own seeds (`answers.stage_seeds`); 2 (cells
+    stored before 2026-12-08, resumed as they were), one confirmation block of seeds shared by
+    every cell. Cells stored by method 1 (blocks of 24 seeds, no curve) keep their stored
+    answers but are not resumed."""
 
     def __post_init__(self) -> None:
         for name, (low, high) in PLAN_BOUNDS.items():
@@ -804,6 +814,8 @@ class FrontierPlan(Settings):
                     f"must be from {low} to {high}")  # fmt: skip
         require(is_number(self.required_rate) and 0 < self.required_rate <= 1, "required_rate",
                 self.required_rate, "must be in (0, 1]")  # fmt: skip
+        require(is_number(self.stated_margin) and 0 <= self.stated_margin < self.required_rate,
+                "stated_margin", self.stated_margin, "must be in [0, required_rate)")  # fmt: skip
         require(
             self.probe_neurons is None
             or (is_int(self.probe_neurons) and 1 <= self.probe_neurons <= MAX_FRONTIER_NEURONS),

@@ -58,7 +58,6 @@ from study.answers import (
     ANSWER_ATTR,
     CONFIRM_BLOCK,
     NO_ANSWER_ATTR,
-    SELECTION_SEED,
     FrontierAnswer,
     NoAnswer,
     Pooled,
@@ -135,7 +134,7 @@ def answer(run: CellRun) -> FrontierAnswer | NoAnswer:
 def search_width(run: CellRun, recipe: Recipe) -> int:
     """The fewest neurons that learn f on the selection seeds with `recipe` (k-ary search,
     several widths trained together per round)."""
-    seeds = tuple(SELECTION_SEED + i for i in range(run.plan.selection_seeds))
+    seeds = run.seeds("width", run.plan.selection_seeds)
     need = run.plan.required(len(seeds))
     while True:
         known = {
@@ -214,7 +213,62 @@ def fit_curve(run: CellRun, recipe: Recipe, centre: int) -> tuple[int, ...]:
 
 
 def confirm(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
-    """The smallest whole width the curve fitted so far places at the required rate (at
+    """Stage 4 under the cell's method (`confirm_by_rule`, method 3; `confirm_once`, 2)."""
+    if run.plan.method >= 3:
+        return confirm_by_rule(run, recipe, curve_blocks)
+    return confirm_once(run, recipe, curve_blocks)
+
+
+def confirm_by_rule(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
+    """The smallest whole width the curve fitted so far places at the required rate (at least
+    one more than a width refused before) is trained on fresh confirmation blocks until every
+    held-out seed it was trained on (its curve block, if any, and every confirmation block,
+    failed ones included), pooled, decides under `study.stating_rule`: stated once the rule
+    holds on at least `stated_seeds` seeds from two blocks or more; refused there if it does
+    not, or earlier once even a success on every remaining seed could not lift the estimate to
+    the required rate. A refused width's blocks join the fit and the next width is confirmed on
+    fresh blocks. The decision is taken once per width, at a fixed count of seeds (never
+    repeated as blocks come in), so the chances the report shows for the rule are its chances."""
+    from study.stating_rule import StatingRule
+
+    rule = StatingRule.of(run.plan)
+    failed: list[Width] = []
+    block = CONFIRM_BLOCK
+    for _ in range(ATTEMPTS):
+        points = run.points(recipe, curve_blocks[-1], block)
+        chosen_by = fit(points, run.plan.required_rate)
+        neurons = max(chosen_by.smallest(), failed[-1].neurons + 1 if failed else 1)
+        while True:
+            rates = run.block_rates(recipe, neurons, curve_blocks[-1], block)
+            successes = sum(r.successes for r in rates)
+            seeds = sum(r.seeds for r in rates)
+            verdict = rule.verdict(successes, seeds, len(rates))
+            confirmed = [r.block for r in rates if r.block >= CONFIRM_BLOCK]
+            if confirmed and verdict != "holds" and not verdict.startswith("fails"):
+                confirmed = []  # undecided: another block
+            if confirmed:
+                break
+            pooled = (successes, seeds, len(rates))
+            run.heldout(recipe, (neurons,), block, "confirm", pooled)
+            block += 1
+        trial = run.heldout(recipe, (neurons,), confirmed[-1], "confirm")[neurons]
+        if verdict == "holds":
+            run.log(
+                f"{run.cell.name}: answer {neurons} neurons, learning f on "
+                f"{successes}/{seeds} held-out seeds over {len(rates)} blocks"
+            )
+            return _state(run, recipe, trial, chosen_by, tuple(failed), curve_blocks)
+        failed.append(run.width(trial))
+        run.log(
+            f"{run.cell.name}: {neurons} neurons learn f on {successes}/{seeds} held-out seeds "
+            f"over {len(rates)} blocks ({verdict}); they join the fit and the next width is "
+            "confirmed on fresh blocks"
+        )
+    raise Unanswered(f"no width held under the stating rule in {ATTEMPTS} attempts")
+
+
+def confirm_once(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
+    """Method 2: the smallest whole width the curve fitted so far places at the required rate (at
     least one more than a width that failed before), on a fresh confirmation block; its
     rate there is the one stated. A width that fails is not stated: its block joins the
     fit, and the next width is confirmed on a fresh block."""
@@ -253,7 +307,7 @@ def _state(
     points = run.points(recipe, curve_blocks[-1], block + 1)
     neurons = trial.params["neurons"]
     stored = stored_attrs(run.study).get(ANSWER_ATTR)
-    if stored and stored.get("method") == 2 and stored.get("neurons") == neurons:
+    if stored and stored.get("method") in (2, 3) and stored.get("neurons") == neurons:
         provenance = Provenance.from_dict(stored)  # stated before: as it was stated
     else:
         device = trial.user_attrs.get("device", "")
@@ -278,6 +332,7 @@ def _state(
         recipe_search.ranked(run),
         curve_blocks,
         provenance,
+        run.block_rates(recipe, neurons, curve_blocks[-1], block + 1),
     )
 
 

@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from study.answers import (
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
     FrontierAnswer,
+    cell_first_seed,
     code_commit,
     exact_interval,
 )
@@ -225,31 +226,37 @@ def recheck(
     answers: Sequence[FrontierAnswer],
     out: Path,
     seeds: int = 48,
-    first: int = RECHECK_SEED,
+    first: int | None = None,
     processes: int = 2,
     log: Callable[[str], None] = print,
     command: str = "",
     engine: str = "sequential",
 ) -> list[Recheck]:
-    """Retrain every answer on seeds first .. first + seeds - 1 with `engine`; write
-    recheck.json (as seeds end) and recheck.md (every recheck stored there) in `out`; return
-    this call's rechecks in the answers' order."""
+    """Retrain every answer on seeds first .. first + seeds - 1 with `engine` (`first` None:
+    each answer's own, `recheck_seed`); write recheck.json (as seeds end) and recheck.md (every
+    recheck stored there) in `out`; return this call's rechecks in the answers' order."""
     if engine not in RECHECK_ENGINES:
         raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(RECHECK_ENGINES)}")
     path = out / "recheck.json"
     stored = _stored(path)
     done: dict[str, dict[int, SeedResult]] = {a.cell.name: {} for a in answers}
-    wanted = range(first, first + seeds)
+    firsts = {a.cell.name: recheck_seed(a) if first is None else first for a in answers}
+    wanted = {name: range(f, f + seeds) for name, f in firsts.items()}
     for a in answers:
         entry = stored.get((a.cell.name, engine))
         if entry is not None and all(entry.get(k) == v for k, v in _identity(a, engine).items()):
             kept = [SeedResult(**s) for s in entry["seeds"]]
             done[a.cell.name] = {s.seed: s for s in kept}
-    jobs = [(a.to_dict(), s) for a in answers for s in wanted if s not in done[a.cell.name]]
+    jobs = [
+        (a.to_dict(), s)
+        for a in answers
+        for s in wanted[a.cell.name]
+        if s not in done[a.cell.name]
+    ]
     reused = len(answers) * seeds - len(jobs)
     where = f"{processes} processes" if engine == "sequential" else f"{processes} threads"
     log(
-        f"recheck: {len(answers)} answers x {seeds} seeds ({first}..{first + seeds - 1}), "
+        f"recheck: {len(answers)} answers x {seeds} seeds ({_ranges(firsts, seeds)}), "
         f"{len(jobs)} to train with the {engine} engine on {where}"
         + (f", {reused} read back from {path}" if reused else "")
     )
@@ -260,14 +267,18 @@ def recheck(
         """The wanted seeds done (`every`: every seed stored too, as recheck.json keeps them)."""
         return [
             Recheck(
-                a, tuple(r for s, r in sorted(done[a.cell.name].items()) if every or s in wanted)
+                a,
+                tuple(
+                    r
+                    for s, r in sorted(done[a.cell.name].items())
+                    if every or s in wanted[a.cell.name]
+                ),
             )
             for a in answers
         ]
 
     provenance = {  # once: the commit is read with git
         "engine": engine,
-        "first_seed": first,
         "code_commit": code_commit(),
         "torch_version": torch_version(),
         "command": command,
@@ -275,7 +286,8 @@ def recheck(
 
     def save() -> None:
         # an answer this call trained seeds of (one only read back stays as it was stored)
-        ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance}
+        ours = {(r.answer.cell.name, engine): {**r.to_dict(engine), **provenance,
+                                               "first_seed": firsts[r.answer.cell.name]}
                 for r in results(every=True) if r.answer.cell.name in trained}  # fmt: skip
         document = {"schema_version": 1, "rechecks": list({**stored, **ours}.values())}
         temporary = path.with_suffix(".json.tmp")
@@ -301,7 +313,7 @@ def recheck(
                 else:
                     count = 0
                     for a in answers:
-                        todo = [s for s in wanted if s not in done[a.cell.name]]
+                        todo = [s for s in wanted[a.cell.name] if s not in done[a.cell.name]]
                         if not todo:
                             continue
                         for result in train_population(a.to_dict(), todo, processes):
@@ -316,6 +328,23 @@ def recheck(
     save()
     (out / "recheck.md").write_text(recheck_markdown(list(_stored(path).values())))
     return results()
+
+
+def recheck_seed(answer: FrontierAnswer) -> int:
+    """An answer's first recheck seed by default: its cell's own recheck range under method 3
+    (no stage of any cell trains on it, `answers.stage_seeds`), else `RECHECK_SEED` (above
+    every seed of method 2)."""
+    if answer.plan.method >= 3:
+        return cell_first_seed(answer.cell.name, "recheck")
+    return RECHECK_SEED
+
+
+def _ranges(firsts: Mapping[str, int], seeds: int) -> str:
+    """The seed ranges of a recheck, in words."""
+    distinct = sorted(set(firsts.values()))
+    if len(distinct) == 1:
+        return f"{distinct[0]}..{distinct[0] + seeds - 1}"
+    return "each cell's own recheck seeds"
 
 
 def _train_in_workers(jobs, processes: int, ended, save) -> None:

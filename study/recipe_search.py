@@ -16,7 +16,6 @@ from optuna.trial import TrialState
 
 from study import claims, interrupt
 from study.answers import (
-    SELECTION_SEED,
     FrontierAnswer,
     RankedRecipe,
     Recipe,
@@ -145,7 +144,7 @@ def ranked(run: CellRun, count: int = 3) -> tuple[RankedRecipe, ...]:
 
 
 def _train(run: CellRun, asked: list[optuna.Trial]) -> None:
-    seeds = tuple(SELECTION_SEED + i for i in range(run.plan.recipe_seeds))
+    seeds = run.seeds("recipe", run.plan.recipe_seeds)
     units = []
     try:
         for trial in asked:

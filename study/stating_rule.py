@@ -41,6 +41,16 @@ class StatingRule:
     min_lower: float = 0.85
     confidence: float = 0.95
 
+    @classmethod
+    def of(cls, plan) -> StatingRule:
+        """The rule of a frontier plan (`FrontierPlan`: its required rate, stated seeds and
+        margin)."""
+        return cls(
+            min_seeds=plan.stated_seeds,
+            min_estimate=plan.required_rate,
+            min_lower=plan.required_rate - plan.stated_margin,
+        )
+
     def holds(self, successes: int, seeds: int, blocks: int) -> bool:
         return (
             seeds >= self.min_seeds
