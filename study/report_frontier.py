@@ -388,13 +388,14 @@ def rule_lines(answers: list[FrontierAnswer]) -> list[str]:
     rows = []
     for a in answers:
         pooled = a.all_heldout
+        mine = StatingRule.of(a.plan) if a.plan.method >= 3 else rule
         rows.append({
             "cell": a.cell.name,
             "stated": a.neurons,
             "pooled": f"{pooled.successes}/{pooled.seeds} ({pooled.successes / pooled.seeds:.3f})",
             "blocks": len(pooled.blocks),
             "one-sided 95% lower": f"{lower_bound(pooled.successes, pooled.seeds):.3f}",
-            "under the rule": rule.verdict(pooled.successes, pooled.seeds, len(pooled.blocks)),
+            "under the rule": mine.verdict(pooled.successes, pooled.seeds, len(pooled.blocks)),
         })  # fmt: skip
     seeds = rule.min_seeds
     chances = ", ".join(
@@ -410,10 +411,14 @@ def rule_lines(answers: list[FrontierAnswer]) -> list[str]:
         f"{rule.min_seeds} from at least {rule.min_blocks} blocks, the pooled estimate is at "
         f"least {rule.min_estimate:.0%} and its exact one-sided 95% lower bound at least "
         f"{rule.min_lower:.0%}. The chance that it states a width of a given true rate from "
-        f"{seeds} seeds (at least {rule.least_successes(seeds)} must learn f): {chances}. The "
-        "answers above were stated by one confirmation block each; this table shows what each "
-        "has by the stricter rule and what it still needs (cells are not yet recomputed "
-        "under it).",
+        f"{seeds} seeds (at least {rule.least_successes(seeds)} must learn f): {chances}. "
+        + (
+            "The answers of method 2 above were stated by one confirmation block each; this "
+            "table shows what each has by the rule and what it still needs (method 3 states by "
+            "it)."
+            if any(a.plan.method < 3 for a in answers)
+            else "Every answer above was stated by it (method 3)."
+        ),
         "",
         markdown_table(pd.DataFrame(rows)),
         "",
@@ -647,25 +652,41 @@ def introduction(answers: list[FrontierAnswer]) -> str:
         return " or ".join(f"{k} of {n}" for k, n in pairs)
 
     rate = " or ".join(f"{r:.0%}" for r in sorted({p.required_rate for p in plans} or {0.9}))
+    methods = sorted({p.method for p in plans} or {FrontierPlan().method})
+    margins = {(p.required_rate, p.stated_margin) for p in plans} or {(0.9, 0.05)}
+    lower = " or ".join(f"{r - g:.0%}" for r, g in sorted(margins))
+    stage_4 = {
+        2: f"Method 2: one block of {each('confirmation_seeds')} seeds, which must pass "
+        f"({needed()}) for the width to be stated (*confirmed*, with its exact 95% interval); "
+        "a width that fails joins the fit and the next is confirmed on a fresh block. Seeds, "
+        f"shared by every cell: selection {SELECTION_SEED:,} + i, curve blocks "
+        f"{HELDOUT_SEED:,} + {HELDOUT_BLOCK:,} j + i, confirmation blocks "
+        f"{first_seed(CONFIRM_BLOCK):,} + {HELDOUT_BLOCK:,} j + i.",
+        3: f"Method 3: blocks of {each('confirmation_seeds')} seeds until every held-out seed "
+        "the width was trained on (curve and confirmation blocks, failed ones included) numbers "
+        f"at least {each('stated_seeds')} from two blocks or more; it is stated if the pooled "
+        f"rate is at least {rate} and its exact one-sided 95% lower bound at least {lower} "
+        "(`study.stating_rule`), refused otherwise (the next width is then confirmed on fresh "
+        "blocks). Every stage of a cell draws its own seeds (2^59 + crc32(cell name) 2^22 + "
+        "stage 2^19 + block 2^14 + i; `answers.stage_seeds`): no two cells, stages or blocks "
+        "share one.",
+    }
     n, m = (answers[0].settings.input_bits, answers[0].settings.output_bits) if answers else (8, 8)
     return (
         "The fewest hidden ReLU neurons with which a network learns the random Boolean function "
         f"{{0,1}}^{n} -> {{0,1}}^{m} to a full-table mean BCE of at most 0.001 with every bit "
         f"right, on at least {rate} of held-out initialisation seeds, for each epoch budget and "
-        "depth (`study.frontier`, method 2). Per cell: Optuna's TPE, seeded from the cell, "
+        f"depth (`study.frontier`, method {' or '.join(map(str, methods))}). Per cell: "
+        "Optuna's TPE, seeded from the cell, "
         "searches the recipe (Adam's learning rate, batch size, schedule with warm-up and floor; "
         f"{each('recipe_trials')} trials, the neighbouring cells' best recipes first) at a width "
         "near the cell's boundary; a k-ary search on selection seeds finds where the boundary "
         f"lies; five widths around it are trained on {each('heldout_seeds')} held-out seeds each "
         "and a logistic curve in width is fitted to every held-out seed (*fitted width*: where "
         "it crosses the required rate, with its profile-likelihood 95% interval); the smallest "
-        "whole width whose fitted rate is at least the required rate is trained on "
-        f"{each('confirmation_seeds')} fresh seeds (*confirmed*, with its exact 95% interval), "
-        f"which must pass ({needed()}) for the width to be stated. Seeds: selection "
-        f"{SELECTION_SEED:,} + i, curve blocks {HELDOUT_SEED:,} + {HELDOUT_BLOCK:,} j + i, "
-        f"confirmation blocks {first_seed(CONFIRM_BLOCK):,} + {HELDOUT_BLOCK:,} j + i. "
-        "answers.json carries every answer's curve, recipe ranking, seeds, plan, code commit, "
-        "torch version, device and command."
+        "whole width whose fitted rate is at least the required rate is confirmed on fresh "
+        f"seeds. {' '.join(stage_4[m] for m in methods)} answers.json carries every answer's "
+        "curve, recipe ranking, seeds, plan, code commit, torch version, device and command."
     )
 
 

@@ -31,6 +31,7 @@ PLAN = FrontierPlan(
     heldout_seeds=20,
     confirmation_seeds=20,
     probe_neurons=16,
+    stated_seeds=40,
 )
 Cell = FrontierCell
 REPRODUCE = ("input_bits", "output_bits", "target_loss", "required_rate", "optimizer", "recipe",
@@ -82,15 +83,28 @@ def stored(storage, name="frontier-f0-d1-b200"):
 
 def test_a_cell_states_the_smallest_width_the_curve_places_at_90_percent(cell_store):
     storage, answer, _ = cell_store
-    need = math.ceil(0.9 * 20)
-    assert answer["method"] == 2 and answer["depth"] == 1
-    # stated: the confirmation block's rate, on fresh seeds, with its exact interval
-    assert (answer["confirmation_seeds"], answer["heldout_seeds"]) == (20, 20)
-    assert answer["confirmation_successes"] == answer["heldout_successes"] >= need
+    from study.answers import cell_first_seed
+    from study.stating_rule import StatingRule
+
+    assert answer["method"] == 3 and answer["depth"] == 1
+    # stated by the rule on every held-out block the width was trained on, pooled
+    blocks = answer["blocks"]
+    pooled = answer["all_heldout"]
+    assert [b["heldout_block"] for b in blocks] == pooled["blocks"]
+    assert sum(b["heldout_successes"] for b in blocks) == pooled["heldout_successes"]
+    assert sum(b["heldout_seeds"] for b in blocks) == pooled["heldout_seeds"] >= 40
+    assert len(blocks) >= 2 and blocks[-1]["heldout_block"] >= CONFIRM_BLOCK
+    assert StatingRule.of(PLAN).holds(pooled["heldout_successes"], pooled["heldout_seeds"],
+                                      len(blocks))  # fmt: skip
+    # the block that decided: its rate on fresh seeds with its exact interval, its own seeds
+    assert blocks[-1] == {k: answer[k] for k in blocks[-1]}
+    assert answer["confirmation_seeds"] == answer["heldout_seeds"] == 20
     low, high = answer["interval_95"]
     assert (low, high) == pytest.approx(exact_interval(answer["heldout_successes"], 20), abs=1e-4)
-    assert answer["heldout_block"] >= CONFIRM_BLOCK
-    assert answer["heldout_first_seed"] == HELDOUT_SEED + answer["heldout_block"] * 10_000
+    for b in blocks:
+        stage = "confirm" if b["heldout_block"] >= CONFIRM_BLOCK else "curve"
+        assert b["heldout_first_seed"] == cell_first_seed(answer["study"], stage,
+                                                          b["heldout_block"])  # fmt: skip
     # the width: the smallest whole width at >= 90% by the fit that chose it (or one more than
     # a width that failed its own confirmation)
     chosen = fit([Point(*p) for p in answer["chosen_on"]["success_curve"]["points"]])
@@ -148,8 +162,8 @@ def test_held_out_seeds_played_no_part_in_selection(cell_store):
     confirmation = seeds(study.trials, ("confirm",))
     assert curve and selection and not curve & selection
     assert confirmation and not confirmation & (curve | selection)
-    assert min(curve) >= HELDOUT_SEED and max(selection) < HELDOUT_SEED
-    assert min(selection) >= SELECTION_SEED
+    assert not seeds(recipe.trials, ("recipe",)) & seeds(study.trials, ("width",))
+    assert min(selection | curve | confirmation) >= 2**59  # the cell's own (method 3)
     assert len(recipe.trials) == PLAN.recipe_trials
     assert {t.user_attrs["stage"] for t in study.trials} == {"width", "curve", "confirm"}
 
@@ -252,18 +266,92 @@ def test_function_seed_zero_is_a_function_seed():
     assert args.function_seeds == (0, 3)
 
 
-def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(
+def test_method_3_states_a_width_only_when_the_rule_holds_on_every_seed_pooled(
     tmp_path, monkeypatch
 ):
-    """The fit places 8 neurons; 8 fails its confirmation block (15/20): its block joins the
-    fit, and the next width (at least 9) is confirmed on the next fresh block."""
+    """Stating rule over 60 pooled seeds (20 per block): 8 neurons (the fit's) has 19/20 on its
+    curve block and 19/20 on its first confirmation block, too few seeds to decide, so it gets a
+    second block (17/20): 55/60 is 0.917 but its one-sided 95% lower bound 0.833 < 0.85, so 8 is
+    refused, every block kept. 9 neurons: 20/20 on the curve, 18/20 and 18/20 on two fresh
+    blocks: 56/60, lower bound 0.854: stated from the block that decided. Each confirmation is
+    told what came before it, so that only the deciding block is feasible for Optuna."""
+    from study import frontier
+    from study.answers import BlockRate
+    from study.cell_engine import CellRun
+    from study.stating_rule import StatingRule
+    from study.storage import open_storage
+
+    plan = PLAN.replace(stated_seeds=60)
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    run = CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200), plan, TINY, 1,
+                  print)  # fmt: skip
+    curve = {5: 2, 6: 8, 7: 15, 8: 19, 9: 20}
+    rates = {(8, CONFIRM_BLOCK): 19, (8, CONFIRM_BLOCK + 1): 17,
+             (9, CONFIRM_BLOCK + 2): 18, (9, CONFIRM_BLOCK + 3): 18}  # fmt: skip
+    confirmed: dict[int, tuple[int, int]] = {}  # block -> (neurons, successes)
+    told = []
+
+    def points(recipe, curve_through, confirm_below):
+        mine = [Point(n, k, 20) for b, (n, k) in sorted(confirmed.items()) if b < confirm_below]
+        return [Point(n, k, 20) for n, k in curve.items()] + mine
+
+    def block_rates(recipe, neurons, curve_through, confirm_below):
+        rows = [BlockRate(0, curve[neurons], 20)] if neurons in curve else []
+        return tuple(rows + [BlockRate(b, k, 20) for b, (n, k) in sorted(confirmed.items())
+                             if n == neurons and b < confirm_below])  # fmt: skip
+
+    def heldout(recipe, widths, block, stage, pooled_before=None):
+        assert stage == "confirm"
+        (n,) = widths
+        if block not in confirmed:
+            confirmed[block] = (n, rates[(n, block)])
+            told.append((n, block, pooled_before))
+        attrs = {"successes": confirmed[block][1], "seeds_planned": 20, "block": block,
+                 "stage": "confirm"}  # fmt: skip
+        return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
+
+    run.points, run.heldout, run.block_rates = points, heldout, block_rates
+    monkeypatch.setattr(
+        frontier,
+        "_state",
+        lambda run, recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed),
+    )
+    trial, chosen_by, failed = frontier.confirm(run, Recipe(0.01, 8, "constant"), (0,))
+    assert fit([Point(n, k, 20) for n, k in curve.items()]).smallest() == 8
+    assert trial.params["neurons"] == 9 and trial.user_attrs["block"] == CONFIRM_BLOCK + 3
+    assert [(w.neurons, w.rate.successes, w.rate.block) for w in failed] == [
+        (8, 17, CONFIRM_BLOCK + 1)
+    ]
+    assert told == [
+        (8, CONFIRM_BLOCK, (19, 20, 1)),
+        (8, CONFIRM_BLOCK + 1, (38, 40, 2)),
+        (9, CONFIRM_BLOCK + 2, (20, 20, 1)),
+        (9, CONFIRM_BLOCK + 3, (38, 40, 2)),
+    ]
+    rule = StatingRule.of(plan)
+    assert not rule.holds(55, 60, 3) and rule.holds(56, 60, 3)
+    assert Point(8, 19 + 19 + 17, 60) in chosen_by.points  # the refused width's blocks, pooled
+    # what Optuna is told: only a block that completes a statement is feasible
+    outcome = SimpleNamespace(successes=18, seeds_planned=20)
+    unit = SimpleNamespace(pooled_before=(38, 40, 2), stage="confirm")
+    assert run.constraint(unit, outcome) == 0.0
+    assert run.constraint(SimpleNamespace(pooled_before=(37, 40, 2), stage="confirm"),
+                          outcome) == 1.0  # fmt: skip
+
+
+def test_method_2_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(
+    tmp_path, monkeypatch
+):
+    """Method 2 (cells stored before method 3 resume with it): the fit places 8 neurons; 8
+    fails its confirmation block (15/20): its block joins the fit, and the next width (at
+    least 9) is confirmed on the next fresh block."""
     from study import frontier
     from study.cell_engine import CellRun
     from study.storage import open_storage
 
     storage = f"sqlite:///{tmp_path / 'c.db'}"
-    run = CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200), PLAN, TINY, 1,
-                  print)  # fmt: skip
+    run = CellRun(storage, open_storage(storage, create=True), Cell(0, 1, 200),
+                  PLAN.replace(method=2), TINY, 1, print)  # fmt: skip
     curve = [Point(n, k, 20) for n, k in [(5, 2), (6, 8), (7, 15), (8, 19), (9, 20)]]
     rates = {(8, CONFIRM_BLOCK): 15, (9, CONFIRM_BLOCK + 1): 20}
     confirmed: dict[int, Point] = {}
@@ -279,7 +367,8 @@ def test_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_stated(
         assert stage == "confirm"
         (n,) = widths
         confirmed[block] = Point(n, rates[(n, block)], 20)
-        attrs = {"successes": rates[(n, block)], "seeds_planned": 20, "block": block}
+        attrs = {"successes": rates[(n, block)], "seeds_planned": 20, "block": block,
+                 "stage": "confirm"}  # fmt: skip
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
     run.points, run.heldout = points, heldout
@@ -550,7 +639,8 @@ def test_the_main_job_states_w_1_and_w_2(tmp_path):
     assert "frontier report --storage $(STORAGE)" in target
     storage = f"sqlite:///{tmp_path / 'mine.db'}"
     plan = ["--recipe-trials", "3", "--recipe-seeds", "2", "--selection-seeds", "4",
-            "--heldout-seeds", "20", "--confirmation-seeds", "20"]  # fmt: skip
+            "--heldout-seeds", "20", "--confirmation-seeds", "20",
+            "--stated-seeds", "40"]  # fmt: skip
     run = ["frontier", "run", "--budgets", "2000", "--depths", "1,2", "--storage", storage, *plan]
     done = cli(*run, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -590,7 +680,8 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     a rerun with more seeds reads the first ones back, a changed recipe trains them anew."""
     import torch
 
-    from study.config import RECHECK_SEED, TrainConfig
+    from study.answers import cell_first_seed
+    from study.config import TrainConfig
     from study.data import boolean_function
     from study.models import build_boolean_net
     from study.trainer import train
@@ -604,7 +695,9 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     (entry,) = document["rechecks"]
     assert entry["study"] == answer["study"] and entry["neurons"] == answer["neurons"]
     seeds = entry["seeds"]
-    assert [s["seed"] for s in seeds] == list(range(RECHECK_SEED, RECHECK_SEED + 4))
+    first = cell_first_seed(answer["study"], "recheck")  # the cell's own recheck seeds
+    assert [s["seed"] for s in seeds] == list(range(first, first + 4))
+    assert entry["first_seed"] == first
     assert entry["successes"] == sum(s["learned"] for s in seeds)
     verdict = f"{entry['successes']}/4 recheck seeds"
     assert (

@@ -49,7 +49,7 @@ def test_the_optuna_cli_names_each_kinds_answer_best(tmp_path):
                       device="cpu", quiet=True, sampler_seed=0, settings=small)  # fmt: skip
     cell = FrontierCell(0, 1, 200)
     plan = FrontierPlan(recipe_trials=2, recipe_seeds=2, selection_seeds=4, heldout_seeds=20,
-                        confirmation_seeds=20, probe_neurons=16)  # fmt: skip
+                        confirmation_seeds=20, probe_neurons=16, stated_seeds=40)  # fmt: skip
     answer = run_cell(storage, cell, plan, threads=1, log=lambda _: None,
                       settings=BooleanSettings(input_bits=4, output_bits=3))  # fmt: skip
     for study, expected in [
