@@ -187,7 +187,11 @@ def format_best(record: dict[str, Any]) -> str:
     lines = []
     if answer is not None and "neurons" in answer:
         rate = ""
-        if "confirmation_seeds" in answer:
+        if answer.get("method", 0) >= 3:
+            pooled = answer["all_heldout"]
+            rate = (f", stated on {pooled['heldout_successes']}/{pooled['heldout_seeds']} "
+                    f"held-out seeds ({len(pooled['blocks'])} blocks)")  # fmt: skip
+        elif "confirmation_seeds" in answer:
             rate = (f", confirmed on {answer['confirmation_successes']}/"
                     f"{answer['confirmation_seeds']} fresh seeds")  # fmt: skip
         profile = answer.get("profile") or answer.get("hidden_layer_profile")

@@ -136,6 +136,18 @@ def _rate(rate: BlockRate) -> str:
     return f"{rate.successes}/{rate.seeds} ({low:.2f}..{high:.2f})"
 
 
+def _evidence(a: FrontierAnswer) -> str:
+    """What stated the width: method 3, every held-out seed it was trained on, pooled; method
+    2, its confirmation block."""
+    if a.plan.method < 3:
+        return _rate(a.rate)
+    pooled = a.all_heldout
+    low, high = exact_interval(pooled.successes, pooled.seeds)
+    return (
+        f"{pooled.successes}/{pooled.seeds} ({low:.2f}..{high:.2f}; {len(pooled.blocks)} blocks)"
+    )
+
+
 def _end(value: float | None) -> str:
     return "open" if value is None else f"{value:.1f}"
 
@@ -177,7 +189,7 @@ def frontier_table(answers: list[FrontierAnswer], function_seed: int = 0) -> pd.
             "neurons": a.neurons,
             "profile": _profile(a),
             "parameters": a.parameters,
-            "confirmed (95%)": _rate(a.rate),
+            "stated on (95%)": _evidence(a),
             "fitted 90% width (95%)": _fitted(a.curve),
             "fitted rate": f"{a.curve.at(a.neurons):.0%}",
             "next smaller": _next_smaller(a),
@@ -291,10 +303,10 @@ def _best_deep(cells: dict[int, FrontierAnswer]) -> FrontierAnswer | None:
 def _stated(a: FrontierAnswer | None) -> str:
     if a is None:
         return ""
-    low, high = a.rate.interval
     return (
-        f"**{a.neurons}** ({_profile(a)}; {a.parameters} parameters; confirmed "
-        f"{a.rate.successes}/{a.rate.seeds}, {low:.2f}..{high:.2f}; fitted {_fitted(a.curve)})"
+        f"**{a.neurons}** ({_profile(a)}; {a.parameters} parameters; "
+        f"{'stated on' if a.plan.method >= 3 else 'confirmed'} {_evidence(a)}; "
+        f"fitted {_fitted(a.curve)})"
     )
 
 
