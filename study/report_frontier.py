@@ -396,7 +396,8 @@ def rule_lines(answers: list[FrontierAnswer]) -> list[str]:
     with the rule's chance of stating a width whose true rate is 85, 90 and 95%."""
     from study.stating_rule import StatingRule, lower_bound
 
-    rule = StatingRule()
+    rules = {StatingRule.of(a.plan) for a in answers if a.plan.method >= 3}
+    rule = rules.pop() if len(rules) == 1 else StatingRule()  # the plans' own, where one
     rows = []
     for a in answers:
         pooled = a.all_heldout
@@ -416,7 +417,7 @@ def rule_lines(answers: list[FrontierAnswer]) -> list[str]:
         for rate in (0.85, 0.90, 0.95)
     )
     return [
-        "## The stated widths under a stricter rule",
+        "## The stated widths under the stating rule",
         "",
         f"A width is stated under this rule only when every held-out seed it was trained on "
         f"(curve and confirmation blocks pooled, failed blocks included) numbers at least "
