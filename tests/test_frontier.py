@@ -563,14 +563,15 @@ def test_two_frontier_processes_share_the_work_and_fail_nothing(tmp_path):
     assert owners == {p.pid for p in processes}  # both processes trained a share
 
 
-def test_every_committed_answer_reads_back_typed_with_scipys_intervals():
-    """results/answers.json is the schema's object; every answer read and written again is the
-    same, the intervals recomputed by scipy's exact method included, and carries what
-    reproduces it."""
+@pytest.mark.parametrize("path", ["results/answers.json", "results/frontier3/answers.json"])
+def test_every_committed_answer_reads_back_typed_with_scipys_intervals(path):
+    """The committed answers (method 2's grid, method 3's cells) are the schema's object; every
+    answer read and written again is the same, the intervals recomputed by scipy's exact method
+    included, and carries what reproduces it."""
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    document = json.loads((root / "results/answers.json").read_text())
+    document = json.loads((root / path).read_text())
     assert document["schema_version"] == SCHEMA_VERSION and document["answers"]
     for entry in document["answers"]:
         entry = dict(entry)
@@ -583,6 +584,15 @@ def test_every_committed_answer_reads_back_typed_with_scipys_intervals():
             assert key in entry, key
         assert entry["confirmation_seeds"] >= 96
         assert not entry["code_commit"].endswith("-dirty")
+        if entry["method"] >= 3:  # stated by the rule on its own seeds, every block kept
+            from study.stating_rule import StatingRule
+
+            pooled = answer.all_heldout
+            assert [b.block for b in answer.blocks] == list(pooled.blocks)
+            assert sum(b.seeds for b in answer.blocks) == pooled.seeds >= 192
+            assert StatingRule.of(answer.plan).holds(pooled.successes, pooled.seeds,
+                                                     len(pooled.blocks))  # fmt: skip
+            assert all(b.first_seed >= 2**59 for b in answer.blocks)
 
 
 def test_a_cell_resumed_with_another_plan_is_refused_before_anything_is_written(cell_store):

@@ -80,3 +80,36 @@ def test_recheck_seeds_default_to_the_cells_own_range():
     mine = SimpleNamespace(cell=cell, plan=SimpleNamespace(method=3))
     assert recheck_seed(mine) == cell_first_seed(cell.name, "recheck")
     assert recheck_seed(SimpleNamespace(cell=cell, plan=SimpleNamespace(method=2))) == RECHECK_SEED
+
+
+def test_the_committed_method_3_cells_share_no_seed():
+    """Every seed trained in `results/frontier3.db` (and its recheck) belongs to one cell, one
+    stage and one block: widths of one block share its seeds by design, nothing else does."""
+    import json
+    import sqlite3
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "results"
+    path = root / "frontier3.db"
+    if not path.exists():
+        pytest.skip("no committed frontier3.db")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT s.study_name, t.trial_id, a.key, a.value_json FROM trial_user_attributes a "
+            "JOIN trials t ON t.trial_id = a.trial_id JOIN studies s ON s.study_id = t.study_id "
+            "WHERE a.key IN ('seeds', 'stage', 'block')"
+        ).fetchall()
+    trials: dict[int, dict] = {}
+    for study, trial, key, value in rows:
+        trials.setdefault(trial, {"cell": study.removesuffix("-recipe")})[key] = json.loads(value)
+    owner: dict[int, tuple] = {}
+    for t in trials.values():
+        where = (t["cell"], t.get("stage"), t.get("block", 0))
+        for seed in t.get("seeds", []):
+            assert owner.setdefault(seed, where) == where, seed
+    cells = {t["cell"] for t in trials.values()}
+    assert len(cells) >= 2 and len(owner) >= 400
+    for entry in json.loads((root / "frontier3" / "recheck.json").read_text())["rechecks"]:
+        rechecked = {s["seed"] for s in entry["seeds"]}
+        assert entry["first_seed"] == cell_first_seed(entry["study"], "recheck")
+        assert not rechecked & set(owner)
