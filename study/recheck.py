@@ -102,12 +102,12 @@ class Recheck:
 
     def line(self) -> str:
         a, low_high = self.answer, self.interval
-        confirmed = f"{a.rate.successes}/{a.rate.seeds}"
+        stated = "/".join(map(str, _stated_on(a)))
         verdict = "holds up" if self.holds else "does not hold up"
         return (
             f"{a.cell.name}: {a.neurons} neurons {list(a.width.profile)} at {a.cell.budget} "
             f"epochs learn f on {self.successes}/{len(self.seeds)} recheck seeds (95% "
-            f"{low_high[0]:.2f}..{low_high[1]:.2f}; confirmed {confirmed}); "
+            f"{low_high[0]:.2f}..{low_high[1]:.2f}; stated on {stated}); "
             f"P(<= {self.successes} | {a.plan.required_rate:.0%}) = {self.chance:.3f}: {verdict}"
         )
 
@@ -117,6 +117,7 @@ class Recheck:
             **_identity(a, engine),
             "profile": list(a.width.profile),
             "confirmation": [a.rate.successes, a.rate.seeds],
+            "stated_on": list(_stated_on(a)),
             "successes": self.successes,
             "seeds_trained": len(self.seeds),
             "interval_95": list(self.interval),
@@ -124,6 +125,14 @@ class Recheck:
             "holds": self.holds,
             "seeds": [asdict(s) for s in self.seeds],
         }
+
+
+def _stated_on(a: FrontierAnswer) -> tuple[int, int]:
+    """The seeds that stated the width: method 3, every held-out seed it was trained on;
+    method 2, its confirmation block."""
+    if a.plan.method >= 3:
+        return a.all_heldout.successes, a.all_heldout.seeds
+    return a.rate.successes, a.rate.seeds
 
 
 def _identity(a: FrontierAnswer, engine: str) -> dict[str, Any]:
@@ -245,6 +254,7 @@ def recheck(
     for a in answers:
         entry = stored.get((a.cell.name, engine))
         if entry is not None and all(entry.get(k) == v for k, v in _identity(a, engine).items()):
+            entry.setdefault("stated_on", list(_stated_on(a)))  # (kept since 2026-12-08)
             kept = [SeedResult(**s) for s in entry["seeds"]]
             done[a.cell.name] = {s.seed: s for s in kept}
     jobs = [
@@ -380,7 +390,7 @@ def recheck_markdown(entries: Sequence[dict]) -> str:
                 "cell": e["study"],
                 "stated width": f"{e['neurons']} {e['profile']}",
                 "budget (epochs)": e["budget_epochs"],
-                "confirmed": "/".join(map(str, e["confirmation"])),
+                "stated on": "/".join(map(str, e.get("stated_on", e["confirmation"]))),
                 "engine": e["engine"],
                 "recheck": f"{e['successes']}/{e['seeds_trained']}",
                 "95% interval": f"{low:.2f}..{high:.2f}",

@@ -711,6 +711,9 @@ def test_a_recheck_retrains_the_stated_width_on_fresh_seeds_and_resumes(cell_sto
     first = cell_first_seed(answer["study"], "recheck")  # the cell's own recheck seeds
     assert [s["seed"] for s in seeds] == list(range(first, first + 4))
     assert entry["first_seed"] == first
+    pooled = answer["all_heldout"]  # what stated the width (method 3: every seed, pooled)
+    assert entry["stated_on"] == [pooled["heldout_successes"], pooled["heldout_seeds"]]
+    assert f"stated on {pooled['heldout_successes']}/{pooled['heldout_seeds']}" in done.stdout
     assert entry["successes"] == sum(s["learned"] for s in seeds)
     verdict = f"{entry['successes']}/4 recheck seeds"
     assert (
