@@ -313,3 +313,26 @@ def kept_figures(monkeypatch) -> dict:
     monkeypatch.setattr(report_boolean, "figure", keep)
     monkeypatch.setattr(report_image, "figure", keep)
     return shown
+
+
+def test_the_readmes_method_3_table_is_the_committed_answers_and_recheck():
+    """Each method-3 answer in results/frontier3 appears in the README with the seeds that
+    stated it and its recheck on the cell's own seeds (population engine)."""
+    import json
+
+    root = NOTEBOOKS.parent / "results" / "frontier3"
+    answers = json.loads((root / "answers.json").read_text())["answers"]
+    rechecks = {e["study"]: e for e in json.loads((root / "recheck.json").read_text())[
+        "rechecks"] if e["engine"] == "population"}  # fmt: skip
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| 2,000 |")
+            or line.startswith("| 64,000 |")]  # fmt: skip
+    assert len(answers) == 4 and len(rows) == 2
+    for a in answers:
+        (row,) = [r for r in rows if r.startswith(f"| {a['budget_epochs']:,} |")]
+        pooled = a["all_heldout"]
+        check = rechecks[a["study"]]
+        cells = f"**{a['neurons']}**", f"{pooled['heldout_successes']}/{pooled['heldout_seeds']}"
+        assert all(c in row for c in cells), (a["study"], row)
+        assert f"{check['successes']}/{check['seeds_trained']}" in row
+        assert check["holds"] and check["seeds_trained"] >= 96
