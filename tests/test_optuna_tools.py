@@ -109,10 +109,12 @@ def test_a_store_written_before_moves_its_large_attributes_on_the_next_run(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("path", "cells_at_least"), [(REFERENCE, 20), (FRONTIER, 2)], ids=["reference", "frontier"]
+    ("path", "cells_at_least"),
+    [(REFERENCE, 20), (FRONTIER, 2), (FRONTIER.with_name("frontier3.db"), 4)],
+    ids=["reference", "frontier", "frontier3"],
 )
 def test_the_committed_stores_read_right_in_optuna(path, cells_at_least):
-    """Read-only: every cell's Optuna best trial is its stated width (cells of both methods);
+    """Read-only: every cell's Optuna best trial is its stated width (cells of every method);
     the Boolean and image studies' are the tool's best."""
     if not path.exists():
         pytest.skip(f"no committed {path.name}")
