@@ -28,8 +28,9 @@ data: $(STAMP)
 	$(BIN)/study data fashion-mnist --download
 
 # The main job: the width frontier at one budget (one and two hidden layers) on the SQLite
-# default: prints and writes the stated w_1 and w_2 with their rates (4.5 minutes on a fresh
-# clone of a 2-core machine, installation included; run again, it resumes and trains nothing).
+# default: prints and writes the stated w_1 and w_2 with their rates (about 4 minutes on a
+# fresh clone of a 2-core machine, installation included; run again, it resumes and trains
+# nothing).
 study: install
 	$(BIN)/study frontier run --budgets $(BUDGET) --depths 1,2 --storage $(STORAGE)
 	$(BIN)/study frontier report --storage $(STORAGE) --out results/runs/frontier
