@@ -58,6 +58,7 @@ from study.answers import (
     ANSWER_ATTR,
     CONFIRM_BLOCK,
     NO_ANSWER_ATTR,
+    BlockRate,
     FrontierAnswer,
     NoAnswer,
     Pooled,
@@ -213,86 +214,64 @@ def fit_curve(run: CellRun, recipe: Recipe, centre: int) -> tuple[int, ...]:
 
 
 def confirm(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
-    """Stage 4 under the cell's method (`confirm_by_rule`, method 3; `confirm_once`, 2)."""
-    if run.plan.method >= 3:
-        return confirm_by_rule(run, recipe, curve_blocks)
-    return confirm_once(run, recipe, curve_blocks)
+    """Stage 4. The smallest whole width the curve fitted so far places at the required rate
+    (at least one more than a width refused before) is trained on fresh confirmation blocks
+    until its method decides (`verdict`); a refused width's blocks join the fit and the next
+    width is confirmed on fresh blocks.
 
-
-def confirm_by_rule(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
-    """The smallest whole width the curve fitted so far places at the required rate (at least
-    one more than a width refused before) is trained on fresh confirmation blocks until every
-    held-out seed it was trained on (its curve block, if any, and every confirmation block,
-    failed ones included), pooled, decides under `study.stating_rule`: stated once the rule
-    holds on at least `stated_seeds` seeds from two blocks or more; refused there if it does
-    not, or earlier once even a success on every remaining seed could not lift the estimate to
-    the required rate. A refused width's blocks join the fit and the next width is confirmed on
-    fresh blocks. The decision is taken once per width, at a fixed count of seeds (never
-    repeated as blocks come in), so the chances the report shows for the rule are its chances."""
-    from study.stating_rule import StatingRule
-
-    rule = StatingRule.of(run.plan)
+    Method 3: every held-out seed the width was trained on (its curve block, if any, and every
+    confirmation block, failed ones included), pooled, decides under `study.stating_rule`:
+    stated once the rule holds on at least `stated_seeds` seeds from two blocks or more;
+    refused there if it does not, or earlier once even a success on every remaining seed could
+    not lift the estimate to the required rate. The decision is taken once per width, at a
+    fixed count of seeds (never repeated as blocks come in), so the chances the report shows
+    for the rule are its chances. Method 2: one confirmation block decides (at least the
+    required share of its seeds)."""
     failed: list[Width] = []
     block = CONFIRM_BLOCK
     for _ in range(ATTEMPTS):
-        points = run.points(recipe, curve_blocks[-1], block)
-        chosen_by = fit(points, run.plan.required_rate)
+        chosen_by = fit(run.points(recipe, curve_blocks[-1], block), run.plan.required_rate)
         neurons = max(chosen_by.smallest(), failed[-1].neurons + 1 if failed else 1)
         while True:
             rates = run.block_rates(recipe, neurons, curve_blocks[-1], block)
-            successes = sum(r.successes for r in rates)
-            seeds = sum(r.seeds for r in rates)
-            verdict = rule.verdict(successes, seeds, len(rates))
-            confirmed = [r.block for r in rates if r.block >= CONFIRM_BLOCK]
-            if confirmed and verdict != "holds" and not verdict.startswith("fails"):
-                confirmed = []  # undecided: another block
-            if confirmed:
+            said = verdict(run.plan, rates)
+            if said == "holds" or said.startswith("fails"):
                 break
-            pooled = (successes, seeds, len(rates))
-            run.heldout(recipe, (neurons,), block, "confirm", pooled)
+            pooled = (sum(r.successes for r in rates), sum(r.seeds for r in rates), len(rates))
+            run.heldout(
+                recipe, (neurons,), block, "confirm", pooled if run.plan.method >= 3 else None
+            )
             block += 1
-        trial = run.heldout(recipe, (neurons,), confirmed[-1], "confirm")[neurons]
-        if verdict == "holds":
-            run.log(
-                f"{run.cell.name}: answer {neurons} neurons, learning f on "
-                f"{successes}/{seeds} held-out seeds over {len(rates)} blocks"
-            )
+        trial = run.heldout(recipe, (neurons,), rates[-1].block, "confirm")[neurons]
+        evidence = (
+            f"{sum(r.successes for r in rates)}/{sum(r.seeds for r in rates)} held-out seeds "
+            f"over {len(rates)} blocks"
+            if run.plan.method >= 3
+            else f"{rates[-1].successes}/{rates[-1].seeds} seeds of its confirmation block"
+        )
+        if said == "holds":
+            run.log(f"{run.cell.name}: answer {neurons} neurons, learning f on {evidence}")
             return _state(run, recipe, trial, chosen_by, tuple(failed), curve_blocks)
         failed.append(run.width(trial))
         run.log(
-            f"{run.cell.name}: {neurons} neurons learn f on {successes}/{seeds} held-out seeds "
-            f"over {len(rates)} blocks ({verdict}); they join the fit and the next width is "
-            "confirmed on fresh blocks"
+            f"{run.cell.name}: {neurons} neurons learn f on {evidence} ({said}); they join the "
+            "fit and the next width is confirmed on fresh blocks"
         )
-    raise Unanswered(f"no width held under the stating rule in {ATTEMPTS} attempts")
+    raise Unanswered(f"no width was stated in {ATTEMPTS} attempts")
 
 
-def confirm_once(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> FrontierAnswer:
-    """Method 2: the smallest whole width the curve fitted so far places at the required rate (at
-    least one more than a width that failed before), on a fresh confirmation block; its
-    rate there is the one stated. A width that fails is not stated: its block joins the
-    fit, and the next width is confirmed on a fresh block."""
-    failed: list[Width] = []
-    for attempt in range(ATTEMPTS):
-        block = CONFIRM_BLOCK + attempt
-        points = run.points(recipe, curve_blocks[-1], block)
-        chosen_by = fit(points, run.plan.required_rate)
-        neurons = max(chosen_by.smallest(), failed[-1].neurons + 1 if failed else 1)
-        trial = run.heldout(recipe, (neurons,), block, "confirm")[neurons]
-        successes, count = rate_of(trial)
-        if successes >= run.plan.required(count):
-            run.log(
-                f"{run.cell.name}: answer {neurons} neurons, confirmed on "
-                f"{successes}/{count} fresh held-out seeds"
-            )
-            return _state(run, recipe, trial, chosen_by, tuple(failed), curve_blocks)
-        failed.append(run.width(trial))
-        run.log(
-            f"{run.cell.name}: {neurons} neurons learn f on {successes}/{count} seeds of "
-            "their confirmation block; the fit takes them in and the next width is "
-            "confirmed on a fresh block"
-        )
-    raise Unanswered(f"no width was confirmed in {ATTEMPTS} attempts")
+def verdict(plan: FrontierPlan, rates: Sequence[BlockRate]) -> str:
+    """What the held-out blocks of a width (in block order) say under the plan's method:
+    "holds", "fails..." or, until a confirmation block has decided, what it needs."""
+    if not rates or rates[-1].block < CONFIRM_BLOCK:
+        return "needs a confirmation block"
+    if plan.method < 3:
+        last = rates[-1]
+        return "holds" if last.successes >= plan.required(last.seeds) else "fails its block"
+    from study.stating_rule import StatingRule
+
+    pooled = sum(r.successes for r in rates), sum(r.seeds for r in rates), len(rates)
+    return StatingRule.of(plan).verdict(*pooled)
 
 
 def _state(

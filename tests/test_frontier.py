@@ -366,15 +366,22 @@ def test_method_2_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_s
         seen_by_fits.append(len(mine))
         return curve + mine
 
-    def heldout(recipe, widths, block, stage):
-        assert stage == "confirm"
+    def heldout(recipe, widths, block, stage, pooled_before=None):
+        assert stage == "confirm" and pooled_before is None  # method 2: each block alone
         (n,) = widths
         confirmed[block] = Point(n, rates[(n, block)], 20)
         attrs = {"successes": rates[(n, block)], "seeds_planned": 20, "block": block,
                  "stage": "confirm"}  # fmt: skip
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
-    run.points, run.heldout = points, heldout
+    def block_rates(recipe, neurons, curve_through, confirm_below):
+        from study.answers import BlockRate
+
+        rows = [BlockRate(0, p.successes, 20) for p in curve if p.neurons == neurons]
+        return tuple(rows + [BlockRate(b, p.successes, 20) for b, p in sorted(confirmed.items())
+                             if p.neurons == neurons and b < confirm_below])  # fmt: skip
+
+    run.points, run.heldout, run.block_rates = points, heldout, block_rates
     monkeypatch.setattr(
         frontier,
         "_state",
