@@ -828,6 +828,14 @@ class FrontierPlan(Settings):
         """Seeds out of `seeds` that must learn f (`required_successes`)."""
         return required_successes(self.required_rate, seeds)
 
+    def identity(self) -> dict[str, Any]:
+        """As stored; a plan of method 2 without the fields only method 3 reads (as its cells
+        stored it)."""
+        values = super().identity()
+        if self.method < 3:
+            del values["stated_seeds"], values["stated_margin"]
+        return values
+
 
 @dataclass(frozen=True)
 class FrontierGrid(Settings):

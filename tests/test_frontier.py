@@ -884,3 +884,14 @@ def test_a_cell_its_plan_cannot_answer_is_a_research_outcome_not_an_error(tmp_pa
     text = summary.read_text()
     assert "## Cells without an answer" in text and f"- {Cell(0, 1, 1).name}: no width" in text
     assert json.loads((tmp_path / "r" / "answers.json").read_text())["answers"] == []
+
+
+def test_a_method_2_plan_is_stored_as_its_cells_stored_it():
+    """Cells of method 2 resume with their stored plan: its identity has no field only method 3
+    reads, and reads back equal; a new cell's plan is method 3 with the rule's fields."""
+    old = {k: v for k, v in FrontierPlan().identity().items()
+           if k not in ("stated_seeds", "stated_margin")} | {"method": 2}  # fmt: skip
+    plan = FrontierPlan.from_dict(old)
+    assert plan.identity() == old and FrontierPlan.from_dict(plan.identity()) == plan
+    new = FrontierPlan().identity()
+    assert new["method"] == 3 and (new["stated_seeds"], new["stated_margin"]) == (192, 0.05)
