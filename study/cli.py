@@ -117,6 +117,7 @@ def add_fields(
         if show_defaults and default not in (MISSING, None) and not isinstance(default, bool):
             doc += f" [default: {_shown(default)}]"
         doc += (note or {}).get(f.name, "")
+        doc = doc.replace("%", "%%")  # argparse formats help with %
         kind = f.type.removesuffix(" | None")
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)

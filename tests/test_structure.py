@@ -388,3 +388,23 @@ def test_the_help_of_study_run_states_the_defaults_the_code_applies():
         chosen: dict = {"pruner": choices.DEFAULT_PRUNERS["image"]}
         runner._fidelity(chosen, RunOptions(trials=1, timeout=timeout), "s")
         assert chosen["fidelity"] == expected
+
+
+def test_every_commands_help_renders():
+    """`--help` of every command and action formats (a field docstring with a per cent sign
+    once broke argparse's formatting of `study frontier run --help`)."""
+    import argparse
+
+    from study.cli import build_parser
+
+    def walk(parser, path):
+        text = parser.format_help()
+        assert text.startswith("usage:"), path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+        yield path
+
+    paths = list(walk(build_parser(), ("study",)))
+    assert ("study", "frontier", "run") in paths and len(paths) >= 20
