@@ -221,20 +221,6 @@ class CellRun:
             if Recipe.from_params(t.params) == recipe and t.user_attrs["block"] <= last
         ]
 
-    def blocks(self, recipe: Recipe, neurons: int, curve: int, confirm: int) -> tuple[int, ...]:
-        """The blocks (curve through `curve`, confirmation through `confirm`) `neurons` was
-        trained on."""
-        return tuple(
-            sorted(
-                t.user_attrs["block"]
-                for stage, last in (("curve", curve), ("confirm", confirm))
-                for t in self.stored(stage)
-                if t.params["neurons"] == neurons
-                and Recipe.from_params(t.params) == recipe
-                and t.user_attrs["block"] <= last
-            )
-        )
-
     def seeds(self, stage: str, count: int, block: int = 0) -> tuple[int, ...]:
         """The seeds of `block` of `stage` (the cell's own under method 3)."""
         return stage_seeds(self.cell, self.plan.method, stage, count, block)

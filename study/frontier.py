@@ -84,7 +84,7 @@ from study.cell_engine import (
 from study.config import BooleanSettings, FrontierCell, FrontierGrid, FrontierPlan
 from study.storage import open_storage, study_names
 from study.studies import PLAN_ATTR, cell_plan, store_attr, stored_attrs
-from study.success_curve import Curve, NoCrossing, Point, fit
+from study.success_curve import Curve, NoCrossing, fit
 
 CURVE_ROUNDS = 6
 """Blocks of five widths the success curve may take before a cell gives up."""
@@ -102,12 +102,13 @@ def _interval(curve: Curve) -> str:
     return f"95% {low}..{high}"
 
 
-def _pooled(points: Sequence[Point], neurons: int, blocks: tuple[int, ...]) -> Pooled | None:
-    """Every held-out seed of `points` at `neurons` (None: never trained)."""
-    mine = [p for p in points if p.neurons == neurons]
-    if not mine:
+def _pooled(rates: Sequence[BlockRate]) -> Pooled | None:
+    """Every held-out seed of a width's blocks, pooled (None: never trained)."""
+    if not rates:
         return None
-    return Pooled(sum(p.successes for p in mine), sum(p.seeds for p in mine), blocks)
+    return Pooled(
+        sum(r.successes for r in rates), sum(r.seeds for r in rates), tuple(r.block for r in rates)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +286,7 @@ def _state(
     block = trial.user_attrs["block"]
     points = run.points(recipe, curve_blocks[-1], block + 1)
     neurons = trial.params["neurons"]
+    stated = run.block_rates(recipe, neurons, curve_blocks[-1], block + 1)
     stored = stored_attrs(run.study).get(ANSWER_ATTR)
     if stored and stored.get("method") in (2, 3) and stored.get("neurons") == neurons:
         provenance = Provenance.from_dict(stored)  # stated before: as it was stated
@@ -306,12 +308,12 @@ def _state(
         fit(points, run.plan.required_rate),
         chosen_by,
         failed,
-        _pooled(points, neurons, run.blocks(recipe, neurons, curve_blocks[-1], block)),
-        _pooled(points, neurons - 1, run.blocks(recipe, neurons - 1, curve_blocks[-1], block)),
+        _pooled(stated),
+        _pooled(run.block_rates(recipe, neurons - 1, curve_blocks[-1], block + 1)),
         recipe_search.ranked(run),
         curve_blocks,
         provenance,
-        run.block_rates(recipe, neurons, curve_blocks[-1], block + 1),
+        stated,
     )
 
 
