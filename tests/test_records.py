@@ -267,3 +267,8 @@ def test_the_committed_records_verify_and_the_readme_states_the_smallest():
         stated = f"{name} record = {record['neurons']} ({profile}) at {record['budget_epochs']:,}"
         assert stated in readme, stated
         assert Path(record["file"]).name in readme
+    for depth in (3, 4):  # the deeper records, where searched
+        record = best.get((0, depth, records.PLAIN))
+        if record is not None:
+            profile = "-".join(map(str, record["hidden_layer_profile"]))
+            assert f"{record['neurons']} ({profile})" in readme, (depth, profile)
