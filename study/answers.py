@@ -342,6 +342,14 @@ class FrontierAnswer:
     def target_loss(self) -> float:
         return self.settings.target_loss
 
+    @property
+    def stated_on(self) -> tuple[int, int]:
+        """Successes and seeds that stated the width: method 3, every held-out seed it was
+        trained on (pooled); method 2, its confirmation block."""
+        if self.plan.method >= 3:
+            return self.all_heldout.successes, self.all_heldout.seeds
+        return self.rate.successes, self.rate.seeds
+
     def pooled_words(self) -> str:
         """The stated width's rate over every held-out seed it was trained on (curve and
         confirmation blocks), with its exact 95% interval and, beside it, the confirmation

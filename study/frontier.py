@@ -106,9 +106,12 @@ def _pooled(rates: Sequence[BlockRate]) -> Pooled | None:
     """Every held-out seed of a width's blocks, pooled (None: never trained)."""
     if not rates:
         return None
-    return Pooled(
-        sum(r.successes for r in rates), sum(r.seeds for r in rates), tuple(r.block for r in rates)
-    )
+    return Pooled(*_pooled_counts(rates), tuple(r.block for r in rates))
+
+
+def _pooled_counts(rates: Sequence[BlockRate]) -> tuple[int, int]:
+    """Successes and seeds of a width's blocks, pooled."""
+    return sum(r.successes for r in rates), sum(r.seeds for r in rates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,15 +241,15 @@ def confirm(run: CellRun, recipe: Recipe, curve_blocks: tuple[int, ...]) -> Fron
             said = verdict(run.plan, rates)
             if said == "holds" or said.startswith("fails"):
                 break
-            pooled = (sum(r.successes for r in rates), sum(r.seeds for r in rates), len(rates))
+            pooled = (*_pooled_counts(rates), len(rates))
             run.heldout(
                 recipe, (neurons,), block, "confirm", pooled if run.plan.method >= 3 else None
             )
             block += 1
         trial = run.heldout(recipe, (neurons,), rates[-1].block, "confirm")[neurons]
+        successes, seeds = _pooled_counts(rates)
         evidence = (
-            f"{sum(r.successes for r in rates)}/{sum(r.seeds for r in rates)} held-out seeds "
-            f"over {len(rates)} blocks"
+            f"{successes}/{seeds} held-out seeds over {len(rates)} blocks"
             if run.plan.method >= 3
             else f"{rates[-1].successes}/{rates[-1].seeds} seeds of its confirmation block"
         )
@@ -271,8 +274,7 @@ def verdict(plan: FrontierPlan, rates: Sequence[BlockRate]) -> str:
         return "holds" if last.successes >= plan.required(last.seeds) else "fails its block"
     from study.stating_rule import StatingRule
 
-    pooled = sum(r.successes for r in rates), sum(r.seeds for r in rates), len(rates)
-    return StatingRule.of(plan).verdict(*pooled)
+    return StatingRule.of(plan).verdict(*_pooled_counts(rates), len(rates))
 
 
 def _state(

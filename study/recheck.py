@@ -102,7 +102,7 @@ class Recheck:
 
     def line(self) -> str:
         a, low_high = self.answer, self.interval
-        stated = "/".join(map(str, _stated_on(a)))
+        stated = "/".join(map(str, a.stated_on))
         verdict = "holds up" if self.holds else "does not hold up"
         return (
             f"{a.cell.name}: {a.neurons} neurons {list(a.width.profile)} at {a.cell.budget} "
@@ -117,7 +117,7 @@ class Recheck:
             **_identity(a, engine),
             "profile": list(a.width.profile),
             "confirmation": [a.rate.successes, a.rate.seeds],
-            "stated_on": list(_stated_on(a)),
+            "stated_on": list(a.stated_on),
             "successes": self.successes,
             "seeds_trained": len(self.seeds),
             "interval_95": list(self.interval),
@@ -125,14 +125,6 @@ class Recheck:
             "holds": self.holds,
             "seeds": [asdict(s) for s in self.seeds],
         }
-
-
-def _stated_on(a: FrontierAnswer) -> tuple[int, int]:
-    """The seeds that stated the width: method 3, every held-out seed it was trained on;
-    method 2, its confirmation block."""
-    if a.plan.method >= 3:
-        return a.all_heldout.successes, a.all_heldout.seeds
-    return a.rate.successes, a.rate.seeds
 
 
 def _identity(a: FrontierAnswer, engine: str) -> dict[str, Any]:
@@ -254,7 +246,7 @@ def recheck(
     for a in answers:
         entry = stored.get((a.cell.name, engine))
         if entry is not None and all(entry.get(k) == v for k, v in _identity(a, engine).items()):
-            entry.setdefault("stated_on", list(_stated_on(a)))  # (kept since 2026-12-08)
+            entry.setdefault("stated_on", list(a.stated_on))  # (kept since 2026-12-08)
             kept = [SeedResult(**s) for s in entry["seeds"]]
             done[a.cell.name] = {s.seed: s for s in kept}
     jobs = [

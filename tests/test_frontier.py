@@ -269,6 +269,19 @@ def test_function_seed_zero_is_a_function_seed():
     assert args.function_seeds == (0, 3)
 
 
+def _confirm_on(run, monkeypatch, points, heldout, block_rates):
+    """Stage 4 of `run` on stubbed evaluations; returns what `_state` would state from."""
+    from study import frontier
+
+    run.points, run.heldout, run.block_rates = points, heldout, block_rates
+    monkeypatch.setattr(
+        frontier,
+        "_state",
+        lambda run, recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed),
+    )
+    return frontier.confirm(run, Recipe(0.01, 8, "constant"), (0,))
+
+
 def test_method_3_states_a_width_only_when_the_rule_holds_on_every_seed_pooled(
     tmp_path, monkeypatch
 ):
@@ -278,7 +291,6 @@ def test_method_3_states_a_width_only_when_the_rule_holds_on_every_seed_pooled(
     refused, every block kept. 9 neurons: 20/20 on the curve, 18/20 and 18/20 on two fresh
     blocks: 56/60, lower bound 0.854: stated from the block that decided. Each confirmation is
     told what came before it, so that only the deciding block is feasible for Optuna."""
-    from study import frontier
     from study.answers import BlockRate
     from study.cell_engine import CellRun
     from study.stating_rule import StatingRule
@@ -313,13 +325,7 @@ def test_method_3_states_a_width_only_when_the_rule_holds_on_every_seed_pooled(
                  "stage": "confirm"}  # fmt: skip
         return {n: SimpleNamespace(user_attrs=attrs, params={"neurons": n})}
 
-    run.points, run.heldout, run.block_rates = points, heldout, block_rates
-    monkeypatch.setattr(
-        frontier,
-        "_state",
-        lambda run, recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed),
-    )
-    trial, chosen_by, failed = frontier.confirm(run, Recipe(0.01, 8, "constant"), (0,))
+    trial, chosen_by, failed = _confirm_on(run, monkeypatch, points, heldout, block_rates)
     assert fit([Point(n, k, 20) for n, k in curve.items()]).smallest() == 8
     assert trial.params["neurons"] == 9 and trial.user_attrs["block"] == CONFIRM_BLOCK + 3
     assert [(w.neurons, w.rate.successes, w.rate.block) for w in failed] == [
@@ -348,7 +354,6 @@ def test_method_2_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_s
     """Method 2 (cells stored before method 3 resume with it): the fit places 8 neurons; 8
     fails its confirmation block (15/20): its block joins the fit, and the next width (at
     least 9) is confirmed on the next fresh block."""
-    from study import frontier
     from study.cell_engine import CellRun
     from study.storage import open_storage
 
@@ -381,13 +386,7 @@ def test_method_2_a_width_that_fails_its_confirmation_joins_the_fit_and_is_not_s
         return tuple(rows + [BlockRate(b, p.successes, 20) for b, p in sorted(confirmed.items())
                              if p.neurons == neurons and b < confirm_below])  # fmt: skip
 
-    run.points, run.heldout, run.block_rates = points, heldout, block_rates
-    monkeypatch.setattr(
-        frontier,
-        "_state",
-        lambda run, recipe, trial, chosen_by, failed, blocks: (trial, chosen_by, failed),
-    )
-    trial, chosen_by, failed = frontier.confirm(run, Recipe(0.01, 8, "constant"), (0,))
+    trial, chosen_by, failed = _confirm_on(run, monkeypatch, points, heldout, block_rates)
     assert fit(curve).smallest() == 8
     assert trial.params["neurons"] == 9 and trial.user_attrs["block"] == CONFIRM_BLOCK + 1
     assert [(w.neurons, w.rate.successes, w.rate.block) for w in failed] == [
